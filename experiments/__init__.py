@@ -1,0 +1,1 @@
+"""Scripted investigations and the embedded sandbox."""

@@ -1,0 +1,119 @@
+"""Task generators: arithmetic, symbolic mapping, characters, counting images. Labels computed in code.
+
+Every generator takes a ``random.Random`` so everything is deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+
+from experiments.tasks import world
+from experiments.tasks.vocab import NAMES, SYMBOLS
+
+ANSWERS: tuple[int, ...] = tuple(range(1, world.MAX_COUNT + 1))
+LEVEL_OPS: dict[int, tuple[str, ...]] = {1: ("+", "-", "*", "/"), 2: ("+", "-"), 3: ("+", "-")}
+LEVEL_OPERANDS: dict[int, range] = {1: range(0, 10), 2: range(0, 10), 3: range(0, 6)}
+
+
+def evaluate_expression(expr: str) -> float:
+    """Value of a space-separated expression with Python precedence (``"2 + 3 * 1"`` → 5.0)."""
+    tokens = expr.split()
+    for t in tokens:
+        if not (t.isdigit() or t in "+-*/"):
+            raise ValueError(f"bad token {t!r} in expression {expr!r}")
+    return float(eval(" ".join(tokens), {"__builtins__": {}}, {}))  # noqa: S307 - digits and + - * / only
+
+
+def expressions(level: int) -> list[tuple[str, int]]:
+    """All expressions with ``level`` operations whose value is in :data:`ANSWERS`, sorted.
+
+    Returns:
+        ``[(expr, value)]``, e.g. ``("7 - 3", 4)``; division must be exact at every step.
+    """
+    out = []
+    ops, operands = LEVEL_OPS[level], LEVEL_OPERANDS[level]
+    for nums in itertools.product(operands, repeat=level + 1):
+        for opseq in itertools.product(ops, repeat=level):
+            if any(op == "/" and (b == 0 or a % b) for a, op, b in zip(nums, opseq, nums[1:], strict=False)):
+                continue
+            expr = " ".join(str(x) for pair in zip(nums, opseq + ("",), strict=True) for x in pair).strip()
+            value = evaluate_expression(expr)
+            if value.is_integer() and int(value) in ANSWERS:
+                out.append((expr, int(value)))
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Two symbol chains of ``hops`` statements each; the query is the last symbol of one chain."""
+
+    statements: str
+    ends: tuple[str, str]
+    values: tuple[int, int]
+
+
+def random_mapping(rng: random.Random, hops: int) -> Mapping:
+    """Two chains ``s1 = v , s2 = s1 , ...`` with different values; statements chain A then B."""
+    syms = rng.sample(SYMBOLS, 2 * hops)
+    va, vb = rng.sample(ANSWERS, 2)
+    parts = []
+    ends = []
+    for chain, v in ((syms[:hops], va), (syms[hops:], vb)):
+        parts.append(f"{chain[0]} = {v}")
+        parts += [f"{b} = {a}" for a, b in zip(chain, chain[1:], strict=False)]
+        ends.append(chain[-1])
+    return Mapping(" , ".join(parts), (ends[0], ends[1]), (va, vb))
+
+
+@dataclass(frozen=True)
+class Character:
+    name: str
+    attrs: dict
+
+    def describe(self) -> str:
+        return " ".join(self.attrs[a] for a in world.ATTRIBUTES)
+
+
+def make_characters(rng: random.Random, n: int = len(NAMES)) -> list[Character]:
+    """``n`` fictional characters with random attributes (no two share all six)."""
+    chars: list[Character] = []
+    seen = set()
+    for name in NAMES[:n]:
+        while True:
+            attrs = {a: rng.choice(world.ATTRIBUTE_VALUES[a]) for a in world.ATTRIBUTES}
+            key = tuple(attrs.values())
+            if key not in seen:
+                seen.add(key)
+                break
+        chars.append(Character(name, attrs))
+    return chars
+
+
+def countable_tiles() -> list[str]:
+    """Tile names that counting prompts and questions use (objects, fruits, flowers)."""
+    return [t for t in world.TILES[1:] if not t.split("_")[0] in ("gender", "age", "hair", "skin")]
+
+
+def tile_phrase(tile: str) -> str:
+    """Words naming a countable tile: ``"red_cup"`` → ``"red cup"``, ``"grapes"`` → ``"grapes"``."""
+    return tile.replace("_", " ")
+
+
+def counting_image(rng: random.Random, tile: str, n: int) -> tuple[int, ...]:
+    """A random grid with exactly ``n`` of ``tile`` at random cells and random other tiles or empty."""
+    others = [t for t in countable_tiles() if t != tile]
+    cells = list(range(world.N_CELLS))
+    rng.shuffle(cells)
+    flat = [world.EMPTY] * world.N_CELLS
+    for c in cells[:n]:
+        flat[c] = world.TILE_ID[tile]
+    for c in cells[n:]:
+        if rng.random() < 0.5:
+            flat[c] = world.TILE_ID[rng.choice(others)]
+    return tuple(flat)
+
+
+def random_attrs(rng: random.Random) -> dict:
+    return {a: rng.choice(world.ATTRIBUTE_VALUES[a]) for a in world.ATTRIBUTES}

@@ -1,0 +1,290 @@
+"""The task suite: test items in both forms, and the training stream that never shows a test prompt.
+
+``Suite(seed)`` fixes the characters, the held-out splits and the test items. ``training_examples``
+streams :class:`TrainExample` s: understanding QA for everything (arithmetic, mapping, knowledge,
+counting and describing images) and generation on *direct* prompts only ("draw 3 red cup", "draw a
+portrait of female adult blond pale grapes rose"). Sometimes an example is preceded by one or two
+QA pairs as context, the shape a CoT stream has at test time.
+
+What is held out: arithmetic expressions of the test split, (count, object) combinations and
+portrait attribute combinations of direct test items, inverse-knowledge pairs of the test split,
+and every test generation prompt. The knowledge facts themselves are taught, so the understanding
+forms of forward knowledge items are training questions by design (``labels["taught"]``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from experiments.tasks import generators as gen
+from experiments.tasks import world
+from experiments.tasks.prompts import Item, Prompt
+
+INVERSE_ATTRS: tuple[str, ...] = ("fruit", "flower")
+
+
+def attr_question(name: str, attr: str) -> str:
+    return f"what is {name} 's favourite {attr} ?" if attr in INVERSE_ATTRS else f"what is {name} 's {attr} ?"
+
+
+def inverse_question(a: str, b: str, attr: str, value: str) -> str:
+    return f"of {a} and {b} whose favourite {attr} is {value} ?"
+
+
+def portrait_words(attrs: dict) -> str:
+    return " ".join(attrs[a] for a in world.ATTRIBUTES)
+
+
+@dataclass
+class TrainExample:
+    """One training sequence in abstract form.
+
+    ``prefix``: context QA pairs ``[(Prompt, answer)]``; then ``prompt`` followed by either ``answer``
+    (understanding, loss on the answer words) or ``target`` (tile codes ``[N_CELLS]``, generation).
+    """
+
+    prompt: Prompt
+    answer: str | None = None
+    target: tuple[int, ...] | None = None
+    prefix: list[tuple[Prompt, str]] = field(default_factory=list)
+
+
+@dataclass
+class SuiteSizes:
+    arithmetic_per_level: int = 40
+    mapping_per_level: int = 20
+    direct_count: int = 40
+    direct_portrait: int = 20
+    inverse: int = 40
+
+
+class Suite:
+    """Characters, splits and test items for one seed (deterministic)."""
+
+    def __init__(self, seed: int = 0, sizes: SuiteSizes | None = None) -> None:
+        self.seed = seed
+        self.sizes = sizes or SuiteSizes()
+        rng = random.Random(seed)
+        self.characters = gen.make_characters(rng)
+        self.by_name = {c.name: c for c in self.characters}
+        self._split_arithmetic(rng)
+        self._split_direct(rng)
+        self._split_inverse(rng)
+        self.items: list[Item] = []
+        self._build_items(rng)
+        self.test_prompts: set[tuple[str, tuple]] = set()
+        for it in self.items:
+            self.test_prompts.add((it.gen_prompt, ()))
+            if not it.labels.get("taught"):
+                self.test_prompts.add((it.question, it.question_images))
+
+    # -- splits ---------------------------------------------------------------------------
+    def _split_arithmetic(self, rng: random.Random) -> None:
+        self.arith_train: dict[int, list[tuple[str, int]]] = {}
+        self.arith_test: dict[int, list[tuple[str, int]]] = {}
+        for level in (1, 2, 3):
+            exprs = gen.expressions(level)
+            rng.shuffle(exprs)
+            n_test = min(self.sizes.arithmetic_per_level, len(exprs) // 5)
+            self.arith_test[level], self.arith_train[level] = exprs[:n_test], exprs[n_test:]
+
+    def _split_direct(self, rng: random.Random) -> None:
+        combos = [(n, t) for n in gen.ANSWERS for t in gen.countable_tiles()]
+        rng.shuffle(combos)
+        k = self.sizes.direct_count
+        self.count_test, self.count_train = combos[:k], combos[k:]
+        self.portrait_test: list[dict] = []
+        held = {tuple(c.attrs.values()) for c in self.characters}
+        while len(self.portrait_test) < self.sizes.direct_portrait:
+            attrs = gen.random_attrs(rng)
+            if tuple(attrs.values()) not in held:
+                held.add(tuple(attrs.values()))
+                self.portrait_test.append(attrs)
+        self.portrait_held = held
+
+    def _split_inverse(self, rng: random.Random) -> None:
+        pairs = [
+            (a.name, b.name, attr)
+            for a in self.characters
+            for b in self.characters
+            for attr in INVERSE_ATTRS
+            if a.name != b.name and a.attrs[attr] != b.attrs[attr]
+        ]
+        rng.shuffle(pairs)
+        k = self.sizes.inverse
+        self.inverse_test, self.inverse_train = pairs[:k], pairs[k:]
+
+    # -- test items -----------------------------------------------------------------------
+    def _build_items(self, rng: random.Random) -> None:
+        tiles = gen.countable_tiles()
+        items = self.items
+        for i, (n, tile) in enumerate(self.count_test):
+            obj = gen.tile_phrase(tile)
+            items.append(
+                Item(
+                    id=f"direct-count-{i:03d}", category="direct", task="count", level=1,
+                    question=f"how many {obj} in <image> ?", question_images=(gen.counting_image(rng, tile, n),),
+                    answer=str(n), gen_prompt=f"draw {n} {obj}",
+                    target=tuple(world.encode(world.count_grid(n, world.TILE_ID[tile]))),
+                    criterion={"type": "count", "tile": tile, "n": n},
+                    cot_questions=(), cot_draw=f"draw {n} {obj}",
+                    labels={"answer": str(n), "entity": tile, "template": "draw_count"},
+                )
+            )  # fmt: skip
+        for i, attrs in enumerate(self.portrait_test):
+            grid = world.portrait_grid(attrs)
+            words = portrait_words(attrs)
+            items.append(
+                Item(
+                    id=f"direct-portrait-{i:03d}", category="direct", task="portrait", level=1,
+                    question="describe <image> ?", question_images=(tuple(world.encode(grid)),),
+                    answer=words, gen_prompt=f"draw a portrait of {words}", target=tuple(world.encode(grid)),
+                    criterion={"type": "portrait", "attrs": attrs}, cot_questions=(),
+                    cot_draw=f"draw a portrait of {words}",
+                    labels={"answer": words, "entity": words, "template": "draw_portrait_attrs"},
+                )
+            )  # fmt: skip
+        for level in (1, 2, 3):
+            for i, (expr, v) in enumerate(self.arith_test[level]):
+                tile = rng.choice(tiles)
+                obj = gen.tile_phrase(tile)
+                items.append(
+                    Item(
+                        id=f"arithmetic-L{level}-{i:03d}", category="arithmetic", task="arith", level=level,
+                        question=f"what is {expr} ?", answer=str(v), gen_prompt=f"draw as many {obj} as {expr}",
+                        target=tuple(world.encode(world.count_grid(v, world.TILE_ID[tile]))),
+                        criterion={"type": "count", "tile": tile, "n": v},
+                        cot_questions=(f"what is {expr} ?",), cot_draw=f"draw {{0}} {obj}",
+                        labels={"answer": str(v), "entity": tile, "template": "arith", "expr": expr},
+                    )
+                )  # fmt: skip
+        seen_maps: set[str] = set()
+        for level in (1, 2, 3):
+            i = 0
+            while i < self.sizes.mapping_per_level:
+                m = gen.random_mapping(rng, level)
+                if m.statements in seen_maps:
+                    continue
+                seen_maps.add(m.statements)
+                tile = rng.choice(tiles)
+                obj = gen.tile_phrase(tile)
+                for variant, sym, v in zip("AB", m.ends, m.values, strict=True):
+                    q = f"{m.statements} ; what is {sym} ?"
+                    items.append(
+                        Item(
+                            id=f"mapping-L{level}-{i:03d}-{variant}", category="mapping", task="mapping",
+                            level=level, question=q, answer=str(v),
+                            gen_prompt=f"{m.statements} ; draw as many {obj} as {sym}",
+                            target=tuple(world.encode(world.count_grid(v, world.TILE_ID[tile]))),
+                            criterion={"type": "count", "tile": tile, "n": v},
+                            cot_questions=(q,), cot_draw=f"draw {{0}} {obj}", group=f"mapping-L{level}-{i:03d}",
+                            labels={"answer": str(v), "entity": sym, "template": "mapping", "variant": variant},
+                        )
+                    )  # fmt: skip
+                i += 1
+        self.mapping_test_statements = seen_maps
+        for c in self.characters:
+            for attr in INVERSE_ATTRS:
+                value = c.attrs[attr]
+                items.append(
+                    Item(
+                        id=f"knowledge-{attr}-{c.name}", category="knowledge_forward", task=attr, level=1,
+                        question=attr_question(c.name, attr), answer=value,
+                        gen_prompt=f"draw {c.name} 's favourite {attr}",
+                        target=tuple(world.encode(world.count_grid(1, world.TILE_ID[value]))),
+                        criterion={"type": "count", "tile": value, "n": 1},
+                        cot_questions=(attr_question(c.name, attr),), cot_draw="draw 1 {0}",
+                        labels={"answer": value, "entity": c.name, "template": f"forward_{attr}", "taught": True},
+                    )
+                )  # fmt: skip
+            words = c.describe()
+            items.append(
+                Item(
+                    id=f"knowledge-portrait-{c.name}", category="knowledge_forward", task="portrait", level=1,
+                    question=f"describe {c.name} ?", answer=words, gen_prompt=f"draw a portrait of {c.name}",
+                    target=tuple(world.encode(world.portrait_grid(c.attrs))),
+                    criterion={"type": "portrait", "attrs": dict(c.attrs)},
+                    cot_questions=(f"describe {c.name} ?",), cot_draw="draw a portrait of {0}",
+                    labels={"answer": words, "entity": c.name, "template": "forward_portrait", "taught": True},
+                )
+            )  # fmt: skip
+        for i, (a, b, attr) in enumerate(self.inverse_test):
+            one = self.by_name[a] if rng.random() < 0.5 else self.by_name[b]
+            value = one.attrs[attr]
+            q = inverse_question(a, b, attr, value)
+            items.append(
+                Item(
+                    id=f"inverse-{i:03d}", category="knowledge_inverse", task="portrait", level=1,
+                    question=q, answer=one.name, gen_prompt=f"of {a} and {b} draw the one whose favourite {attr} is {value}",
+                    target=tuple(world.encode(world.portrait_grid(one.attrs))),
+                    criterion={"type": "portrait", "attrs": dict(one.attrs)},
+                    cot_questions=(q, "describe {0} ?"), cot_draw="draw a portrait of {1}",
+                    labels={"answer": one.name, "entity": one.name, "template": f"inverse_{attr}", "value": value},
+                )
+            )  # fmt: skip
+
+    # -- training stream ------------------------------------------------------------------
+    def _qa(self, rng: random.Random) -> tuple[Prompt, str]:
+        r = rng.random()
+        if r < 0.36:
+            level = 1 + int(rng.random() * 3)
+            expr, v = rng.choice(self.arith_train[level])
+            return Prompt(f"what is {expr} ?"), str(v)
+        if r < 0.54:
+            while True:
+                m = gen.random_mapping(rng, 1 + int(rng.random() * 3))
+                if m.statements not in self.mapping_test_statements:
+                    break
+            k = int(rng.random() * 2)
+            return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
+        if r < 0.70:
+            c = rng.choice(self.characters)
+            if rng.random() < 0.2:
+                return Prompt(f"describe {c.name} ?"), c.describe()
+            attr = rng.choice(world.ATTRIBUTES)
+            return Prompt(attr_question(c.name, attr)), c.attrs[attr]
+        if r < 0.76:
+            a, b, attr = rng.choice(self.inverse_train)
+            one = self.by_name[a] if rng.random() < 0.5 else self.by_name[b]
+            return Prompt(inverse_question(a, b, attr, one.attrs[attr])), one.name
+        if r < 0.92:
+            tile = rng.choice(gen.countable_tiles())
+            n = rng.choice((0,) + gen.ANSWERS)
+            return Prompt(f"how many {gen.tile_phrase(tile)} in <image> ?", (gen.counting_image(rng, tile, n),)), str(n)
+        attrs = gen.random_attrs(rng)
+        return Prompt("describe <image> ?", (tuple(world.encode(world.portrait_grid(attrs))),)), portrait_words(attrs)
+
+    def _direct(self, rng: random.Random) -> tuple[Prompt, tuple[int, ...]]:
+        if rng.random() < 0.75:
+            n, tile = rng.choice(self.count_train)
+            grid = world.count_grid(n, world.TILE_ID[tile])
+            return Prompt(f"draw {n} {gen.tile_phrase(tile)}"), tuple(world.encode(grid))
+        while True:
+            attrs = gen.random_attrs(rng)
+            if tuple(attrs.values()) not in self.portrait_held:
+                break
+        return Prompt(f"draw a portrait of {portrait_words(attrs)}"), tuple(world.encode(world.portrait_grid(attrs)))
+
+    def training_examples(self, seed: int = 0, gen_fraction: float = 0.35, prefix_p: float = 0.25) -> Iterator[TrainExample]:
+        """Infinite deterministic stream of training examples (never a test prompt).
+
+        Args:
+            seed: stream seed (independent of the suite seed).
+            gen_fraction: share of direct-generation examples; the rest is understanding QA.
+            prefix_p: probability of one or two context QA pairs before the example.
+        """
+        rng = random.Random(seed * 7919 + self.seed + 1)
+        while True:
+            prefix = [self._qa(rng) for _ in range(1 + int(rng.random() * 2))] if rng.random() < prefix_p else []
+            if rng.random() < gen_fraction:
+                prompt, target = self._direct(rng)
+                ex = TrainExample(prompt, target=target, prefix=prefix)
+            else:
+                prompt, answer = self._qa(rng)
+                ex = TrainExample(prompt, answer=answer, prefix=prefix)
+            keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
+            if any(k in self.test_prompts for k in keys):
+                continue
+            yield ex

@@ -1,0 +1,80 @@
+"""Backends: three ways to read the same hook points, with the same names and tensors.
+
+- ``torch`` (default): plain forward hooks (``hooks.capture``); works everywhere, also during
+  multi-step image generation.
+- ``nnsight``: the model wrapped in ``nnsight.NNsight``; each point read from its envoy.
+- ``transformer_lens``: a ``TransformerBridge`` booted on the adapter's causal-LM view
+  (Llama, Qwen2, Emu3, and the backbones of Janus and query-based models).
+
+``run_capture`` runs one forward pass of prepared inputs through any backend and returns a
+:class:`hooks.capture.Captured`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooks.adapters import Adapter, ModelInputs, adapter_for
+from hooks.capture import Captured, capture
+
+BACKENDS = ("torch", "nnsight", "transformer_lens")
+
+
+def run_capture(
+    model: nn.Module,
+    inputs: ModelInputs,
+    points: str | Iterable[str],
+    *,
+    adapter: Adapter | None = None,
+    backend: str = "torch",
+    roles: Iterable[str] | None = None,
+    positions: Iterable[int] | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Captured:
+    """One forward pass on ``inputs`` with ``points`` captured by ``backend``."""
+    adapter = adapter or adapter_for(model)
+    if backend == "torch":
+        with torch.no_grad(), capture(
+            model,
+            points,
+            adapter=adapter,
+            layout=inputs.layout,
+            roles=roles,
+            positions=positions,
+            dtype=dtype,
+            device=device,
+        ) as cap:
+            adapter.run(model, inputs)
+        return cap
+    names = adapter.expand(model, points)
+    result = Captured(names, inputs.layout, roles, positions, dtype, device)
+    if backend == "nnsight":
+        from hooks.backends.nnsight_backend import nnsight_dense
+
+        dense = nnsight_dense(model, adapter, inputs, names)
+    elif backend == "transformer_lens":
+        from hooks.backends.tl_backend import transformer_lens_dense
+
+        dense = transformer_lens_dense(model, adapter, inputs, names)
+    else:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    for name in names:
+        result.add(name, dense[name])
+    return result
+
+
+def available(backend: str) -> bool:
+    """Whether a backend's library imports."""
+    mod: Any = {"torch": "torch", "nnsight": "nnsight", "transformer_lens": "transformer_lens"}.get(backend)
+    if mod is None:
+        return False
+    try:
+        __import__(mod)
+    except ImportError:
+        return False
+    return True

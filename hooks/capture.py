@@ -1,0 +1,259 @@
+"""capture: register hooks, collect only what was asked, always remove.
+
+    with capture(model, "blocks.*.resid_post", adapter=adapter, layout=layout, roles=["query"]) as cap:
+        model(**inputs)
+    cap["blocks.3.resid_post"]        # [batch, pos, d] when every position was kept
+    cap.rows("blocks.3.resid_post")   # Rows: values [n, d] + example / pos / role / step / branch
+
+Protocol. On enter, one forward pre-hook goes on the first block (the *call tracker*): each
+backbone call reports its column offset (the KV cache's length, 0 for a fresh sequence) and
+its length, and counts as generation step 0 when the offset is 0, else the next step. Then
+one hook per requested point; each hook turns its tensor into :class:`Rows`, keeping only the
+positions whose role (from the layout) was asked for, detached and moved to the requested
+dtype/device at once, so memory holds only the selection. With classifier-free guidance the
+batch is doubled (``cfg_batch`` = conditional batch size): row ``r`` is example ``r % B`` on
+branch ``r // B`` (0 conditional, 1 unconditional). On exit — also when the forward raised —
+every handle is removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooks.adapters.base import Adapter, Site, get_module
+from hooks.layout import ROLE_ID, TokenLayout, role_ids
+from hooks.rows import Rows
+
+
+def pick(value: Any, index: int | None) -> torch.Tensor:
+    """The tensor inside a module input/output (tuples and ModelOutputs unwrapped)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):  # ModelOutput is a dict
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)):
+        t = value[index or 0]
+        if isinstance(t, torch.Tensor):
+            return t
+    raise TypeError(f"hook expected a tensor (or a tuple holding one), got {type(value).__name__}")
+
+
+def input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """First tensor argument of a module call (positional, else ``hidden_states`` or first tensor kwarg)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v
+    raise TypeError("hooked module was called without a tensor input")
+
+
+class Captured:
+    """What a capture collected: per point, a list of row tables (one per model call)."""
+
+    def __init__(
+        self,
+        points: Sequence[str],
+        layout: TokenLayout | None = None,
+        roles: Iterable[str] | None = None,
+        positions: Iterable[int] | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        cfg_batch: int | None = None,
+    ) -> None:
+        self.points = list(points)
+        self.layout = layout
+        self.roles = None if roles is None else torch.tensor(role_ids(roles), dtype=torch.long)
+        if self.roles is not None and layout is None:
+            raise ValueError("selecting roles needs a layout (TokenLayout) for the batch")
+        self.positions = None if positions is None else torch.as_tensor(list(positions), dtype=torch.long)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.cfg_batch = cfg_batch
+        self.records: dict[str, list[Rows]] = {p: [] for p in self.points}
+        self.calls: list[tuple[int, int, int]] = []  # (step, offset, length)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def begin_call(self, offset: int, length: int) -> None:
+        """Called once per backbone forward (by the tracker)."""
+        step = 0 if offset == 0 or not self.calls else self.calls[-1][0] + 1
+        self.calls.append((step, offset, length))
+
+    def _call(self) -> tuple[int, int, int | None]:
+        return self.calls[-1] if self.calls else (0, 0, None)
+
+    def add(self, point: str, tensor: torch.Tensor) -> None:
+        """Record ``tensor`` (``[rows, k, *feature]``, or ``[rows, d]`` for one position) at ``point``.
+
+        The ``k`` positions are the last ``k`` of the current call (heads may see only the
+        final position during generation).
+        """
+        step, offset, length = self._call()
+        t = tensor.detach()
+        if t.dim() == 2:
+            t = t[:, None]
+        n_rows, k = t.shape[0], t.shape[1]
+        length = k if length is None else length
+        if k > length:  # the point saw more positions than the backbone call (e.g. no tracker)
+            length, offset = k, 0
+        pos = torch.arange(offset + length - k, offset + length)
+        b = self.cfg_batch or n_rows
+        example = torch.arange(n_rows) % b
+        branch = torch.arange(n_rows) // b
+        if self.layout is not None:
+            roles = self.layout.roles_at(int(pos[0]), k)
+            if roles.shape[0] != b:
+                raise ValueError(
+                    f"layout has {roles.shape[0]} examples but the model ran {n_rows} rows "
+                    f"(cfg_batch={self.cfg_batch}); pass the layout of this batch"
+                )
+            roles = roles[example]
+        else:
+            roles = torch.full((n_rows, k), ROLE_ID["text"], dtype=torch.long)
+        keep = torch.ones(n_rows, k, dtype=torch.bool)
+        if self.roles is not None:
+            keep &= torch.isin(roles, self.roles)
+        if self.positions is not None:
+            keep &= torch.isin(pos, self.positions)[None, :]
+        r_idx, p_idx = keep.nonzero(as_tuple=True)
+        values = t[r_idx.to(t.device), p_idx.to(t.device)].to(device=self.device, dtype=self.dtype or t.dtype)
+        self.records[point].append(
+            Rows(
+                values=values,
+                example=example[r_idx],
+                pos=pos[p_idx],
+                role=roles[r_idx, p_idx],
+                step=torch.full_like(r_idx, step),
+                branch=branch[r_idx],
+            )
+        )
+
+    # -- reading ----------------------------------------------------------------------------
+    def rows(self, point: str, step: int | None = None, branch: str | int | None = None) -> Rows:
+        """All rows captured at ``point`` (optionally one generation step / guidance branch)."""
+        if point not in self.records:
+            raise KeyError(f"point {point!r} was not captured; captured: {', '.join(self.points)}")
+        parts = self.records[point]
+        if not parts:
+            raise ValueError(
+                f"nothing was captured at {point!r}: its module was not called (did the model run inside "
+                "the capture? generation-only points such as gen_head.in fire only during generation)"
+            )
+        out = Rows.cat(parts)
+        keep = torch.ones(len(out), dtype=torch.bool)
+        if step is not None:
+            keep &= out.step == step
+        if branch is not None:
+            keep &= out.branch == (branch if isinstance(branch, int) else ("cond", "uncond").index(branch))
+        return out.select(keep)
+
+    def dense(self, point: str, branch: str | int = "cond") -> torch.Tensor:
+        """``[batch, pos, *feature]``: rows placed at their (example, position), all steps joined.
+
+        Raises when the selection left holes (use :meth:`rows` then).
+        """
+        r = self.rows(point, branch=branch)
+        n_ex, n_pos = int(r.example.max()) + 1, int(r.pos.max()) + 1
+        p0 = int(r.pos.min())
+        out = torch.full((n_ex, n_pos - p0, *r.values.shape[1:]), float("nan"), dtype=r.values.dtype)
+        filled = torch.zeros(n_ex, n_pos - p0, dtype=torch.bool)
+        out[r.example, r.pos - p0] = r.values
+        filled[r.example, r.pos - p0] = True
+        if not bool(filled.all()):
+            raise ValueError(
+                f"the capture at {point!r} kept {int(filled.sum())} of {filled.numel()} positions "
+                "(a role/position selection); read it with .rows(point)"
+            )
+        return out
+
+    def __getitem__(self, point: str) -> torch.Tensor:
+        return self.dense(point)
+
+    def __contains__(self, point: str) -> bool:
+        return point in self.records
+
+    def __repr__(self) -> str:
+        sizes = {p: sum(len(r) for r in rs) for p, rs in self.records.items()}
+        return f"Captured({len(self.points)} points, {len(self.calls)} calls, rows={sizes})"
+
+
+class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
+    """Context manager: hook ``points`` of ``model`` and collect them into a :class:`Captured`.
+
+    Args:
+        model: the model (a transformers model, a sandbox model, any adapted module).
+        points: names, globs or TransformerLens aliases (``"blocks.*.resid_post"``).
+        adapter: the family adapter; found from the model's class when omitted.
+        layout: roles of the batch's positions ``[batch, pos]`` (needed to select roles).
+        roles: keep only positions with these roles; ``positions``: only these positions.
+        dtype, device: where captured tensors go (default: same dtype, CPU).
+        cfg_batch: conditional batch size when classifier-free guidance doubles the batch.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        points: str | Iterable[str] = "blocks.*.resid_post",
+        *,
+        adapter: Adapter | None = None,
+        layout: TokenLayout | None = None,
+        roles: Iterable[str] | None = None,
+        positions: Iterable[int] | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        cfg_batch: int | None = None,
+    ) -> None:
+        from hooks.adapters import adapter_for
+
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.points = self.adapter.expand(model, points)
+        self.result = Captured(self.points, layout, roles, positions, dtype, device, cfg_batch)
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Captured:
+        try:
+            first_block = get_module(self.model, f"{self.adapter.blocks}.0")
+            self._handles.append(first_block.register_forward_pre_hook(self._track, with_kwargs=True))
+            for point in self.points:
+                self._register(point, self.adapter.site(self.model, point))
+        except BaseException:
+            self._remove()
+            raise
+        return self.result
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _track(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = input_tensor(args, kwargs)
+        cache = kwargs.get("past_key_values")
+        offset = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        self.result.begin_call(offset, hidden.shape[1] if hidden.dim() == 3 else 1)
+
+    def _register(self, point: str, site: Site) -> None:
+        module = get_module(self.model, site.module)
+        result = self.result
+        if site.io == "input":
+
+            def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                result.add(point, input_tensor(args, kwargs))
+
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        else:
+
+            def hook(mod: nn.Module, args: tuple, output: Any) -> None:
+                result.add(point, pick(output, site.index))
+
+            self._handles.append(module.register_forward_hook(hook))

@@ -1,0 +1,53 @@
+"""Rows: captured activations as a flat table of positions.
+
+Capture keeps only the positions that were asked for, so a batch's activations at one hook
+point are a table of rows, each row one (example, position) with its role, generation step
+and guidance branch. The store writes these tables shard by shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+BRANCHES: tuple[str, ...] = ("cond", "uncond")
+
+
+@dataclass
+class Rows:
+    """Activations at one hook point, one row per kept position.
+
+    Attributes:
+        values: ``[n, *feature]`` (``[n, d_model]`` for residual points).
+        example: ``[n]`` int64, index of the example (batch-local in capture, global in a store).
+        pos: ``[n]`` int64, absolute position in the example's sequence.
+        role: ``[n]`` int64, index into ``hooks.layout.ROLES``.
+        step: ``[n]`` int64, generation step (0 for a plain forward / the prompt pass).
+        branch: ``[n]`` int64, index into :data:`BRANCHES` (0 conditional, 1 unconditional).
+    """
+
+    values: torch.Tensor
+    example: torch.Tensor
+    pos: torch.Tensor
+    role: torch.Tensor
+    step: torch.Tensor
+    branch: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    @staticmethod
+    def cat(parts: list[Rows]) -> Rows:
+        """Concatenate row tables (all with the same feature shape)."""
+        if not parts:
+            raise ValueError("Rows.cat needs at least one table")
+        return Rows(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Rows)})
+
+    def select(self, keep: torch.Tensor) -> Rows:
+        """Rows where the boolean ``[n]`` mask ``keep`` is True (or at integer indices)."""
+        return Rows(**{f.name: getattr(self, f.name)[keep] for f in fields(Rows)})
+
+    def index_tensors(self) -> dict[str, torch.Tensor]:
+        """The integer columns (everything but ``values``)."""
+        return {f.name: getattr(self, f.name) for f in fields(Rows) if f.name != "values"}
