@@ -78,6 +78,7 @@ class Captured:
         self.cfg_batch = cfg_batch
         self.records: dict[str, list[Rows]] = {p: [] for p in self.points}
         self.calls: list[tuple[int, int, int]] = []  # (step, offset, length)
+        self.generated: torch.Tensor | None = None  # image tokens, when the capture ran a generation
 
     # -- bookkeeping ------------------------------------------------------------------------
     def begin_call(self, offset: int, length: int) -> None:

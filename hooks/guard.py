@@ -21,7 +21,13 @@ class RuntimeInstallError(RuntimeError):
 
 
 def _is_install(cmd: Any) -> bool:
-    words = cmd.split() if isinstance(cmd, str) else [str(c) for c in cmd] if isinstance(cmd, (list, tuple)) else []
+    words = (
+        cmd.split()
+        if isinstance(cmd, str)
+        else [str(c) for c in cmd]
+        if isinstance(cmd, (list, tuple))
+        else []
+    )
     names = [w.rsplit("/", 1)[-1] for w in words]
     return "install" in names and any(n in _INSTALLERS or n.startswith("python") for n in names)
 
@@ -59,7 +65,9 @@ def disable_transformer_lens_installs() -> None:
 def no_runtime_installs() -> Iterator[None]:
     """Within the block, installer subprocesses raise :class:`RuntimeInstallError`."""
     disable_transformer_lens_installs()
-    saved = {name: getattr(subprocess, name) for name in ("check_call", "run", "call", "check_output", "Popen")}
+    saved = {
+        name: getattr(subprocess, name) for name in ("check_call", "run", "call", "check_output", "Popen")
+    }
     try:
         for name, fn in saved.items():
             if name != "Popen":

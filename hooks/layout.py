@@ -97,7 +97,9 @@ class TokenLayout:
                 "pass tail_role (e.g. 'image_gen' for generation) or a longer layout"
             )
         inside = self.roles[:, start : self.length] if start < self.length else self.roles[:, :0]
-        tail = torch.full((self.batch, end - max(start, self.length)), ROLE_ID[self.tail_role], dtype=torch.long)
+        tail = torch.full(
+            (self.batch, end - max(start, self.length)), ROLE_ID[self.tail_role], dtype=torch.long
+        )
         return torch.cat([inside, tail], dim=1)
 
     def extend(self, n: int, role: str | None = None) -> TokenLayout:
@@ -105,9 +107,12 @@ class TokenLayout:
         role = role or self.tail_role
         if role is None:
             raise ValueError("extend needs a role (or a layout with tail_role)")
-        return TokenLayout(self.roles_at(0, self.length + n) if role == self.tail_role else torch.cat(
-            [self.roles, torch.full((self.batch, n), ROLE_ID[role], dtype=torch.long)], dim=1
-        ), self.tail_role)
+        return TokenLayout(
+            self.roles_at(0, self.length + n)
+            if role == self.tail_role
+            else torch.cat([self.roles, torch.full((self.batch, n), ROLE_ID[role], dtype=torch.long)], dim=1),
+            self.tail_role,
+        )
 
     def repeat(self, times: int) -> TokenLayout:
         """Stack the batch ``times`` (classifier-free guidance doubles the batch)."""
@@ -138,5 +143,7 @@ class TokenLayout:
     @classmethod
     def from_json(cls, data: dict) -> TokenLayout:
         if data.get("role_names", list(ROLES)) != list(ROLES):
-            raise ValueError(f"layout was written with roles {data['role_names']}, this toolkit has {list(ROLES)}")
+            raise ValueError(
+                f"layout was written with roles {data['role_names']}, this toolkit has {list(ROLES)}"
+            )
         return cls(torch.tensor(data["roles"], dtype=torch.long), data.get("tail_role"))

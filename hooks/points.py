@@ -31,7 +31,11 @@ _TL_NAMES = {
     "unembed.hook_in": "lm_head.in",
 }
 # canonical -> TransformerLens TransformerBridge name
-_TO_TL_MODEL = {"embed": "blocks.0.hook_resid_pre", "final_norm": "ln_final.hook_out", "lm_head.in": "unembed.hook_in"}
+_TO_TL_MODEL = {
+    "embed": "blocks.0.hook_resid_pre",
+    "final_norm": "ln_final.hook_out",
+    "lm_head.in": "unembed.hook_in",
+}
 
 
 def block_points(n_layers: int) -> list[str]:

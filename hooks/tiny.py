@@ -21,7 +21,9 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = 64) -> tuple[nn.Module, dict]:
+def tiny_llama(
+    seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = 64
+) -> tuple[nn.Module, dict]:
     """A tiny ``LlamaForCausalLM``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +43,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int 
     return LlamaForCausalLM(cfg).eval(), {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1}
 
 
-def tiny_qwen2(seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = 64) -> tuple[nn.Module, dict]:
+def tiny_qwen2(
+    seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = 64
+) -> tuple[nn.Module, dict]:
     """A tiny ``Qwen2ForCausalLM``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

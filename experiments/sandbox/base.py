@@ -192,5 +192,5 @@ class SandboxModel(nn.Module):
         n_text = int((tt != -100).sum())
         img_sum, n_img = self._image_loss(out, batch)
         loss = (text_sum + img_sum) / max(1, n_text + n_img)
-        parts = {"text": float(text_sum) / max(1, n_text), "image": float(img_sum) / max(1, n_img)}
+        parts = {"text": text_sum.item() / max(1, n_text), "image": float(img_sum.detach()) / max(1, n_img)}
         return loss, parts

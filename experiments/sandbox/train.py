@@ -50,8 +50,10 @@ def train_sandbox(
 ) -> SandboxModel:
     """Train a fresh ``arch`` model (``"ar"`` | ``"query"``) and save it to ``out`` (if not None).
 
-    Deterministic for a given seed (data stream and init); ``time_budget_s`` stops early (with a
-    note in the log) if the machine is slower than planned.
+    Deterministic for a given seed (data stream and init) when ``time_budget_s`` is None. With a
+    budget, the learning-rate schedule follows ``max(step, elapsed share of the budget)`` so the
+    cosine decay completes on a slow machine, and training stops when the budget is spent (noted
+    in the log); results then depend on machine speed.
     """
     d = DEFAULTS[arch]
     steps = steps or d["steps"]
@@ -73,8 +75,11 @@ def train_sandbox(
     t0 = time.time()
     bar = tqdm(range(steps), desc=f"train {arch}", disable=not progress, mininterval=2)
     for step in bar:
+        # when the time budget binds, the schedule follows elapsed time so the cosine still completes
+        elapsed = time.time() - t0
+        progress_step = step if time_budget_s is None else max(step, int(steps * elapsed / time_budget_s))
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(progress_step, steps, lr, warmup)
         batch = model.training_batch(list(itertools.islice(stream, batch_size)))
         loss, parts = model.loss(batch)
         opt.zero_grad(set_to_none=True)

@@ -267,7 +267,7 @@ class Suite:
                 break
         return Prompt(f"draw a portrait of {portrait_words(attrs)}"), tuple(world.encode(world.portrait_grid(attrs)))
 
-    def training_examples(self, seed: int = 0, gen_fraction: float = 0.35, prefix_p: float = 0.25) -> Iterator[TrainExample]:
+    def training_examples(self, seed: int = 0, gen_fraction: float = 0.35, prefix_p: float = 0.15) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
         Args:

@@ -41,12 +41,16 @@ def adapter_for(model: nn.Module) -> Adapter:
     if isinstance(declared, str):
         if declared in ADAPTERS:
             return ADAPTERS[declared]
-        raise NoAdapterError(f"model declares adapter {declared!r}, which is not registered ({', '.join(ADAPTERS)})")
+        raise NoAdapterError(
+            f"model declares adapter {declared!r}, which is not registered ({', '.join(ADAPTERS)})"
+        )
     cls = type(model).__name__
     for a in ADAPTERS.values():
         if cls in a.model_classes:
             return a
-    lines = "\n".join(f"  {name}: {', '.join(classes) or '(by declaration)'}" for name, classes in supported().items())
+    lines = "\n".join(
+        f"  {name}: {', '.join(classes) or '(by declaration)'}" for name, classes in supported().items()
+    )
     raise NoAdapterError(
         f"no adapter for model class {cls!r}. Supported families:\n{lines}\n"
         "To serve it, write an adapter: module paths of its blocks, final norm and heads "

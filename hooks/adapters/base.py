@@ -75,7 +75,7 @@ class Adapter:
         prepare: ``(model, examples, mode) -> ModelInputs``; examples are dicts with
             ``input_ids`` (and family keys such as ``pixel_values``).
         forward: ``(model, inputs) -> outputs``; default calls ``model(**inputs.kwargs)``.
-        generate: ``(model, inputs, **kw) -> (tokens [batch, n_gen], layout)`` for image generation.
+        generate: ``(model, inputs, **kw) -> tokens [batch, n_gen]`` for image generation.
         tl_view: ``model -> nn.Module``: the transformers causal LM TransformerLens wraps.
         tl_embed: ``(model, inputs) -> inputs_embeds [batch, pos, d]`` when the backbone must be fed
             embeddings (image features merged, query tokens appended); None = feed ``input_ids``.
@@ -94,6 +94,7 @@ class Adapter:
     generate: Callable[..., Any] | None = None
     tl_view: Callable[[nn.Module], nn.Module] | None = None
     tl_embed: Callable[..., torch.Tensor] | None = None
+    generation_cfg: bool = False  # generate() doubles the batch for classifier-free guidance
     notes: str = ""
 
     # -- points ---------------------------------------------------------------------------

@@ -16,10 +16,14 @@ def _pad_id(model: nn.Module) -> int:
     return 0 if pad is None else int(pad)
 
 
-def prepare_text(model: nn.Module, examples: Sequence[dict[str, Any]], mode: str = "understanding") -> ModelInputs:
+def prepare_text(
+    model: nn.Module, examples: Sequence[dict[str, Any]], mode: str = "understanding"
+) -> ModelInputs:
     """Right-padded ``input_ids`` and ``attention_mask``; every real position is ``text``."""
     ids, mask = pad_ids(examples, _pad_id(model))
-    return ModelInputs({"input_ids": ids, "attention_mask": mask}, roles_from_ids(ids, mask, examples=examples))
+    return ModelInputs(
+        {"input_ids": ids, "attention_mask": mask}, roles_from_ids(ids, mask, examples=examples)
+    )
 
 
 CAUSAL_LM = Adapter(

@@ -89,7 +89,11 @@ def greedy_image_tokens(
     # positions count real tokens only, so left-padded rows match their unpadded runs
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = backbone(
-        inputs_embeds=embed(input_ids), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
+        inputs_embeds=embed(input_ids),
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
     )
     tokens = []
     for step in range(n_tokens):

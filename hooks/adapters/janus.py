@@ -110,5 +110,6 @@ JANUS = Adapter(
     generate=generate,
     tl_view=_lm_view,
     tl_embed=_embed,
-    notes="understanding: image_token_id placeholders; generation: generate(generation_mode='image') with CFG",
+    generation_cfg=True,
+    notes="understanding: image_token_id placeholders; generation: generate(generation_mode='image'), CFG",
 )

@@ -47,7 +47,9 @@ def query_adapter(spec: dict[str, Any]) -> Adapter:
     def n_queries(model: nn.Module) -> int:
         return int(_param(model, spec["queries"]).shape[0])
 
-    def prepare(model: nn.Module, examples: Sequence[dict[str, Any]], mode: str = "understanding") -> ModelInputs:
+    def prepare(
+        model: nn.Module, examples: Sequence[dict[str, Any]], mode: str = "understanding"
+    ) -> ModelInputs:
         ids, mask = pad_ids(examples, int(spec.get("pad_token_id", 0)), side="left")
         layout = roles_from_ids(ids, mask, examples=examples).extend(n_queries(model), "query")
         return ModelInputs({"input_ids": ids, "attention_mask": mask}, layout)

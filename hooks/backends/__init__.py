@@ -35,20 +35,51 @@ def run_capture(
     positions: Iterable[int] | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    generate: bool = False,
 ) -> Captured:
-    """One forward pass on ``inputs`` with ``points`` captured by ``backend``."""
+    """One forward pass on ``inputs`` with ``points`` captured by ``backend``.
+
+    With ``generate=True`` the adapter's image generation runs instead (torch backend: many
+    steps, rows tagged by step and guidance branch); the generated tokens ``[batch, n]`` are
+    left in ``captured.generated``.
+    """
     adapter = adapter or adapter_for(model)
+    if generate:
+        if backend != "torch":
+            raise ValueError("capture during generation needs backend='torch' (many forward steps)")
+        if adapter.generate is None:
+            raise ValueError(f"the {adapter.name!r} adapter has no image generation")
+        cfg_batch = inputs.kwargs["input_ids"].shape[0] if adapter.generation_cfg else None
+        with (
+            torch.no_grad(),
+            capture(
+                model,
+                points,
+                adapter=adapter,
+                layout=inputs.layout,
+                roles=roles,
+                positions=positions,
+                dtype=dtype,
+                device=device,
+                cfg_batch=cfg_batch,
+            ) as cap,
+        ):
+            cap.generated = adapter.generate(model, inputs)
+        return cap
     if backend == "torch":
-        with torch.no_grad(), capture(
-            model,
-            points,
-            adapter=adapter,
-            layout=inputs.layout,
-            roles=roles,
-            positions=positions,
-            dtype=dtype,
-            device=device,
-        ) as cap:
+        with (
+            torch.no_grad(),
+            capture(
+                model,
+                points,
+                adapter=adapter,
+                layout=inputs.layout,
+                roles=roles,
+                positions=positions,
+                dtype=dtype,
+                device=device,
+            ) as cap,
+        ):
             adapter.run(model, inputs)
         return cap
     names = adapter.expand(model, points)

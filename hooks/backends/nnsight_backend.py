@@ -31,7 +31,9 @@ def _envoy(root: Any, path: str) -> Any:
 
 
 @torch.no_grad()
-def nnsight_dense(model: nn.Module, adapter: Adapter, inputs: ModelInputs, points: list[str]) -> dict[str, Any]:
+def nnsight_dense(
+    model: nn.Module, adapter: Adapter, inputs: ModelInputs, points: list[str]
+) -> dict[str, Any]:
     """Run one traced forward; ``{point: tensor [b, pos, *feature]}``.
 
     Points are requested in execution order (nnsight refuses out-of-order access); each

@@ -29,7 +29,9 @@ def word_level_tokenizer(vocab_size: int, directory: str) -> Any:
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t0")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t0"
+    )
     fast.save_pretrained(directory)
     return PreTrainedTokenizerFast.from_pretrained(directory)
 

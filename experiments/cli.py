@@ -1,0 +1,146 @@
+"""The ``uniprobe`` command.
+
+    uniprobe points  --model SPEC
+    uniprobe capture --model SPEC --prompts FILE.jsonl --points GLOB [--roles ...] --out DIR
+    uniprobe inspect DIR
+    uniprobe demo
+
+Every command exits non-zero with a one-paragraph message on bad input (unknown point, model
+family without an adapter, malformed prompt line, existing store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hooks.layout import ROLES
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def cmd_points(args: argparse.Namespace) -> int:
+    from experiments.models import load_model
+
+    loaded = load_model(args.model, args.adapter)
+    a = loaded.adapter
+    print(
+        f"{args.model}: {type(loaded.model).__name__}, adapter {a.name!r}, {a.n_layers(loaded.model)} blocks"
+    )
+    for p in a.points(loaded.model):
+        site = a.site(loaded.model, p)
+        print(f"  {p:<28} {site.io} of {site.module}")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from experiments.models import load_model
+    from experiments.prompts_file import read_prompts
+    from hooks.pipeline import capture_dataset
+
+    loaded = load_model(args.model, args.adapter)
+    examples = read_prompts(args.prompts, loaded)
+    store = capture_dataset(
+        loaded.model,
+        examples,
+        args.points,
+        args.out,
+        adapter=loaded.adapter,
+        roles=args.roles,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        model_info={"spec": args.model},
+    )
+    print(store.summary())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hooks.store import ActivationStore
+
+    store = ActivationStore.open(args.store, verify="full" if args.verify else "lazy")
+    print(store.summary())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import run_demo
+
+    return run_demo(args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniprobe", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("points", help="list a model's hook points")
+    p.add_argument("--model", required=True, help="built-in name or local model folder")
+    p.add_argument("--adapter", help="adapter spec file (JSON/YAML) for a query-based checkpoint")
+    p.set_defaults(func=cmd_points)
+
+    p = sub.add_parser("capture", help="capture activations over a prompts file into a store")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--prompts", required=True, help="JSON lines: {'text' or 'input_ids', 'labels', ...}")
+    p.add_argument("--points", default="blocks.*.resid_post", help="names, globs or TransformerLens aliases")
+    p.add_argument("--roles", nargs="+", choices=ROLES, help="keep only positions with these roles")
+    p.add_argument(
+        "--mode",
+        choices=("understanding", "generation", "generate"),
+        default="understanding",
+        help="generation: teacher-forced image tokens; generate: run image generation, capture every step",
+    )
+    p.add_argument("--backend", choices=("torch", "nnsight", "transformer_lens"), default="torch")
+    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted capture")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("inspect", help="summarise a store")
+    p.add_argument("store")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 now")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="run the built-in demo (writes artifacts/demo/report.md)")
+    p.add_argument("--out", default="artifacts/demo")
+    p.set_defaults(func=cmd_demo)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands() -> list[Callable]:
+    try:
+        from experiments.sandbox.commands import add_gap_parser, add_train_parser
+    except ImportError:
+        return []
+    return [add_train_parser, add_gap_parser]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished shards are kept — re-run with --resume to continue", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, AttributeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"uniprobe {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The gap table: understanding vs generation (judged) vs generation with CoT, per task and level.
+
+``evaluate_items`` runs a model on test items in both forms and judges every drawing with
+``world.satisfies``; ``gap_table`` aggregates per (category, task, level). Mapping items count per
+A/B group: a group is right only if both variants are. ``format_gap_table`` renders markdown.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+from experiments.tasks import world
+from experiments.tasks.prompts import Item
+from experiments.tasks.suite import Suite
+from experiments.sandbox.base import SandboxModel
+
+KIND: dict[str, str] = {
+    "direct": "direct",
+    "arithmetic": "reasoning",
+    "mapping": "reasoning",
+    "knowledge_forward": "knowledge (forward)",
+    "knowledge_inverse": "knowledge (inverse)",
+}
+
+
+def evaluate_items(model: SandboxModel, items: Sequence[Item], cot: bool = True, batch_size: int = 64) -> list[dict]:
+    """Per item: ``understanding`` answer and correctness, ``generation`` grid and verdict, and with
+    ``cot`` the CoT grid and verdict. Grids are ``int64 [H, W]`` numpy arrays."""
+    answers = model.understand([it.und_prompt for it in items], batch_size=batch_size)
+    grids = model.generate_image([it.draw_prompt for it in items], cot=False, batch_size=batch_size)
+    cot_grids = model.generate_image([it.draw_prompt for it in items], cot=True, batch_size=batch_size) if cot else None
+    out = []
+    for k, it in enumerate(items):
+        rec = {
+            "id": it.id, "group": it.group, "category": it.category, "task": it.task, "level": it.level,
+            "answer": answers[k], "understanding": answers[k] == it.answer,
+            "grid": grids[k], "generation": world.satisfies(grids[k], it.criterion),
+        }  # fmt: skip
+        if cot_grids is not None:
+            rec["cot_grid"] = cot_grids[k]
+            rec["generation_cot"] = world.satisfies(cot_grids[k], it.criterion)
+        out.append(rec)
+    return out
+
+
+def gap_table(
+    model: SandboxModel, suite: Suite | None = None, items: Sequence[Item] | None = None, cot: bool = True,
+    batch_size: int = 64, results: list[dict] | None = None,
+) -> list[dict]:  # fmt: skip
+    """Rows ``{"kind", "category", "task", "level", "n", "understanding", "generation", "generation_cot"}``.
+
+    Accuracies are fractions in [0, 1]; ``n`` counts items (mapping: A/B groups). Pass ``results``
+    from :func:`evaluate_items` to aggregate without running the model again.
+    """
+    if results is None:
+        items = items if items is not None else (suite or Suite(0)).items
+        results = evaluate_items(model, items, cot=cot, batch_size=batch_size)
+    metrics = ["understanding", "generation"] + (["generation_cot"] if "generation_cot" in results[0] else [])
+    groups: dict[tuple, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        by_group[r["group"]].append(r)
+    for members in by_group.values():
+        r0 = members[0]
+        key = (r0["category"], r0["task"], r0["level"])
+        for m in metrics:
+            groups[key][m].append(all(r[m] for r in members))
+    order = {c: i for i, c in enumerate(KIND)}
+    rows = []
+    for (cat, task, level), vals in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
+        row = {"kind": KIND[cat], "category": cat, "task": task, "level": level, "n": len(vals["understanding"])}
+        for m in metrics:
+            row[m] = sum(vals[m]) / len(vals[m])
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Item-weighted accuracy per kind (direct / reasoning / knowledge forward / inverse)."""
+    acc: dict[str, dict] = {}
+    for r in rows:
+        a = acc.setdefault(r["kind"], {"kind": r["kind"], "n": 0})
+        a["n"] += r["n"]
+        for m in ("understanding", "generation", "generation_cot"):
+            if m in r:
+                a[m] = a.get(m, 0.0) + r[m] * r["n"]
+    for a in acc.values():
+        for m in ("understanding", "generation", "generation_cot"):
+            if m in a:
+                a[m] /= a["n"]
+    return list(acc.values())
+
+
+def format_gap_table(rows: Sequence[dict], title: str = "") -> str:
+    """Markdown: one line per row, then the per-kind summary."""
+
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.0f}%"
+
+    lines = [f"### {title}", ""] if title else []
+    lines += [
+        "| kind | category | task | level | n | understanding | generation | generation + CoT |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['kind']} | {r['category']} | {r['task']} | {r['level']} | {r['n']} | {pct(r['understanding'])} "
+            f"| {pct(r['generation'])} | {pct(r.get('generation_cot'))} |"
+        )
+    lines += ["", "| kind | n | understanding | generation | generation + CoT |", "| --- | ---: | ---: | ---: | ---: |"]
+    for s in summarize(rows):
+        lines.append(
+            f"| {s['kind']} | {s['n']} | {pct(s['understanding'])} | {pct(s['generation'])} "
+            f"| {pct(s.get('generation_cot'))} |"
+        )
+    return "\n".join(lines) + "\n"
