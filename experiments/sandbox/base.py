@@ -184,13 +184,19 @@ class SandboxModel(nn.Module):
         pairs = [self.example_stream(e) for e in examples]
         return self._collate([s for s, _ in pairs], [g for _, g in pairs])
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy on answer words and image tokens only. Returns (loss, parts)."""
+    def loss_sums(self, batch: Batch) -> tuple[torch.Tensor, int, dict[str, float]]:
+        """Summed cross-entropy on answer words and image tokens only, the number of such tokens, and
+        per-part sums/counts (``text``, ``n_text``, ``image``, ``n_image``)."""
         out = self.run(batch)
         tt = batch.text_targets.to(self.device)
         text_sum = F.cross_entropy(out.text_logits.flatten(0, 1), tt.flatten(), ignore_index=-100, reduction="sum")
         n_text = int((tt != -100).sum())
         img_sum, n_img = self._image_loss(out, batch)
-        loss = (text_sum + img_sum) / max(1, n_text + n_img)
-        parts = {"text": text_sum.item() / max(1, n_text), "image": float(img_sum.detach()) / max(1, n_img)}
-        return loss, parts
+        parts = {"text": text_sum.item(), "n_text": n_text, "image": float(img_sum.detach()), "n_image": n_img}
+        return text_sum + img_sum, n_text + n_img, parts
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean cross-entropy on answer words and image tokens only. Returns (loss, mean per part)."""
+        total, n, p = self.loss_sums(batch)
+        parts = {"text": p["text"] / max(1, p["n_text"]), "image": p["image"] / max(1, p["n_image"])}
+        return total / max(1, n), parts

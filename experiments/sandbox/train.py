@@ -33,6 +33,30 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr / 20 + (lr - lr / 20) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def accumulate_step(model: SandboxModel, examples: list, micro_batch: int) -> tuple[torch.Tensor, dict]:
+    """Backward the token-mean loss of ``examples``, in length-sorted micro-batches (less padding).
+
+    Returns the detached mean loss and the mean per part.
+    """
+    streams = [model.example_stream(e) for e in examples]
+    order = sorted(range(len(streams)), key=lambda i: sum(len(s.ids) for s in streams[i][0]))
+    chunks = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    n_total = sum(sum(len(s.ids) for s in segs if s.loss) for segs, _ in streams)
+    if model.arch == "query":  # the decoder's targets are not segments
+        n_total += sum(model.n_cells for _, grid in streams if grid is not None)
+    sums = {"text": 0.0, "n_text": 0, "image": 0.0, "n_image": 0}
+    total = 0.0
+    for chunk in chunks:
+        batch = model._collate([streams[i][0] for i in chunk], [streams[i][1] for i in chunk])
+        s, _, p = model.loss_sums(batch)
+        (s / n_total).backward()
+        total += s.item()
+        for k in sums:
+            sums[k] += p[k]
+    parts = {"text": sums["text"] / max(1, sums["n_text"]), "image": sums["image"] / max(1, sums["n_image"])}
+    return torch.tensor(total / max(1, sums["n_text"] + sums["n_image"])), parts
+
+
 def train_sandbox(
     arch: str,
     out: str | Path | None,
@@ -47,6 +71,7 @@ def train_sandbox(
     log_every: int = 25,
     progress: bool = True,
     threads: int | None = None,
+    micro_batch: int = 16,
 ) -> SandboxModel:
     """Train a fresh ``arch`` model (``"ar"`` | ``"query"``) and save it to ``out`` (if not None).
 
@@ -80,10 +105,8 @@ def train_sandbox(
         progress_step = step if time_budget_s is None else max(step, int(steps * elapsed / time_budget_s))
         for g in opt.param_groups:
             g["lr"] = lr_at(progress_step, steps, lr, warmup)
-        batch = model.training_batch(list(itertools.islice(stream, batch_size)))
-        loss, parts = model.loss(batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts = accumulate_step(model, list(itertools.islice(stream, batch_size)), micro_batch)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = time.time() - t0
