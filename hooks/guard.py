@@ -9,6 +9,7 @@ helper and refuses any subprocess that would run a package installer while it is
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -68,11 +69,26 @@ def no_runtime_installs() -> Iterator[None]:
     saved = {
         name: getattr(subprocess, name) for name in ("check_call", "run", "call", "check_output", "Popen")
     }
+    saved_system = os.system
+    original_popen = saved["Popen"]
+
+    refusing_popen: Any = _refuse(original_popen)
+    if isinstance(original_popen, type):  # keep Popen a class, so isinstance checks elsewhere still work
+
+        class RefusingPopen(original_popen):  # type: ignore[misc, valid-type]
+            def __init__(self, args: Any, *rest: Any, **kwargs: Any) -> None:
+                if _is_install(args):
+                    _refuse(None)(args)
+                super().__init__(args, *rest, **kwargs)
+
+        refusing_popen = RefusingPopen
+
     try:
         for name, fn in saved.items():
-            if name != "Popen":
-                setattr(subprocess, name, _refuse(fn))
+            setattr(subprocess, name, refusing_popen if name == "Popen" else _refuse(fn))
+        os.system = _refuse(saved_system)
         yield
     finally:
         for name, fn in saved.items():
             setattr(subprocess, name, fn)
+        os.system = saved_system

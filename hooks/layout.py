@@ -71,7 +71,7 @@ class TokenLayout:
         cls, attention_mask: torch.Tensor, role: str = "text", tail_role: str | None = None
     ) -> TokenLayout:
         """``role`` where ``attention_mask`` is 1, ``pad`` where it is 0."""
-        roles = torch.where(attention_mask.bool(), ROLE_ID[role], ROLE_ID["pad"])
+        roles = torch.where(attention_mask.bool(), role_ids([role])[0], ROLE_ID["pad"])
         return cls(roles.long(), tail_role)
 
     # -- shape --------------------------------------------------------------------------
@@ -107,6 +107,7 @@ class TokenLayout:
         role = role or self.tail_role
         if role is None:
             raise ValueError("extend needs a role (or a layout with tail_role)")
+        role_ids([role])  # an unknown role raises, naming the valid ones
         return TokenLayout(
             self.roles_at(0, self.length + n)
             if role == self.tail_role

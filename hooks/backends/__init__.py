@@ -94,6 +94,9 @@ def run_capture(
         dense = transformer_lens_dense(model, adapter, inputs, names)
     else:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # one backbone call over the layout's positions, as the torch tracker records it, so points
+    # that see only the last k positions (queries, heads) get their true positions and roles
+    result.begin_call(0, inputs.layout.length)
     for name in names:
         result.add(name, dense[name])
     return result

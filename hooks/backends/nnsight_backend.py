@@ -10,7 +10,7 @@ from torch import nn
 from hooks.adapters import Adapter, ModelInputs
 from hooks.capture import pick
 
-_WRAPPED: dict[int, Any] = {}
+_WRAPPED: dict[int, tuple[nn.Module, Any]] = {}
 
 
 def wrap(model: nn.Module) -> Any:
@@ -18,9 +18,10 @@ def wrap(model: nn.Module) -> Any:
     from nnsight import NNsight
 
     key = id(model)
-    if key not in _WRAPPED or _WRAPPED[key]._model is not model:
-        _WRAPPED[key] = NNsight(model)
-    return _WRAPPED[key]
+    # keep the model beside its wrapper: an id may be reused once a model is freed
+    if key not in _WRAPPED or _WRAPPED[key][0] is not model:
+        _WRAPPED[key] = (model, NNsight(model))
+    return _WRAPPED[key][1]
 
 
 def _envoy(root: Any, path: str) -> Any:
