@@ -45,7 +45,14 @@ def test_judge_on_hand_made_grids() -> None:
     assert not world.satisfies(grid, {"type": "count", "tile": "red_cup", "n": 2})
     grid[1, 1] = blue_star
     assert not world.satisfies(grid, {"type": "count", "tile": "red_cup", "n": 3})  # distractor present
-    attrs = {"gender": "female", "age": "elder", "hair": "grey", "skin": "tan", "fruit": "plum", "flower": "iris"}
+    attrs = {
+        "gender": "female",
+        "age": "elder",
+        "hair": "grey",
+        "skin": "tan",
+        "fruit": "plum",
+        "flower": "iris",
+    }
     portrait = world.portrait_grid(attrs)
     assert world.describe(portrait)["portrait"] == attrs
     assert world.satisfies(portrait, {"type": "portrait", "attrs": attrs})
@@ -106,7 +113,11 @@ def test_mapping_variants_differ_only_in_queried_symbol(suite: Suite) -> None:
 
 def test_both_forms_share_ground_truth(suite: Suite) -> None:
     for it in suite.items:
-        if it.category in ("arithmetic", "mapping", "direct") and it.task == "count" or it.task in ("arith", "mapping"):
+        if (
+            it.category in ("arithmetic", "mapping", "direct")
+            and it.task == "count"
+            or it.task in ("arith", "mapping")
+        ):
             assert it.criterion["n"] == int(it.answer)
         if it.task == "portrait" and it.category != "knowledge_inverse":
             assert " ".join(it.criterion["attrs"][a] for a in world.ATTRIBUTES) == it.answer

@@ -12,14 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from experiments.tasks import world
-from experiments.tasks.vocab import WordTokenizer
 from experiments.sandbox.base import SandboxModel, SandboxOutput
 from experiments.sandbox.sequences import Batch, Segment
+from experiments.tasks import world
+from experiments.tasks.vocab import WordTokenizer
 
 DEFAULT_BACKBONE: dict = {
     "hidden_size": 128,
@@ -54,8 +54,13 @@ class SandboxAR(SandboxModel):
 
     arch = "ar"
 
-    def __init__(self, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, grid: int = world.GRID,
-                 n_tiles: int = world.N_TILES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: WordTokenizer | None = None,
+        backbone: dict | None = None,
+        grid: int = world.GRID,
+        n_tiles: int = world.N_TILES,
+    ) -> None:
         tokenizer = tokenizer or WordTokenizer()
         super().__init__(tokenizer, grid, n_tiles)
         cfg = backbone_config(LlamaConfig, tokenizer, backbone)
@@ -65,16 +70,22 @@ class SandboxAR(SandboxModel):
         self.gen_head = nn.Linear(d, n_tiles)
         nn.init.normal_(self.img_embed.weight, std=cfg.initializer_range)
 
-    def embed_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor
+    ) -> torch.Tensor:
         """``[b, pos]`` ids, tile codes and image mask → ``inputs_embeds [b, pos, d]``."""
         text = self.lm.model.embed_tokens(input_ids)
         img = self.img_embed(image_tokens)
         return torch.where(image_mask.unsqueeze(-1), img, text)
 
-    def forward(self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None) -> SandboxOutput:
+    def forward(
+        self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None
+    ) -> SandboxOutput:
         """All ``[b, pos]`` → text logits ``[b, pos, vocab]`` and next-tile logits ``[b, pos, n_tiles]``."""
         emb = self.embed_inputs(input_ids, image_tokens, image_mask)
-        h = self.lm.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        h = self.lm.model(
+            inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         return SandboxOutput(self.lm.lm_head(h), self.gen_head(h), h)
 
     def _draw_segments(self, target: Sequence[int] | None, loss: bool = False) -> list[Segment]:
@@ -92,5 +103,7 @@ class SandboxAR(SandboxModel):
 
     def _image_loss(self, out: SandboxOutput, batch: Batch) -> tuple[torch.Tensor, int]:
         it = batch.image_targets.to(self.device)
-        s = F.cross_entropy(out.image_logits.flatten(0, 1), it.flatten(), ignore_index=-100, reduction="sum")
+        s = functional.cross_entropy(
+            out.image_logits.flatten(0, 1), it.flatten(), ignore_index=-100, reduction="sum"
+        )
         return s, int((it != -100).sum())

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 
+from experiments.sandbox.sequences import Batch, Segment, collate, prompt_segments, qa_segments
 from experiments.tasks import world
 from experiments.tasks.prompts import Prompt, as_prompt
 from experiments.tasks.suite import TrainExample
 from experiments.tasks.vocab import WordTokenizer
-from experiments.sandbox.sequences import Batch, Segment, collate, prompt_segments, qa_segments
 
 
 @dataclass
@@ -38,7 +38,9 @@ class SandboxModel(nn.Module):
 
     arch = "base"
 
-    def __init__(self, tokenizer: WordTokenizer, grid: int = world.GRID, n_tiles: int = world.N_TILES) -> None:
+    def __init__(
+        self, tokenizer: WordTokenizer, grid: int = world.GRID, n_tiles: int = world.N_TILES
+    ) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.grid = grid
@@ -46,7 +48,9 @@ class SandboxModel(nn.Module):
         self.n_cells = grid * grid
 
     # -- to implement ---------------------------------------------------------------------
-    def forward(self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None) -> SandboxOutput:
+    def forward(
+        self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None
+    ) -> SandboxOutput:
         raise NotImplementedError
 
     def _draw_segments(self, target: Sequence[int] | None, loss: bool = False) -> list[Segment]:
@@ -76,8 +80,10 @@ class SandboxModel(nn.Module):
         return collate(self.tokenizer, streams, grid_targets)
 
     @torch.no_grad()
-    def _greedy_text(self, streams: list[list[Segment]], role: str, max_new_tokens: int = 8) -> list[list[int]]:
-        """Append greedy words (up to and including ``<eos>``) to every stream; returns them without ``<eos>``."""
+    def _greedy_text(
+        self, streams: list[list[Segment]], role: str, max_new_tokens: int = 8
+    ) -> list[list[int]]:
+        """Append greedy words (through ``<eos>``) to every stream; return them without ``<eos>``."""
         eos = self.tokenizer["<eos>"]
         outs: list[list[int]] = [[] for _ in streams]
         done = [False] * len(streams)
@@ -96,7 +102,9 @@ class SandboxModel(nn.Module):
         return outs
 
     # -- public API -----------------------------------------------------------------------
-    def understand(self, prompts: Sequence[str | Prompt], batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
+    def understand(
+        self, prompts: Sequence[str | Prompt], batch_size: int = 64, max_new_tokens: int = 8
+    ) -> list[str]:
         """Greedy text answers to understanding prompts (text with ``<image>`` markers + images)."""
         answers: list[str] = []
         for start in range(0, len(prompts), batch_size):
@@ -107,7 +115,11 @@ class SandboxModel(nn.Module):
         return answers
 
     def generate_image(
-        self, prompts: Sequence[str | Prompt], cot: bool = False, batch_size: int = 64, return_batch: bool = False
+        self,
+        prompts: Sequence[str | Prompt],
+        cot: bool = False,
+        batch_size: int = 64,
+        return_batch: bool = False,
     ):
         """Draw a grid for each prompt (greedy).
 
@@ -128,7 +140,9 @@ class SandboxModel(nn.Module):
             if cot:
                 for p in chunk:
                     if not p.cot_draw:
-                        raise ValueError(f"prompt {p.text!r} has no CoT plan; pass Item.draw_prompt for cot=True")
+                        raise ValueError(
+                            f"prompt {p.text!r} has no CoT plan; pass Item.draw_prompt for cot=True"
+                        )
                 answers: list[list[str]] = [[] for _ in chunk]
                 for k in range(max(len(p.cot_questions) for p in chunk)):
                     idx = [i for i, p in enumerate(chunk) if k < len(p.cot_questions)]
@@ -136,8 +150,10 @@ class SandboxModel(nn.Module):
                         q = Prompt(chunk[i].cot_step(k, answers[i]))
                         streams[i] += qa_segments(self.tokenizer, q, None)
                     outs = self._greedy_text([streams[i] for i in idx], "cot")
-                    for i, o in zip(idx, outs, strict=True):
-                        answers[i].append(self.tokenizer.decode(o))
+                    for i, o in zip(idx, outs, strict=True):  # special tokens never enter a prompt
+                        answers[i].append(
+                            " ".join(w for w in self.tokenizer.decode(o).split() if w[0] != "<")
+                        )
                 finals = [p.cot_final(a) for p, a in zip(chunk, answers, strict=True)]
             for s, text in zip(streams, finals, strict=True):
                 s += prompt_segments(self.tokenizer, text + " <boi>")
@@ -147,7 +163,10 @@ class SandboxModel(nn.Module):
         return (grids, batches) if return_batch else grids
 
     def prompt_layout(
-        self, prompts: Sequence[str | Prompt], mode: str = "generate", targets: Sequence[Sequence[int]] | None = None
+        self,
+        prompts: Sequence[str | Prompt],
+        mode: str = "generate",
+        targets: Sequence[Sequence[int]] | None = None,
     ) -> Batch:
         """The batch a plain (non-CoT) prompt makes, with the role of every position (``Batch.roles``).
 
@@ -189,10 +208,17 @@ class SandboxModel(nn.Module):
         per-part sums/counts (``text``, ``n_text``, ``image``, ``n_image``)."""
         out = self.run(batch)
         tt = batch.text_targets.to(self.device)
-        text_sum = F.cross_entropy(out.text_logits.flatten(0, 1), tt.flatten(), ignore_index=-100, reduction="sum")
+        text_sum = functional.cross_entropy(
+            out.text_logits.flatten(0, 1), tt.flatten(), ignore_index=-100, reduction="sum"
+        )
         n_text = int((tt != -100).sum())
         img_sum, n_img = self._image_loss(out, batch)
-        parts = {"text": text_sum.item(), "n_text": n_text, "image": float(img_sum.detach()), "n_image": n_img}
+        parts = {
+            "text": text_sum.item(),
+            "n_text": n_text,
+            "image": float(img_sum.detach()),
+            "n_image": n_img,
+        }
         return text_sum + img_sum, n_text + n_img, parts
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

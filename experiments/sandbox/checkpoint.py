@@ -1,4 +1,4 @@
-"""Save and load sandbox checkpoints: ``model.safetensors`` + ``config.json`` + ``tokenizer.json`` + ``SHA256SUMS``.
+"""Sandbox checkpoints: ``model.safetensors``, ``config.json``, ``tokenizer.json`` and ``SHA256SUMS``.
 
 No pickle anywhere: weights are safetensors, the architecture is rebuilt from ``config.json``
 (arch, backbone config, grid, sizes, vocabulary) and the tokenizer from its JSON vocabulary.
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from experiments.tasks.vocab import WordTokenizer
 from experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from experiments.sandbox.base import SandboxModel
 from experiments.sandbox.query import SandboxQuery
+from experiments.tasks.vocab import WordTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED: dict[str, Path] = {
@@ -30,7 +30,9 @@ class ChecksumError(RuntimeError):
     """A checkpoint file does not match its recorded sha256."""
 
 
-def build_model(arch: str, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, **kw) -> SandboxModel:
+def build_model(
+    arch: str, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, **kw
+) -> SandboxModel:
     """A freshly initialised sandbox model of ``arch`` (``"ar"`` or ``"query"``)."""
     if arch == "ar":
         return SandboxAR(tokenizer, backbone, **kw)
@@ -101,7 +103,9 @@ def resolve_model_dir(name_or_dir: str | Path) -> Path:
         return SHIPPED[str(name_or_dir)]
     path = Path(name_or_dir)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no sandbox checkpoint at {path} (expected config.json); or use one of {list(SHIPPED)}")
+        raise FileNotFoundError(
+            f"no sandbox checkpoint at {path} (expected config.json); or use one of {list(SHIPPED)}"
+        )
     return path
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from experiments.sandbox.base import SandboxModel
 from experiments.tasks import world
 from experiments.tasks.prompts import Item
 from experiments.tasks.suite import Suite
-from experiments.sandbox.base import SandboxModel
 
 KIND: dict[str, str] = {
     "direct": "direct",
@@ -24,19 +24,31 @@ KIND: dict[str, str] = {
 }
 
 
-def evaluate_items(model: SandboxModel, items: Sequence[Item], cot: bool = True, batch_size: int = 64) -> list[dict]:
+def evaluate_items(
+    model: SandboxModel, items: Sequence[Item], cot: bool = True, batch_size: int = 64
+) -> list[dict]:
     """Per item: ``understanding`` answer and correctness, ``generation`` grid and verdict, and with
     ``cot`` the CoT grid and verdict. Grids are ``int64 [H, W]`` numpy arrays."""
     answers = model.understand([it.und_prompt for it in items], batch_size=batch_size)
     grids = model.generate_image([it.draw_prompt for it in items], cot=False, batch_size=batch_size)
-    cot_grids = model.generate_image([it.draw_prompt for it in items], cot=True, batch_size=batch_size) if cot else None
+    cot_grids = (
+        model.generate_image([it.draw_prompt for it in items], cot=True, batch_size=batch_size)
+        if cot
+        else None
+    )
     out = []
     for k, it in enumerate(items):
         rec = {
-            "id": it.id, "group": it.group, "category": it.category, "task": it.task, "level": it.level,
-            "answer": answers[k], "understanding": answers[k] == it.answer,
-            "grid": grids[k], "generation": world.satisfies(grids[k], it.criterion),
-        }  # fmt: skip
+            "id": it.id,
+            "group": it.group,
+            "category": it.category,
+            "task": it.task,
+            "level": it.level,
+            "answer": answers[k],
+            "understanding": answers[k] == it.answer,
+            "grid": grids[k],
+            "generation": world.satisfies(grids[k], it.criterion),
+        }
         if cot_grids is not None:
             rec["cot_grid"] = cot_grids[k]
             rec["generation_cot"] = world.satisfies(cot_grids[k], it.criterion)
@@ -45,9 +57,13 @@ def evaluate_items(model: SandboxModel, items: Sequence[Item], cot: bool = True,
 
 
 def gap_table(
-    model: SandboxModel, suite: Suite | None = None, items: Sequence[Item] | None = None, cot: bool = True,
-    batch_size: int = 64, results: list[dict] | None = None,
-) -> list[dict]:  # fmt: skip
+    model: SandboxModel,
+    suite: Suite | None = None,
+    items: Sequence[Item] | None = None,
+    cot: bool = True,
+    batch_size: int = 64,
+    results: list[dict] | None = None,
+) -> list[dict]:
     """Rows ``{"kind", "category", "task", "level", "n", "understanding", "generation", "generation_cot"}``.
 
     Accuracies are fractions in [0, 1]; ``n`` counts items (mapping: A/B groups). Pass ``results``
@@ -68,8 +84,16 @@ def gap_table(
             groups[key][m].append(all(r[m] for r in members))
     order = {c: i for i, c in enumerate(KIND)}
     rows = []
-    for (cat, task, level), vals in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])):
-        row = {"kind": KIND[cat], "category": cat, "task": task, "level": level, "n": len(vals["understanding"])}
+    for (cat, task, level), vals in sorted(
+        groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])
+    ):
+        row = {
+            "kind": KIND[cat],
+            "category": cat,
+            "task": task,
+            "level": level,
+            "n": len(vals["understanding"]),
+        }
         for m in metrics:
             row[m] = sum(vals[m]) / len(vals[m])
         rows.append(row)
@@ -105,10 +129,15 @@ def format_gap_table(rows: Sequence[dict], title: str = "") -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['kind']} | {r['category']} | {r['task']} | {r['level']} | {r['n']} | {pct(r['understanding'])} "
+            f"| {r['kind']} | {r['category']} | {r['task']} | {r['level']} | {r['n']} "
+            f"| {pct(r['understanding'])} "
             f"| {pct(r['generation'])} | {pct(r.get('generation_cot'))} |"
         )
-    lines += ["", "| kind | n | understanding | generation | generation + CoT |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| kind | n | understanding | generation | generation + CoT |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for s in summarize(rows):
         lines.append(
             f"| {s['kind']} | {s['n']} | {pct(s['understanding'])} | {pct(s['generation'])} "

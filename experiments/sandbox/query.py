@@ -12,15 +12,15 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from experiments.tasks import world
-from experiments.tasks.vocab import WordTokenizer
 from experiments.sandbox.ar import backbone_config
 from experiments.sandbox.base import SandboxModel, SandboxOutput
 from experiments.sandbox.sequences import Batch, Segment
+from experiments.tasks import world
+from experiments.tasks.vocab import WordTokenizer
 
 
 class GridDecoder(nn.Module):
@@ -29,7 +29,9 @@ class GridDecoder(nn.Module):
     def __init__(self, n_queries: int, d: int, hidden: int, cells: int, n_tiles: int) -> None:
         super().__init__()
         self.cells, self.n_tiles = cells, n_tiles
-        self.net = nn.Sequential(nn.Linear(n_queries * d, hidden), nn.GELU(), nn.Linear(hidden, cells * n_tiles))
+        self.net = nn.Sequential(
+            nn.Linear(n_queries * d, hidden), nn.GELU(), nn.Linear(hidden, cells * n_tiles)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1)).view(x.shape[0], self.cells, self.n_tiles)
@@ -41,8 +43,15 @@ class SandboxQuery(SandboxModel):
 
     arch = "query"
 
-    def __init__(self, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, grid: int = world.GRID,
-                 n_tiles: int = world.N_TILES, n_queries: int = 8, decoder_hidden: int = 256) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: WordTokenizer | None = None,
+        backbone: dict | None = None,
+        grid: int = world.GRID,
+        n_tiles: int = world.N_TILES,
+        n_queries: int = 8,
+        decoder_hidden: int = 256,
+    ) -> None:
         tokenizer = tokenizer or WordTokenizer()
         super().__init__(tokenizer, grid, n_tiles)
         cfg = backbone_config(Qwen2Config, tokenizer, backbone)
@@ -59,9 +68,13 @@ class SandboxQuery(SandboxModel):
         """``[b, pos]`` bool, True at query positions (each row has 0 or N of them)."""
         return input_ids == self.tokenizer["<query>"]
 
-    def embed_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
-        """``[b, pos]`` → ``inputs_embeds [b, pos, d]``: words, tiles at images, ``queries`` at ``<query>``."""
-        emb = torch.where(image_mask.unsqueeze(-1), self.img_embed(image_tokens), self.lm.model.embed_tokens(input_ids))
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_tokens: torch.Tensor, image_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``[b, pos]`` → ``inputs_embeds [b, pos, d]``: words, tiles at images, ``queries`` at queries."""
+        emb = torch.where(
+            image_mask.unsqueeze(-1), self.img_embed(image_tokens), self.lm.model.embed_tokens(input_ids)
+        )
         qmask = self.query_mask(input_ids)
         n_rows = int(qmask.any(-1).sum())
         if n_rows:
@@ -70,17 +83,23 @@ class SandboxQuery(SandboxModel):
             emb = torch.where(qmask.unsqueeze(-1), q, emb)
         return emb
 
-    def forward(self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None) -> SandboxOutput:
+    def forward(
+        self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None
+    ) -> SandboxOutput:
         """All ``[b, pos]`` → text logits ``[b, pos, vocab]``, grid logits ``[b, cells, n_tiles]``."""
         emb = self.embed_inputs(input_ids, image_tokens, image_mask)
-        h = self.lm.model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        h = self.lm.model(
+            inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         b = input_ids.shape[0]
         grid_logits = h.new_zeros(b, self.n_cells, self.n_tiles)
         qmask = self.query_mask(input_ids)
         rows = qmask.any(-1)
         if rows.any():
             hq = h[qmask].view(-1, self.n_queries, h.shape[-1])
-            grid_logits = grid_logits.index_put((rows.nonzero().squeeze(-1),), self.decoder(self.connector(hq)))
+            grid_logits = grid_logits.index_put(
+                (rows.nonzero().squeeze(-1),), self.decoder(self.connector(hq))
+            )
         return SandboxOutput(self.lm.lm_head(h), grid_logits, h)
 
     def _draw_segments(self, target: Sequence[int] | None, loss: bool = False) -> list[Segment]:
@@ -97,5 +116,7 @@ class SandboxQuery(SandboxModel):
         if batch.grid_targets is None:
             return out.image_logits.sum() * 0, 0
         gt = batch.grid_targets.to(self.device)
-        s = F.cross_entropy(out.image_logits.flatten(0, 1), gt.flatten(), ignore_index=-100, reduction="sum")
+        s = functional.cross_entropy(
+            out.image_logits.flatten(0, 1), gt.flatten(), ignore_index=-100, reduction="sum"
+        )
         return s, int((gt != -100).sum())

@@ -26,7 +26,14 @@ from experiments.tasks import world
 from experiments.tasks.prompts import Prompt
 from experiments.tasks.vocab import WordTokenizer
 
-ROLE_NAMES: tuple[str, ...] = ("text", "image_und", "query", "cot", "image_gen", "pad")  # = hooks.layout.ROLES
+ROLE_NAMES: tuple[str, ...] = (
+    "text",
+    "image_und",
+    "query",
+    "cot",
+    "image_gen",
+    "pad",
+)  # = hooks.layout.ROLES
 IMAGE_ROLES = ("image_und", "image_gen")
 
 
@@ -57,7 +64,9 @@ def prompt_segments(tok: WordTokenizer, text: str, images: tuple[tuple[int, ...]
     return segs
 
 
-def qa_segments(tok: WordTokenizer, prompt: Prompt, answer: str | None, answer_role: str = "text") -> list[Segment]:
+def qa_segments(
+    tok: WordTokenizer, prompt: Prompt, answer: str | None, answer_role: str = "text"
+) -> list[Segment]:
     """``prompt <answer>`` then (if given) ``answer <eos>`` with loss."""
     segs = prompt_segments(tok, prompt.text + " <answer>", prompt.images)
     if answer is not None:

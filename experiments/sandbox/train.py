@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from experiments.tasks.suite import Suite
 from experiments.sandbox.base import SandboxModel
 from experiments.sandbox.checkpoint import build_model, save_sandbox
+from experiments.tasks.suite import Suite
 
 DEFAULTS: dict[str, dict] = {
     "ar": {"steps": 5000, "lr": 1e-3, "batch_size": 64},
@@ -113,8 +113,13 @@ def train_sandbox(
         stop = time_budget_s is not None and elapsed > time_budget_s
         if step % log_every == 0 or step == steps - 1 or stop:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            rec = {"step": step, "loss": round(loss.item(), 5), **{k: round(v, 5) for k, v in parts.items()},
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(elapsed, 1)}  # fmt: skip
+            rec = {
+                "step": step,
+                "loss": round(loss.item(), 5),
+                **{k: round(v, 5) for k, v in parts.items()},
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(elapsed, 1),
+            }
             if stop:
                 rec["stopped"] = f"time budget {time_budget_s}s reached"
             if log_path:

@@ -10,4 +10,14 @@ from experiments.tasks.prompts import CATEGORIES, Item, Prompt, as_prompt
 from experiments.tasks.suite import Suite, SuiteSizes, TrainExample
 from experiments.tasks.vocab import WordTokenizer
 
-__all__ = ["CATEGORIES", "Item", "Prompt", "Suite", "SuiteSizes", "TrainExample", "WordTokenizer", "as_prompt", "world"]
+__all__ = [
+    "CATEGORIES",
+    "Item",
+    "Prompt",
+    "Suite",
+    "SuiteSizes",
+    "TrainExample",
+    "WordTokenizer",
+    "as_prompt",
+    "world",
+]

@@ -93,7 +93,7 @@ def make_characters(rng: random.Random, n: int = len(NAMES)) -> list[Character]:
 
 def countable_tiles() -> list[str]:
     """Tile names that counting prompts and questions use (objects, fruits, flowers)."""
-    return [t for t in world.TILES[1:] if not t.split("_")[0] in ("gender", "age", "hair", "skin")]
+    return [t for t in world.TILES[1:] if t.split("_")[0] not in ("gender", "age", "hair", "skin")]
 
 
 def tile_phrase(tile: str) -> str:

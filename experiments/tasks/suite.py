@@ -124,42 +124,61 @@ class Suite:
             obj = gen.tile_phrase(tile)
             items.append(
                 Item(
-                    id=f"direct-count-{i:03d}", category="direct", task="count", level=1,
-                    question=f"how many {obj} in <image> ?", question_images=(gen.counting_image(rng, tile, n),),
-                    answer=str(n), gen_prompt=f"draw {n} {obj}",
+                    id=f"direct-count-{i:03d}",
+                    category="direct",
+                    task="count",
+                    level=1,
+                    question=f"how many {obj} in <image> ?",
+                    question_images=(gen.counting_image(rng, tile, n),),
+                    answer=str(n),
+                    gen_prompt=f"draw {n} {obj}",
                     target=tuple(world.encode(world.count_grid(n, world.TILE_ID[tile]))),
                     criterion={"type": "count", "tile": tile, "n": n},
-                    cot_questions=(), cot_draw=f"draw {n} {obj}",
+                    cot_questions=(),
+                    cot_draw=f"draw {n} {obj}",
                     labels={"answer": str(n), "entity": tile, "template": "draw_count"},
                 )
-            )  # fmt: skip
+            )
         for i, attrs in enumerate(self.portrait_test):
             grid = world.portrait_grid(attrs)
             words = portrait_words(attrs)
             items.append(
                 Item(
-                    id=f"direct-portrait-{i:03d}", category="direct", task="portrait", level=1,
-                    question="describe <image> ?", question_images=(tuple(world.encode(grid)),),
-                    answer=words, gen_prompt=f"draw a portrait of {words}", target=tuple(world.encode(grid)),
-                    criterion={"type": "portrait", "attrs": attrs}, cot_questions=(),
+                    id=f"direct-portrait-{i:03d}",
+                    category="direct",
+                    task="portrait",
+                    level=1,
+                    question="describe <image> ?",
+                    question_images=(tuple(world.encode(grid)),),
+                    answer=words,
+                    gen_prompt=f"draw a portrait of {words}",
+                    target=tuple(world.encode(grid)),
+                    criterion={"type": "portrait", "attrs": attrs},
+                    cot_questions=(),
                     cot_draw=f"draw a portrait of {words}",
                     labels={"answer": words, "entity": words, "template": "draw_portrait_attrs"},
                 )
-            )  # fmt: skip
+            )
         for level in (1, 2, 3):
             for i, (expr, v) in enumerate(self.arith_test[level]):
                 tile = rng.choice(tiles)
                 obj = gen.tile_phrase(tile)
                 items.append(
                     Item(
-                        id=f"arithmetic-L{level}-{i:03d}", category="arithmetic", task="arith", level=level,
-                        question=f"what is {expr} ?", answer=str(v), gen_prompt=f"draw as many {obj} as {expr}",
+                        id=f"arithmetic-L{level}-{i:03d}",
+                        category="arithmetic",
+                        task="arith",
+                        level=level,
+                        question=f"what is {expr} ?",
+                        answer=str(v),
+                        gen_prompt=f"draw as many {obj} as {expr}",
                         target=tuple(world.encode(world.count_grid(v, world.TILE_ID[tile]))),
                         criterion={"type": "count", "tile": tile, "n": v},
-                        cot_questions=(f"what is {expr} ?",), cot_draw=f"draw {{0}} {obj}",
+                        cot_questions=(f"what is {expr} ?",),
+                        cot_draw=f"draw {{0}} {obj}",
                         labels={"answer": str(v), "entity": tile, "template": "arith", "expr": expr},
                     )
-                )  # fmt: skip
+                )
         seen_maps: set[str] = set()
         for level in (1, 2, 3):
             i = 0
@@ -174,15 +193,26 @@ class Suite:
                     q = f"{m.statements} ; what is {sym} ?"
                     items.append(
                         Item(
-                            id=f"mapping-L{level}-{i:03d}-{variant}", category="mapping", task="mapping",
-                            level=level, question=q, answer=str(v),
+                            id=f"mapping-L{level}-{i:03d}-{variant}",
+                            category="mapping",
+                            task="mapping",
+                            level=level,
+                            question=q,
+                            answer=str(v),
                             gen_prompt=f"{m.statements} ; draw as many {obj} as {sym}",
                             target=tuple(world.encode(world.count_grid(v, world.TILE_ID[tile]))),
                             criterion={"type": "count", "tile": tile, "n": v},
-                            cot_questions=(q,), cot_draw=f"draw {{0}} {obj}", group=f"mapping-L{level}-{i:03d}",
-                            labels={"answer": str(v), "entity": sym, "template": "mapping", "variant": variant},
+                            cot_questions=(q,),
+                            cot_draw=f"draw {{0}} {obj}",
+                            group=f"mapping-L{level}-{i:03d}",
+                            labels={
+                                "answer": str(v),
+                                "entity": sym,
+                                "template": "mapping",
+                                "variant": variant,
+                            },
                         )
-                    )  # fmt: skip
+                    )
                 i += 1
         self.mapping_test_statements = seen_maps
         for c in self.characters:
@@ -190,40 +220,72 @@ class Suite:
                 value = c.attrs[attr]
                 items.append(
                     Item(
-                        id=f"knowledge-{attr}-{c.name}", category="knowledge_forward", task=attr, level=1,
-                        question=attr_question(c.name, attr), answer=value,
+                        id=f"knowledge-{attr}-{c.name}",
+                        category="knowledge_forward",
+                        task=attr,
+                        level=1,
+                        question=attr_question(c.name, attr),
+                        answer=value,
                         gen_prompt=f"draw {c.name} 's favourite {attr}",
                         target=tuple(world.encode(world.count_grid(1, world.TILE_ID[value]))),
                         criterion={"type": "count", "tile": value, "n": 1},
-                        cot_questions=(attr_question(c.name, attr),), cot_draw="draw 1 {0}",
-                        labels={"answer": value, "entity": c.name, "template": f"forward_{attr}", "taught": True},
+                        cot_questions=(attr_question(c.name, attr),),
+                        cot_draw="draw 1 {0}",
+                        labels={
+                            "answer": value,
+                            "entity": c.name,
+                            "template": f"forward_{attr}",
+                            "taught": True,
+                        },
                     )
-                )  # fmt: skip
+                )
             words = c.describe()
             items.append(
                 Item(
-                    id=f"knowledge-portrait-{c.name}", category="knowledge_forward", task="portrait", level=1,
-                    question=f"describe {c.name} ?", answer=words, gen_prompt=f"draw a portrait of {c.name}",
+                    id=f"knowledge-portrait-{c.name}",
+                    category="knowledge_forward",
+                    task="portrait",
+                    level=1,
+                    question=f"describe {c.name} ?",
+                    answer=words,
+                    gen_prompt=f"draw a portrait of {c.name}",
                     target=tuple(world.encode(world.portrait_grid(c.attrs))),
                     criterion={"type": "portrait", "attrs": dict(c.attrs)},
-                    cot_questions=(f"describe {c.name} ?",), cot_draw="draw a portrait of {0}",
-                    labels={"answer": words, "entity": c.name, "template": "forward_portrait", "taught": True},
+                    cot_questions=(f"describe {c.name} ?",),
+                    cot_draw="draw a portrait of {0}",
+                    labels={
+                        "answer": words,
+                        "entity": c.name,
+                        "template": "forward_portrait",
+                        "taught": True,
+                    },
                 )
-            )  # fmt: skip
+            )
         for i, (a, b, attr) in enumerate(self.inverse_test):
             one = self.by_name[a] if rng.random() < 0.5 else self.by_name[b]
             value = one.attrs[attr]
             q = inverse_question(a, b, attr, value)
             items.append(
                 Item(
-                    id=f"inverse-{i:03d}", category="knowledge_inverse", task="portrait", level=1,
-                    question=q, answer=one.name, gen_prompt=f"of {a} and {b} draw the one whose favourite {attr} is {value}",
+                    id=f"inverse-{i:03d}",
+                    category="knowledge_inverse",
+                    task="portrait",
+                    level=1,
+                    question=q,
+                    answer=one.name,
+                    gen_prompt=f"of {a} and {b} draw the one whose favourite {attr} is {value}",
                     target=tuple(world.encode(world.portrait_grid(one.attrs))),
                     criterion={"type": "portrait", "attrs": dict(one.attrs)},
-                    cot_questions=(q, "describe {0} ?"), cot_draw="draw a portrait of {1}",
-                    labels={"answer": one.name, "entity": one.name, "template": f"inverse_{attr}", "value": value},
+                    cot_questions=(q, "describe {0} ?"),
+                    cot_draw="draw a portrait of {1}",
+                    labels={
+                        "answer": one.name,
+                        "entity": one.name,
+                        "template": f"inverse_{attr}",
+                        "value": value,
+                    },
                 )
-            )  # fmt: skip
+            )
 
     # -- training stream ------------------------------------------------------------------
     def _qa(self, rng: random.Random) -> tuple[Prompt, str]:
@@ -252,9 +314,13 @@ class Suite:
         if r < 0.92:
             tile = rng.choice(gen.countable_tiles())
             n = rng.choice((0,) + gen.ANSWERS)
-            return Prompt(f"how many {gen.tile_phrase(tile)} in <image> ?", (gen.counting_image(rng, tile, n),)), str(n)
+            return Prompt(
+                f"how many {gen.tile_phrase(tile)} in <image> ?", (gen.counting_image(rng, tile, n),)
+            ), str(n)
         attrs = gen.random_attrs(rng)
-        return Prompt("describe <image> ?", (tuple(world.encode(world.portrait_grid(attrs))),)), portrait_words(attrs)
+        return Prompt(
+            "describe <image> ?", (tuple(world.encode(world.portrait_grid(attrs))),)
+        ), portrait_words(attrs)
 
     def _direct(self, rng: random.Random) -> tuple[Prompt, tuple[int, ...]]:
         if rng.random() < 0.75:
@@ -265,9 +331,13 @@ class Suite:
             attrs = gen.random_attrs(rng)
             if tuple(attrs.values()) not in self.portrait_held:
                 break
-        return Prompt(f"draw a portrait of {portrait_words(attrs)}"), tuple(world.encode(world.portrait_grid(attrs)))
+        return Prompt(f"draw a portrait of {portrait_words(attrs)}"), tuple(
+            world.encode(world.portrait_grid(attrs))
+        )
 
-    def training_examples(self, seed: int = 0, gen_fraction: float = 0.35, prefix_p: float = 0.15) -> Iterator[TrainExample]:
+    def training_examples(
+        self, seed: int = 0, gen_fraction: float = 0.35, prefix_p: float = 0.15
+    ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
         Args:
@@ -277,7 +347,9 @@ class Suite:
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         while True:
-            prefix = [self._qa(rng) for _ in range(1 + int(rng.random() * 2))] if rng.random() < prefix_p else []
+            prefix = (
+                [self._qa(rng) for _ in range(1 + int(rng.random() * 2))] if rng.random() < prefix_p else []
+            )
             if rng.random() < gen_fraction:
                 prompt, target = self._direct(rng)
                 ex = TrainExample(prompt, target=target, prefix=prefix)

@@ -14,7 +14,17 @@ from pathlib import Path
 
 from experiments.tasks import world
 
-SPECIALS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<answer>", "<boi>", "<eoi>", "<image>", "<query>", "<unk>")
+SPECIALS: tuple[str, ...] = (
+    "<pad>",
+    "<bos>",
+    "<eos>",
+    "<answer>",
+    "<boi>",
+    "<eoi>",
+    "<image>",
+    "<query>",
+    "<unk>",
+)
 SYMBOLS: tuple[str, ...] = ("k", "m", "p", "q", "r", "s", "t", "w", "x", "z")
 NAMES: tuple[str, ...] = (
     "alice", "bruno", "chloe", "dmitri", "elena", "felix", "greta", "hugo",

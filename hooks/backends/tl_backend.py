@@ -5,6 +5,11 @@ tokenizer=...)`` where ``dir`` holds the view's config and a word-level tokenize
 here (nothing is downloaded), inside :func:`hooks.guard.no_runtime_installs`, because a
 multimodal boot may otherwise ``pip install torchvision``. Families whose backbone must be fed
 embeddings (Janus image features, query tokens) pass ``inputs_embeds`` built by the adapter.
+
+Note: booting a bridge wraps the view's modules in place (TransformerLens adds its bridge
+components and hooks to the same ``nn.Module`` objects; no weights are copied). Outputs are
+unchanged — the torch and nnsight backends still agree within 1e-6 afterwards — but hand
+TransformerLens a ``copy.deepcopy`` of the model if you need the module tree untouched.
 """
 
 from __future__ import annotations
