@@ -13,9 +13,12 @@ from hooks.adapters.base import Adapter, ModelInputs, Site, get_module
 from hooks.adapters.causal_lm import CAUSAL_LM
 from hooks.adapters.janus import JANUS
 from hooks.adapters.query import TINY_QUERY, load_adapter_file, query_adapter
+from hooks.adapters.sandbox import SANDBOX_AR, SANDBOX_QUERY
 from hooks.adapters.unified_vocab import CHAMELEON, EMU3
 
-ADAPTERS: dict[str, Adapter] = {a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY)}
+ADAPTERS: dict[str, Adapter] = {
+    a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY, SANDBOX_AR, SANDBOX_QUERY)
+}
 
 
 class NoAdapterError(TypeError):

@@ -55,10 +55,12 @@ class ModelInputs:
     Attributes:
         kwargs: passed to the model (``input_ids`` ``[batch, pos]``, ``attention_mask``, ...).
         layout: roles of the ``[batch, pos]`` positions the backbone sees.
+        source: the examples the batch was built from (adapters that generate may need them).
     """
 
     kwargs: dict[str, Any]
     layout: TokenLayout
+    source: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -95,6 +97,7 @@ class Adapter:
     tl_view: Callable[[nn.Module], nn.Module] | None = None
     tl_embed: Callable[..., torch.Tensor] | None = None
     generation_cfg: bool = False  # generate() doubles the batch for classifier-free guidance
+    replay_generation: bool = False  # generate() returns (tokens, inputs to replay teacher-forced)
     notes: str = ""
 
     # -- points ---------------------------------------------------------------------------

@@ -49,6 +49,22 @@ def run_capture(
             raise ValueError("capture during generation needs backend='torch' (many forward steps)")
         if adapter.generate is None:
             raise ValueError(f"the {adapter.name!r} adapter has no image generation")
+        if adapter.replay_generation:
+            # models that re-run the whole stream per step: draw first, then capture one
+            # teacher-forced forward on the drawing (identical states, every position)
+            tokens, replay = adapter.generate(model, inputs)
+            cap = run_capture(
+                model,
+                replay,
+                points,
+                adapter=adapter,
+                roles=roles,
+                positions=positions,
+                dtype=dtype,
+                device=device,
+            )
+            cap.generated = tokens
+            return cap
         cfg_batch = inputs.kwargs["input_ids"].shape[0] if adapter.generation_cfg else None
         with (
             torch.no_grad(),
