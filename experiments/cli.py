@@ -121,11 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable]:
+    from experiments.probe_commands import add_lens_parser, add_probe_parser
+
+    commands: list[Callable] = [add_probe_parser, add_lens_parser]
     try:
-        from experiments.sandbox.commands import add_gap_parser, add_train_parser
-    except ImportError:
-        return []
-    return [add_train_parser, add_gap_parser]
+        from experiments.patch_commands import add_patch_parser
+
+        commands.append(add_patch_parser)
+    except ImportError:  # the patching module is optional while it is being built
+        pass
+    from experiments.sandbox.commands import add_gap_parser, add_train_parser
+
+    return [*commands, add_train_parser, add_gap_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
