@@ -1,0 +1,243 @@
+"""Benchmark: the batched probe trainer against scikit-learn's LogisticRegression fitted group by group.
+
+    python experiments/bench/probes.py [--groups 24 --n 4000 --d 256 --classes 5] [--no-protocol]
+
+Synthetic, seeded data: ``groups`` probes (think layer × role), each ``n`` examples of ``d`` correlated
+features and ``classes`` classes whose separability grows from group to group (test accuracies from
+near chance to near perfect). Both sides get the same standardised float32 features and the same
+80/20 split, in one process.
+
+1. One fit per group at a fixed ``C``: ``probes.solvers.fit_logistic`` on all groups at once vs
+   ``LogisticRegression(C=C)`` in a loop.
+2. The whole probe protocol (unless ``--no-protocol``): ``folds``-fold CV over a grid of ``C``, a
+   refit at the chosen ``C`` and a shuffled-label control per group — ``probes.linear.train_probes``
+   vs the same protocol with ``LogisticRegression`` group by group.
+
+Each side runs under the thread settings it is fastest with on this machine (torch: 1 or the default
+number of threads; scikit-learn: BLAS limited to 1 thread or not), all timings printed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# this file is named probes.py: keep its own directory from shadowing the ``probes`` package
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parents[1]))
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from probes.linear import DEFAULT_CS, ProbeGroup, train_probes  # noqa: E402
+from probes.solvers import fit_logistic  # noqa: E402
+from probes.splits import Split, shuffled_labels  # noqa: E402
+
+
+def make_data(groups: int, n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features ``[G, n, d]`` (float32, correlated) and labels ``[G, n]``, the same in every group (one
+    label of a store's examples, read at G points × roles)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g).expand(groups, n)
+    spectrum = torch.logspace(0, -1.5, d)  # correlated, unevenly scaled features, like a residual stream
+    mix = torch.linalg.qr(torch.randn(d, d, generator=g))[0] * spectrum
+    noise = torch.randn(groups, n, d, generator=g) @ mix.T
+    strength = torch.logspace(-2.3, -0.6, groups)[:, None, None]
+    means = torch.randn(groups, k, d, generator=g) * strength * spectrum
+    x = noise + torch.gather(means, 1, y[..., None].expand(-1, -1, d))
+    return x.float(), y
+
+
+def standardise(x: torch.Tensor, n_train: int) -> torch.Tensor:
+    mean = x[:, :n_train].mean(1, keepdim=True)
+    std = x[:, :n_train].std(1, keepdim=True)
+    return ((x - mean) / std).contiguous()
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def torch_threads(n: int) -> Callable:
+    def run(fn: Callable[[], object]) -> Callable[[], object]:
+        def inner() -> object:
+            before = torch.get_num_threads()
+            torch.set_num_threads(n)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(before)
+
+        return inner
+
+    return run
+
+
+def blas_threads(limit: int | None) -> Callable:
+    from threadpoolctl import threadpool_limits
+
+    def run(fn: Callable[[], object]) -> Callable[[], object]:
+        def inner() -> object:
+            if limit is None:
+                return fn()
+            with threadpool_limits(limit):
+                return fn()
+
+        return inner
+
+    return run
+
+
+def best_of(label: str, fn: Callable[[], object], configs: dict[str, Callable]) -> tuple[float, object]:
+    results = {}
+    for name, wrap in configs.items():
+        results[name] = timed(wrap(fn))
+        print(f"    {label} [{name}]: {results[name][0]:.2f} s")
+    name = min(results, key=lambda k: results[k][0])
+    return results[name]
+
+
+def single_fit(x: torch.Tensor, y: torch.Tensor, n_train: int, k: int, c: float) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    w = torch.zeros(x.shape[:2])
+    w[:, :n_train] = 1
+    xn, yn = x.numpy(), y.numpy()
+
+    def ours() -> np.ndarray:
+        fit = fit_logistic(x, y, w, c, k)
+        pred = fit.logits(x)[:, 0, 0].argmax(1)
+        return (pred[:, n_train:] == y[:, n_train:]).float().mean(1).numpy()
+
+    def theirs() -> np.ndarray:
+        accs = []
+        for i in range(len(xn)):
+            model = LogisticRegression(C=c, max_iter=1000).fit(xn[i, :n_train], yn[i, :n_train])
+            accs.append(model.score(xn[i, n_train:], yn[i, n_train:]))
+        return np.array(accs)
+
+    n_threads = torch.get_num_threads()
+    t_ours, acc_ours = best_of(
+        "batched",
+        ours,
+        {"torch 1 thread": torch_threads(1), f"torch {n_threads} threads": torch_threads(n_threads)},
+    )
+    t_sk, acc_sk = best_of(
+        "sklearn", theirs, {"BLAS 1 thread": blas_threads(1), "BLAS default": blas_threads(None)}
+    )
+    report(f"one fit per group at C={c:g}", t_ours, t_sk, np.abs(acc_ours - acc_sk).max(), len(xn))
+    print(f"  test accuracy range: {acc_sk.min():.3f} .. {acc_sk.max():.3f}")
+
+
+def protocol(x: torch.Tensor, y: torch.Tensor, n_train: int, k: int, folds: int, seed: int) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    groups, n, _ = x.shape
+    test = torch.zeros(n, dtype=torch.bool)
+    test[n_train:] = True
+    fold = torch.full((n,), -1, dtype=torch.long)
+    fold[:n_train] = torch.arange(n_train) % folds
+    split = Split(test, fold, "example", n)
+    cs = list(DEFAULT_CS)
+
+    def ours() -> list[dict]:
+        gs = [ProbeGroup(f"g{i}", "all", x[i], torch.arange(n)) for i in range(groups)]
+        return train_probes(gs, y[0], list(range(k)), split, cs=cs, folds=folds, seed=seed, n_boot=200).rows
+
+    def theirs() -> list[tuple[float, float, float]]:
+        # scikit-learn's own CV protocol: LogisticRegressionCV (warm-started C path per fold, refit at
+        # the best C from the folds' mean), then the shuffled-label control at that C
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegressionCV
+
+        xn, fi = x.numpy(), fold.numpy()
+        tr = fi >= 0
+        cv = [(np.flatnonzero(tr & (fi != f)), np.flatnonzero(fi == f)) for f in range(folds)]
+        out = []
+        for i in range(groups):
+            yi = y[i].numpy()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", (ConvergenceWarning, FutureWarning, UserWarning))
+                m = LogisticRegressionCV(Cs=cs, cv=cv, max_iter=1000, tol=1e-4).fit(xn[i][: tr.sum()], yi[tr])
+            c_best = float(np.ravel(m.C_)[0])
+            acc = m.score(xn[i][~tr], yi[~tr])
+            yc = shuffled_labels(
+                torch.from_numpy(yi), (torch.from_numpy(tr), torch.from_numpy(~tr)), seed
+            ).numpy()
+            mc = LogisticRegression(C=c_best, max_iter=1000).fit(xn[i][tr], yc[tr])
+            out.append((acc, mc.score(xn[i][~tr], yc[~tr]), c_best))
+        return out
+
+    print(
+        f"\n== whole probe protocol: {folds}-fold CV over {len(cs)} values of C, refit, "
+        "shuffled-label control =="
+    )
+    n_threads = torch.get_num_threads()
+    configs = {"torch 1 thread": torch_threads(1), f"torch {n_threads} threads": torch_threads(n_threads)}
+    t_ours, rows = best_of("batched", ours, configs)
+    t_sk, sk_rows = best_of("sklearn", theirs, {"BLAS 1 thread": blas_threads(1)})
+    diff = max(abs(r["accuracy"] - s[0]) for r, s in zip(rows, sk_rows))
+    report("whole protocol", t_ours, t_sk, diff, groups)
+    same = [(r, s) for r, s in zip(rows, sk_rows) if r["C"] == s[2]]
+    same_diff = max((abs(r["accuracy"] - s[0]) for r, s in same), default=float("nan"))
+    print(f"  groups where both chose the same C:       {len(same):8d} of {groups}")
+    print(f"  largest test-accuracy difference there:   {same_diff * 100:8.2f} points")
+    ctrl = max(abs(r["control"] - s[1]) for r, s in zip(rows, sk_rows))
+    print(f"  largest control-accuracy difference:      {ctrl * 100:8.2f} points (noise fits; C may differ)")
+
+
+def report(what: str, t_ours: float, t_sk: float, diff: float, groups: int) -> None:
+    print(f"  [{what}]")
+    print(f"  batched trainer:                          {t_ours:8.2f} s")
+    print(f"  sklearn LogisticRegression, group by group: {t_sk:6.2f} s")
+    print(f"  ratio (sklearn / batched):                {t_sk / t_ours:8.1f}x")
+    print(f"  largest test-accuracy difference:         {diff * 100:8.2f} points over {groups} groups")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--groups", type=int, default=24)
+    p.add_argument("--n", type=int, default=4000)
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--classes", type=int, default=5)
+    p.add_argument("--c", type=float, default=1.0)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-protocol", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        import sklearn
+    except ImportError:
+        print("scikit-learn is not installed (pip install -e '.[dev]'); nothing to compare against")
+        return 1
+    import os
+
+    print(
+        f"probe benchmark: {args.groups} groups × n={args.n} × d={args.d}, {args.classes} classes; "
+        f"torch {torch.__version__}, scikit-learn {sklearn.__version__}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    x, y = make_data(args.groups, args.n, args.d, args.classes, args.seed)
+    n_train = int(0.8 * args.n)
+    x = standardise(x, n_train)
+    print(f"\n== one fit per group (80/20 split, C={args.c:g}, tol 1e-4 on the same scaled objective) ==")
+    single_fit(x, y, n_train, args.classes, args.c)
+    if not args.no_protocol:
+        protocol(x, y, n_train, args.classes, args.folds, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""Many linear probes at once: where in the network is a label linearly readable?
+
+One probe per (hook point, role selection) of a store: the activations of each example at that
+point, reduced over the role's positions (``"last"``, ``"mean"``, ...), predict a label (the answer
+of an arithmetic item, a character's favourite fruit). All probes are trained together
+(:mod:`probes.solvers`: one batched L-BFGS for multinomial logistic regression, or closed-form
+ridge), with for every probe:
+
+- standardisation by the training split's mean and std;
+- the L2 strength chosen by k-fold cross-validation on the training split (each probe its own ``C``;
+  the logistic path over ``C`` is warm-started from the previous ``C``);
+- a leak-free split (:mod:`probes.splits`): grouped by a label key such as ``entity`` when asked;
+- a shuffled-label control (same probe, same ``C``, labels permuted within each side of the split),
+  and selectivity = accuracy − control accuracy;
+- a seeded percentile-bootstrap interval of the test accuracy.
+
+    res = probe_store(store, "answer", points="blocks.*.resid_post", roles=["text", "query"])
+    res.save("artifacts/probe")     # results.json / .csv, directions.safetensors, probe_map.png
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hooks.layout import ROLES
+from hooks.points import expand, layer_of
+from hooks.store import ActivationStore
+from probes.results import ProbeResults, nan_to_none, probe_key
+from probes.solvers import LinearFit, class_counts, covariance, fit_logistic, fit_ridge
+from probes.splits import (
+    ProbeInputError,
+    Split,
+    bootstrap_ci,
+    check_class_counts,
+    label_key,
+    make_split,
+    shuffled_labels,
+)
+
+METHODS: tuple[str, ...] = ("logistic", "ridge")
+DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+_ABSENT = -1e9  # bias of a class a probe never saw in training: never predicted
+
+
+@dataclass
+class ProbeGroup:
+    """One probe's data.
+
+    Attributes:
+        point, role: where the activations were read (``role`` may join several with ``+``).
+        values: ``[n, d]`` one row per example (already reduced over positions).
+        example: ``[n]`` int64 global example indices (into the label vector).
+    """
+
+    point: str
+    role: str
+    values: Tensor
+    example: Tensor
+
+    @property
+    def layer(self) -> int | None:
+        return layer_of(self.point)
+
+
+def encode_labels(values: Sequence[Any]) -> tuple[Tensor, list]:
+    """Label values → (``[N]`` int64 class indices, ``-1`` where ``None``; the sorted class values)."""
+    keys = sorted({label_key(v) for v in values if v is not None})
+    index = {k: i for i, k in enumerate(keys)}
+    first = {}
+    for v in values:
+        if v is not None:
+            first.setdefault(label_key(v), v)
+    y = torch.tensor([-1 if v is None else index[label_key(v)] for v in values], dtype=torch.long)
+    return y, [first[k] for k in keys]
+
+
+def train_probes(
+    groups: Sequence[ProbeGroup],
+    y: Tensor,
+    classes: list,
+    split: Split,
+    *,
+    label: str = "label",
+    method: str = "logistic",
+    cs: Sequence[float] = DEFAULT_CS,
+    folds: int = 5,
+    seed: int = 0,
+    n_boot: int = 1000,
+    max_iter: int = 300,
+    tol: float = 1e-4,
+    max_bytes: int = 1 << 29,
+) -> ProbeResults:
+    """Train, select, control and score one probe per group.
+
+    Args:
+        groups: the probes' data; ``y`` ``[N]`` class index per global example (``-1``: unlabelled);
+            ``classes``: class values; ``split``: from :func:`probes.splits.make_split` over the same ``N``.
+        method: ``"logistic"`` (multinomial, scikit-learn's objective) or ``"ridge"`` (one-hot targets).
+        cs: the grid of inverse strengths ``C`` (ridge: ``alpha = 1/C``) searched by ``folds``-fold CV.
+        n_boot: bootstrap resamples for the test-accuracy interval.
+        max_bytes: probes are trained in batches whose ``[B, n, d]`` float32 features fit in this.
+
+    Returns:
+        :class:`ProbeResults` (rows in the order of ``groups``).
+    """
+    if method not in METHODS:
+        raise ProbeInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if len(classes) < 2:
+        raise ProbeInputError(f"label {label!r} has {len(classes)} class(es) {classes}; a probe needs two")
+    cs = sorted(float(c) for c in cs)
+    prepared = [_prepare(g, y, split, classes, folds, label) for g in groups]
+    rows: list[dict | None] = [None] * len(groups)
+    directions: dict[str, Tensor] = {}
+    for batch in _batches(prepared, max_bytes):
+        for i, row, parts in _train_batch(
+            [prepared[i] for i in batch], batch, len(classes), method, cs, folds, seed, n_boot, max_iter, tol
+        ):
+            row["grouping"] = split.grouping
+            rows[i] = row
+            key = probe_key(row["point"], row["role"])
+            directions.update({f"{key}/{name}": t for name, t in parts.items()})
+    meta = {
+        "label": label,
+        "classes": classes,
+        "method": method,
+        "grouping": split.grouping,
+        "n_groups": split.n_groups,
+        "folds": folds,
+        "seed": seed,
+        "cs": cs,
+        "n_boot": n_boot,
+        "n_train": int(split.train.sum()),
+        "n_test": int(split.test.sum()),
+        "standardise": "training-split mean/std (also used inside the CV folds)",
+        "control": "same probe and C, labels permuted within the training and within the test split",
+    }
+    return ProbeResults([r for r in rows if r is not None], meta, directions)
+
+
+def _prepare(g: ProbeGroup, y: Tensor, split: Split, classes: list, folds: int, label: str) -> dict:
+    values = g.values.reshape(len(g.values), -1)
+    ex = g.example.long()
+    keep = (y[ex] >= 0) & (split.test[ex] | split.train[ex])
+    where = f"point {g.point!r}, role {g.role!r}"
+    if not bool(keep.any()):
+        raise ProbeInputError(f"no labelled examples at {where}")
+    order = torch.argsort(split.test[ex[keep]].long(), stable=True)  # training rows first
+    values, ex = values[keep][order], ex[keep][order]
+    yg = y[ex]
+    check_class_counts(yg, split.train[ex], classes, folds, where, label)
+    return {"group": g, "x": values, "y": yg, "test": split.test[ex], "fold": split.fold[ex]}
+
+
+def _batches(prepared: list[dict], max_bytes: int) -> list[list[int]]:
+    by_dim: dict[int, list[int]] = {}
+    for i, p in enumerate(prepared):
+        by_dim.setdefault(p["x"].shape[1], []).append(i)
+    out = []
+    for idx in by_dim.values():
+        batch: list[int] = []
+        for i in idx:
+            n_max = max([len(prepared[j]["y"]) for j in batch + [i]])
+            if batch and (len(batch) + 1) * n_max * prepared[i]["x"].shape[1] * 4 > max_bytes:
+                out.append(batch)
+                batch = []
+            batch.append(i)
+        out.append(batch)
+    return out
+
+
+def _pad(parts: list[Tensor], n: int, fill: float | int) -> Tensor:
+    out = torch.full((len(parts), n, *parts[0].shape[1:]), fill, dtype=parts[0].dtype)
+    for i, p in enumerate(parts):
+        out[i, : len(p)] = p
+    return out
+
+
+def _train_batch(
+    items: list[dict],
+    index: list[int],
+    k: int,
+    method: str,
+    cs: list[float],
+    folds: int,
+    seed: int,
+    n_boot: int,
+    max_iter: int,
+    tol: float,
+) -> Iterable[tuple[int, dict, dict[str, Tensor]]]:
+    n = max(len(it["y"]) for it in items)
+    x = _pad([it["x"].float() for it in items], n, 0.0)  # [B, n, d]
+    y = _pad([it["y"] for it in items], n, 0)
+    fold = _pad([it["fold"] for it in items], n, -1)
+    test = _pad([it["test"] for it in items], n, False)
+    train = fold >= 0
+    # standardise with training-split statistics; padding rows stay zero
+    wt = train.float()[..., None]
+    count = wt.sum(1, keepdim=True).clamp_min(1)
+    mean = (x * wt).sum(1, keepdim=True) / count
+    std = (((x - mean) ** 2 * wt).sum(1, keepdim=True) / count).sqrt()
+    std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-30), std, torch.ones_like(std))
+    valid = (train | test).float()[..., None]
+    x = ((x - mean) / std * valid).contiguous()
+
+    # rows are ordered training first: fits see only the first n_tr rows
+    n_tr = int(train.sum(1).max())
+    x_tr, y_tr, fold_tr, train_tr = x[:, :n_tr], y[:, :n_tr], fold[:, :n_tr], train[:, :n_tr]
+    fit_w = torch.stack([(train_tr & (fold_tr != f)) for f in range(folds)], 1).float()  # [B, F, n_tr]
+    held = torch.stack([fold_tr == f for f in range(folds)], 1)  # [B, F, n_tr]
+    cov = covariance(x_tr, train_tr) if method == "logistic" else None  # the solver's preconditioner
+    cv_acc, cv_loss, fold_mean = _cross_validate(x_tr, y_tr, fit_w, held, k, method, cs, max_iter, tol, cov)
+    best = torch.argmax(cv_acc - 1e-9 * cv_loss, dim=1)  # ties: the lower held-out loss
+    c_best = torch.tensor(cs, dtype=torch.float64)[best]  # [B]
+
+    # each probe's control and bootstrap seeds follow from (seed, point, role), not from batching
+    gen_seeds = [
+        seed * 100_003 + zlib.crc32(probe_key(it["group"].point, it["group"].role).encode()) for it in items
+    ]
+    y_ctrl = torch.stack([shuffled_labels(y[b], (train[b], test[b]), s) for b, s in enumerate(gen_seeds)])
+    y2 = torch.stack([y, y_ctrl], 1)[..., :n_tr]  # [B, 2, n_tr]: the probe and its control
+    w2 = train_tr.float()[:, None].expand(-1, 2, -1)
+    if method == "logistic":
+        init_w = fold_mean[torch.arange(len(items)), best]  # [B, K, d+1]
+        init = torch.stack([init_w, torch.zeros_like(init_w)], 1)[:, :, None]
+        c2 = c_best.float()[:, None, None].expand(-1, 2, 1)
+        start = (init[..., :-1], init[..., -1])
+        fit = fit_logistic(x_tr, y2, w2, c2, k, max_iter=max_iter, tol=tol, init=start, cov=cov)
+    else:
+        fit = fit_ridge(x_tr, y2, w2, (1.0 / c_best)[:, None, None].expand(-1, 2, 1), k)
+    _mask_absent(fit, class_counts(y2, w2, k) > 0)
+    pred = fit.logits(x)[:, :, 0].argmax(2)  # [B, 2, n]
+    for b, it in enumerate(items):
+        g: ProbeGroup = it["group"]
+        rows_test = test[b]
+        correct = (pred[b, 0] == y[b])[rows_test]
+        ctrl = (pred[b, 1] == y_ctrl[b])[rows_test]
+        acc = float(correct.float().mean()) if len(correct) else math.nan
+        control = float(ctrl.float().mean()) if len(ctrl) else math.nan
+        lo, hi = bootstrap_ci(correct, n_boot, seed=gen_seeds[b])
+        counts = torch.bincount(y[b][rows_test], minlength=k)
+        row = {
+            "point": g.point,
+            "layer": g.layer,
+            "role": g.role,
+            "n": len(it["y"]),
+            "n_train": int(train[b].sum()),
+            "n_test": int(rows_test.sum()),
+            "accuracy": nan_to_none(acc),
+            "ci_low": nan_to_none(lo),
+            "ci_high": nan_to_none(hi),
+            "control": nan_to_none(control),
+            "selectivity": nan_to_none(acc - control),
+            "chance": nan_to_none(float(counts.max() / counts.sum()) if counts.sum() else math.nan),
+            "cv_accuracy": float(cv_acc[b, best[b]]),
+            "C": cs[int(best[b])],
+            "method": method,
+            "converged": bool(fit.converged[b, 0, 0]),
+            "n_iter": int(fit.n_iter[b, 0, 0]),
+        }
+        coef = fit.weight[b, 0, 0]  # [K, d] on standardised features
+        s, m = std[b, 0], mean[b, 0]
+        weight = coef / s
+        bias = fit.bias[b, 0, 0] - weight @ m
+        parts = {"weight": weight, "bias": bias, "mean": m, "std": s}
+        yield index[b], row, {name: t.float().contiguous() for name, t in parts.items()}
+
+
+def _mask_absent(fit: LinearFit, present: Tensor) -> None:
+    """Classes absent from a problem's training rows ``[B, F, K]`` get a bias that never wins."""
+    fit.bias.masked_fill_(~present[:, :, None, :].expand_as(fit.bias), _ABSENT)
+
+
+def _cross_validate(
+    x: Tensor,
+    y: Tensor,
+    fit_w: Tensor,
+    held: Tensor,
+    k: int,
+    method: str,
+    cs: list[float],
+    max_iter: int,
+    tol: float,
+    cov: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Held-out accuracy and loss ``[B, A]`` (fold means) per ``C``; fold-mean fits ``[B, A, K, d+1]``."""
+    nb, nf, n = fit_w.shape
+    present = class_counts(y[:, None].expand(-1, nf, -1), fit_w, k) > 0
+    accs, losses, means = [], [], []
+    if method == "ridge":
+        fits = [fit_ridge(x, y, fit_w, torch.tensor([1.0 / c for c in cs]), k)]
+    else:
+        fits, prev = [], None
+        for c in cs:  # weak to strong C, each fit warm-started at the last
+            prev = fit_logistic(x, y, fit_w, c, k, max_iter=max_iter, tol=tol, init=prev, cov=cov)
+            fits.append(prev)
+    for fit in fits:
+        _mask_absent(fit, present)
+        logits = fit.logits(x)  # [B, F, A', K, n]
+        for a in range(logits.shape[2]):
+            z = logits[:, :, a]  # [B, F, K, n]
+            correct = (z.argmax(2) == y[:, None]).float()
+            if method == "ridge":
+                target = torch.nn.functional.one_hot(y, k).mT[:, None].float()
+                loss = ((z - target) ** 2).sum(2)
+            else:
+                loss = -torch.log_softmax(z, 2).gather(2, y[:, None, None].expand(-1, nf, 1, -1)).squeeze(2)
+                loss = loss.clamp_max(30.0)
+            n_held = held.sum(-1).clamp_min(1)
+            accs.append(((correct * held).sum(-1) / n_held).mean(1))
+            losses.append(((loss * held).sum(-1) / n_held).mean(1))
+            theta = torch.cat([fit.weight[:, :, a], fit.bias[:, :, a, :, None].clamp_min(-50.0)], -1)
+            means.append(theta.mean(1))
+    return torch.stack(accs, 1), torch.stack(losses, 1), torch.stack(means, 1)
+
+
+# -- entry points ---------------------------------------------------------------------------------
+
+
+def probe_tensors(
+    x: Tensor | Sequence[Tensor],
+    labels: Sequence[Any],
+    *,
+    names: Sequence[tuple[str, str]] | None = None,
+    group_values: Sequence[Any] | None = None,
+    group_by: str | None = None,
+    method: str = "logistic",
+    folds: int = 5,
+    seed: int = 0,
+    test_size: float = 0.2,
+    cs: Sequence[float] = DEFAULT_CS,
+    n_boot: int = 1000,
+    max_iter: int = 300,
+) -> ProbeResults:
+    """Probes on tensors: ``x`` ``[G, n, d]`` (or ``G`` tensors ``[n, d]``) over the same ``n`` examples.
+
+    Args:
+        labels: ``n`` label values (``None``: unlabelled). ``names``: ``(point, role)`` per group
+            (default ``("group{i}", "all")``). ``group_values``: ``n`` values to group the split by
+            (recorded as ``group_by``). Other arguments as in :func:`train_probes`.
+    """
+    xs = list(x) if not isinstance(x, Tensor) else list(x.unbind(0))
+    names = names or [(f"group{i}", "all") for i in range(len(xs))]
+    if len(names) != len(xs):
+        raise ProbeInputError(f"{len(names)} names for {len(xs)} groups")
+    y, classes = encode_labels(list(labels))
+    split = make_split(y, group_values, folds=folds, test_size=test_size, seed=seed, grouping=group_by)
+    groups = [ProbeGroup(p, r, v, torch.arange(len(v))) for (p, r), v in zip(names, xs, strict=True)]
+    return train_probes(
+        groups,
+        y,
+        classes,
+        split,
+        label="label",
+        method=method,
+        cs=cs,
+        folds=folds,
+        seed=seed,
+        n_boot=n_boot,
+        max_iter=max_iter,
+    )
+
+
+def probe_store(
+    store: ActivationStore | str | os.PathLike,
+    label: str,
+    points: str | Iterable[str] = "blocks.*.resid_post",
+    roles: Iterable[str | Sequence[str]] | None = None,
+    reduce: str | int = "last",
+    group_by: str | None = None,
+    method: str = "logistic",
+    folds: int = 5,
+    seed: int = 0,
+    *,
+    test_size: float = 0.2,
+    cs: Sequence[float] = DEFAULT_CS,
+    step: int | Iterable[int] | None = None,
+    branch: str | int | None = "cond",
+    n_boot: int = 1000,
+    max_iter: int = 300,
+    max_bytes: int = 1 << 30,
+) -> ProbeResults:
+    """One probe per (point, role selection) of ``store``, predicting label ``label``.
+
+    Args:
+        store: an :class:`ActivationStore` or its directory.
+        label: the label key to predict (see ``store.label_keys``).
+        points: names or globs of the store's points (``"blocks.*.resid_post"``).
+        roles: role selections, each a role name or a list of names read together (``["query",
+            "image_gen"]``); ``None``: every role with rows at a point, one probe each (not ``pad``).
+        reduce: how an example's rows of a role become one vector: ``"last"``, ``"first"``,
+            ``"mean"`` or an int position among them (see :meth:`ActivationStore.matrix`).
+        group_by: a label key whose value keeps items together across the split (``"entity"``,
+            ``"template"``); ``None``: a stratified split by example.
+        step, branch: generation step(s) and guidance branch to read (image-generation positions).
+        max_bytes: activations are read and trained a slice of points at a time, within this.
+        Others: see :func:`train_probes`.
+
+    Raises:
+        ProbeInputError: unknown label / group key, a role selection that is empty or has no rows,
+            a class with fewer training examples than ``folds``.
+    """
+    if not isinstance(store, ActivationStore):
+        store = ActivationStore.open(store)
+    keys = store.label_keys
+    for what, key in (("label", label), ("group_by", group_by)):
+        if key is not None and key not in keys:
+            raise ProbeInputError(f"{what} key {key!r} is not in the store {store.path}; label keys: {keys}")
+    names = expand(points, store.points)
+    y, classes = encode_labels(store.labels(label))
+    groups_of = store.labels(group_by) if group_by else None
+    split = make_split(y, groups_of, folds=folds, test_size=test_size, seed=seed, grouping=group_by)
+    selections = _role_selections(store, names, roles)
+    # read and train a slice of the points at a time: memory holds one slice of matrices
+    per_point = store.n_examples * max(math.prod(store.feature_shape(p)) for p in names) * 4
+    chunk = max(1, max_bytes // max(per_point * max(len(selections[p]) for p in names), 1))
+    parts = []
+    for start in range(0, len(names), chunk):
+        groups = []
+        for point in names[start : start + chunk]:
+            for sel in selections[point]:
+                groups.append(_read_group(store, point, sel, reduce, step, branch))
+        parts.append(
+            train_probes(
+                groups,
+                y,
+                classes,
+                split,
+                label=label,
+                method=method,
+                cs=cs,
+                folds=folds,
+                seed=seed,
+                n_boot=n_boot,
+                max_iter=max_iter,
+                max_bytes=max_bytes,
+            )  # fmt: skip
+        )
+    res = ProbeResults(
+        [r for p in parts for r in p.rows],
+        parts[0].meta,
+        {k: v for p in parts for k, v in p.directions.items()},
+    )
+    res.meta.update(
+        {"store": str(store.path), "reduce": reduce, "points": names, "step": step, "branch": branch}
+    )
+    return res
+
+
+def _read_group(
+    store: ActivationStore,
+    point: str,
+    sel: tuple[str, ...],
+    reduce: str | int,
+    step: int | Iterable[int] | None,
+    branch: str | int | None,
+) -> ProbeGroup:
+    try:
+        m = store.matrix(point, role=list(sel), reduce=reduce, step=step, branch=branch)
+    except ValueError as err:
+        present = _roles_present(store, point)
+        raise ProbeInputError(
+            f"role selection {'+'.join(sel)!r} has no rows at point {point!r} "
+            f"(step {step!r}, branch {branch!r}); roles present there: "
+            f"{', '.join(f'{r} ({c} rows)' for r, c in present.items()) or 'none'}. ({err})"
+        ) from None
+    return ProbeGroup(point, "+".join(sel), m.values, m.example)
+
+
+def _roles_present(store: ActivationStore, point: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rec in store.manifest["shards"]:
+        for role, c in rec["role_rows"].get(point, {}).items():
+            counts[role] = counts.get(role, 0) + c
+    return counts
+
+
+def _role_selections(
+    store: ActivationStore, points: list[str], roles: Iterable[str | Sequence[str]] | None
+) -> dict[str, list[tuple[str, ...]]]:
+    if roles is None:
+        out = {}
+        for p in points:
+            present = [r for r in ROLES if r in _roles_present(store, p) and r != "pad"]
+            if not present:
+                raise ProbeInputError(f"point {p!r} has no rows in {store.path}")
+            out[p] = [(r,) for r in present]
+        return out
+    sels = [(r,) if isinstance(r, str) else tuple(r) for r in roles]
+    if not sels or any(not s for s in sels):
+        present = sorted({r for p in points for r in _roles_present(store, p)})
+        raise ProbeInputError(
+            f"empty role selection; pass at least one role (roles present in {store.path}: "
+            f"{', '.join(present)})"
+        )
+    for s in sels:
+        for r in s:
+            if r not in ROLES:
+                raise ProbeInputError(f"unknown role {r!r}; roles are {', '.join(ROLES)}")
+    return {p: sels for p in points}
