@@ -37,6 +37,13 @@ def read_prompts(path: str | Path, loaded: LoadedModel) -> list[dict[str, Any]]:
             raise PromptFileError(f"{where}: unknown keys {unknown}; allowed: {', '.join(ALLOWED)}")
         if ("text" in item) == ("input_ids" in item):
             raise PromptFileError(f"{where}: give exactly one of 'text' or 'input_ids'")
+        if loaded.info.get("text_prompts"):
+            if "text" not in item:
+                raise PromptFileError(f"{where}: {loaded.spec} takes prompts as 'text', not 'input_ids'")
+            item["prompt"] = item.pop("text")
+            item.setdefault("id", str(n))
+            examples.append(item)
+            continue
         if "text" in item:
             try:
                 item["input_ids"] = encode(loaded, item.pop("text"))
