@@ -6,12 +6,14 @@
     uniprobe demo
 
 Every command exits non-zero with a one-paragraph message on bad input (unknown point, model
-family without an adapter, malformed prompt line, existing store).
+family without an adapter, malformed prompt line, existing store); set ``UNIPROBE_DEBUG=1`` to
+see the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -121,18 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable]:
+    from experiments.patch_commands import add_patch_parser
     from experiments.probe_commands import add_lens_parser, add_probe_parser
-
-    commands: list[Callable] = [add_probe_parser, add_lens_parser]
-    try:
-        from experiments.patch_commands import add_patch_parser
-
-        commands.append(add_patch_parser)
-    except ImportError:  # the patching module is optional while it is being built
-        pass
     from experiments.sandbox.commands import add_gap_parser, add_train_parser
 
-    return [*commands, add_train_parser, add_gap_parser]
+    return [add_probe_parser, add_lens_parser, add_patch_parser, add_train_parser, add_gap_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,7 +138,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished shards are kept — re-run with --resume to continue", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, AttributeError) as err:
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        AttributeError,
+        RuntimeError,
+    ) as err:
+        if os.environ.get("UNIPROBE_DEBUG"):
+            raise
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"uniprobe {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -83,12 +83,26 @@ def _load_folder(path: Path, adapter_file: str | None) -> LoadedModel:
         )
     model = cls.from_pretrained(path).eval()
     adapter = load_adapter_file(adapter_file) if adapter_file else adapter_for(model)
-    tokenizer = None
-    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
+    return LoadedModel(model, adapter, _folder_tokenizer(path), {}, str(path))
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, adapter, tokenizer, {}, str(path))
+
+def _folder_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in a model folder, or None.
+
+    A generic ``PreTrainedTokenizerFast`` (e.g. a word-level one built in code) is loaded as
+    itself: ``AutoTokenizer`` would pick the model family's class from config.json and re-split it.
+    """
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = path / "tokenizer_config.json"
+    declared = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
+    if declared in ("PreTrainedTokenizerFast", "TokenizersBackend") or (
+        declared is None and (path / "tokenizer.json").exists()
+    ):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
 
 
 class WordTokenizer:

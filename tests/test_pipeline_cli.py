@@ -223,3 +223,16 @@ def test_query_adapter_file_with_a_wrong_path_names_it(tmp_path):
         with capture(model, "queries", adapter=adapter):
             pass
     assert not model.lm.model.layers[0]._forward_pre_hooks  # the tracker was removed again
+
+
+def test_folder_with_word_level_tokenizer_keeps_multi_digit_words(tmp_path):
+    from experiments.models import encode, load_model
+    from hooks.backends.tl_backend import word_level_tokenizer
+    from hooks.tiny import tiny_qwen2
+
+    model, _ = tiny_qwen2()
+    model.save_pretrained(tmp_path / "qwen")
+    word_level_tokenizer(64, str(tmp_path / "qwen"))
+    loaded = load_model(str(tmp_path / "qwen"))
+    assert loaded.adapter.name == "causal_lm"
+    assert encode(loaded, "t1 t11 t23 t2") == [1, 11, 23, 2]

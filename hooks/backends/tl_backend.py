@@ -24,19 +24,20 @@ from hooks.adapters import Adapter, ModelInputs
 from hooks.guard import no_runtime_installs
 from hooks.points import to_transformer_lens
 
+_SPECIALS = {"pad_token": "t0", "bos_token": "t1", "eos_token": "t2", "unk_token": "t0"}
 _BRIDGES: dict[int, tuple[nn.Module, Any]] = {}
 
 
 def word_level_tokenizer(vocab_size: int, directory: str) -> Any:
     """Save and reload a ``t0 … t{V-1}`` word-level tokenizer (TransformerLens needs one on disk)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t0"
-    )
+    # single_word: special tokens must not match inside words ("t1" inside "t11")
+    special = {name: AddedToken(word, single_word=True) for name, word in _SPECIALS.items()}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
     fast.save_pretrained(directory)
     return PreTrainedTokenizerFast.from_pretrained(directory)
 
@@ -62,6 +63,7 @@ def bridge_for(model: nn.Module, adapter: Adapter, tokenizer: Any = None) -> Any
         config.save_pretrained(d)
         tok = tokenizer or word_level_tokenizer(_vocab_size(config), d)
         bridge = TransformerBridge.boot_transformers(d, hf_model=view, tokenizer=tok, device="cpu")
+    bridge.train(model.training)  # a hand-built view starts in training mode; follow the model
     _BRIDGES[key] = (model, bridge)
     return bridge
 

@@ -1,0 +1,109 @@
+"""Activation patching: exact (batched, resumed from the cached stream) and attribution.
+
+Where the answer is *used*: write states of one run into another and measure the change.
+
+    from probes.patching import grid_sites, patch_sweep, attribution_patch, LogitDiff
+    sites = grid_sites(n_layers, n_pos, kinds=("resid_pre", "attn_out", "mlp_out"))
+    exact = patch_sweep(model, clean, corrupted, sites, LogitDiff(target, foil))
+    approx = attribution_patch(model, clean, corrupted, sites, LogitDiff(target, foil))
+    exact.as_grid()       # [kind, layer, position], (patched − corrupted) / (clean − corrupted)
+
+Modules: :mod:`~probes.patching.sites` (what to patch), :mod:`~probes.patching.engine` (the batched
+engine and its one-forward-per-site reference), :mod:`~probes.patching.exact` (sweeps),
+:mod:`~probes.patching.attribution`, :mod:`~probes.patching.cross_prompt` (understanding →
+generation with explicit alignments), :mod:`~probes.patching.generation` (teacher-forced and free
+generation, query models), :mod:`~probes.patching.metrics`, :mod:`~probes.patching.results`,
+:mod:`~probes.patching.plots`. Kernels live in :mod:`probes.kernels`.
+"""
+
+from probes.patching.attribution import attribution_patch, attribution_vs_exact
+from probes.patching.cross_prompt import (
+    Alignment,
+    align_by_anchors,
+    align_by_role,
+    align_end,
+    alignment,
+    patch_across,
+)
+from probes.patching.engine import DEFAULT_BUDGET, collect_states, run_sites, run_sites_reference
+from probes.patching.exact import patch_sweep
+from probes.patching.generation import (
+    GenerationEffect,
+    StepPatch,
+    generation_effect,
+    janus_image_forward,
+    janus_teacher_forced,
+    patched_generation,
+    query_sites,
+    step_patches,
+)
+from probes.patching.metrics import (
+    GridLogProb,
+    JudgeRate,
+    KLToClean,
+    LogitDiff,
+    SequenceLogProb,
+    TargetProb,
+    logits_of,
+    second_output,
+    shifted,
+)
+from probes.patching.plots import heatmap
+from probes.patching.results import PatchResult, correlation, normalise
+from probes.patching.sites import (
+    KINDS,
+    PatchSite,
+    SiteGrid,
+    as_site_list,
+    grid_sites,
+    mapped_sites,
+    point_sites,
+    role_sites,
+)
+from probes.patching.tracing import trace
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "KINDS",
+    "Alignment",
+    "GenerationEffect",
+    "GridLogProb",
+    "JudgeRate",
+    "KLToClean",
+    "LogitDiff",
+    "PatchResult",
+    "PatchSite",
+    "SequenceLogProb",
+    "SiteGrid",
+    "StepPatch",
+    "TargetProb",
+    "align_by_anchors",
+    "align_by_role",
+    "align_end",
+    "alignment",
+    "as_site_list",
+    "attribution_patch",
+    "attribution_vs_exact",
+    "collect_states",
+    "correlation",
+    "generation_effect",
+    "grid_sites",
+    "heatmap",
+    "janus_image_forward",
+    "janus_teacher_forced",
+    "logits_of",
+    "mapped_sites",
+    "normalise",
+    "patch_across",
+    "patch_sweep",
+    "patched_generation",
+    "point_sites",
+    "query_sites",
+    "role_sites",
+    "run_sites",
+    "run_sites_reference",
+    "second_output",
+    "shifted",
+    "step_patches",
+    "trace",
+]

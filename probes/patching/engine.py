@@ -1,0 +1,379 @@
+"""The batched exact-patching engine: many sites per forward, resumed from the cached run.
+
+Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
+
+1. **Trace** the unpatched target run once (:mod:`probes.patching.tracing`).
+2. **No-ops**: a site whose source values equal the target's own values there (positions before
+   the first differing token, identical embeddings) cannot change anything; it gets the
+   unpatched value without a forward (``skip_noops``).
+3. **Group** the rest by start layer: a patch at block ``l`` (``resid_pre``, ``attn_out``,
+   ``mlp_out``, ``resid_post``) leaves blocks ``< l`` unchanged; a model-level point that fires
+   after the last block starts at ``L``. For plain causal LMs whose metric reads only the last
+   position (``metric.last_position_only``), also by start position: a patch at position ``p``
+   leaves positions ``< p`` unchanged, so their keys/values come from the traced cache and only
+   positions ``≥ p`` run (``suffix``).
+4. **Chunk** each group so ``rows × row_bytes ≤ budget_bytes`` and run each chunk as one forward
+   of ``n·B`` rows (site ``i``, example ``b`` → row ``i·B + b``): blocks ``< l`` return their
+   cached outputs (no compute), block ``l`` reads the cached stream, and one hook per point
+   scatters every site's source rows into its batch rows (:func:`probes.kernels.scatter_rows`).
+   The model's own forward runs everything else (embedding, final norm, heads, connector), so
+   outputs have the model's usual form and any metric applies.
+
+Resuming is exact when each block runs once per forward and affects later computation only
+through what it returns — true of the decoder stacks served here (Llama, Qwen2, Janus's LM,
+query models). When a block runs 0 or 2+ times (a generation loop, a weight-shared stack) or
+returns something else than a tensor or a tuple holding one, the engine falls back to the full
+forward with the patching hooks (``strategy="full"``, the reason in ``reason``). Skipping
+positions needs a default forward over ``input_ids`` only, no padding and a full-attention
+``DynamicCache`` (otherwise ``suffix_reason`` says why it was not used).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooks.adapters.base import Adapter, ModelInputs
+from hooks.layout import TokenLayout
+from probes.patching.hooking import Plan, overwrite, record, stagger
+from probes.patching.sites import PatchSite
+from probes.patching.tracing import Forward, Trace, first_dim, trace
+
+Metric = Callable[[Any], torch.Tensor]
+DEFAULT_BUDGET = 512 * 2**20
+CALL_TOKENS = 32  # fixed cost of one forward, in token-rows of compute (see plan_chunks)
+
+
+def forward_of(adapter: Adapter, forward: Forward | None = None) -> Forward:
+    """``forward`` or the adapter's plain forward pass."""
+    return forward if forward is not None else adapter.run
+
+
+def repeat_inputs(inputs: ModelInputs, n: int) -> ModelInputs:
+    """The batch stacked ``n`` times: ``[B, ...]`` tensors → ``[n·B, ...]``, row ``i·B + b`` = example b."""
+    b = first_dim(inputs)
+    kwargs = {
+        k: v.repeat(n, *([1] * (v.dim() - 1)))
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == b
+        else v
+        for k, v in inputs.kwargs.items()
+    }
+    return ModelInputs(kwargs, TokenLayout(inputs.layout.roles.repeat(n, 1), inputs.layout.tail_role))
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, ...] → [n·B, ...]`` (a broadcast view when ``B = 1``)."""
+    if t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    return t.repeat(n, *([1] * (t.dim() - 1)))
+
+
+def build_plans(
+    sites: Sequence[PatchSite], source: dict[str, torch.Tensor], batch: int, shift: int = 0
+) -> dict[str, Plan]:
+    """Point → :class:`Plan` for sites ``0..n-1`` occupying rows ``i·B .. i·B+B-1``.
+
+    ``shift``: subtracted from target positions (a run that starts at position ``shift``).
+    """
+    rows: dict[str, list[torch.Tensor]] = defaultdict(list)
+    pos: dict[str, list[torch.Tensor]] = defaultdict(list)
+    vals: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for i, site in enumerate(sites):
+        if site.point not in source:
+            raise KeyError(f"no source states for {site.point!r}; have {', '.join(source) or 'none'}")
+        src = source[site.point]
+        if src.shape[0] not in (1, batch):
+            raise ValueError(
+                f"source states at {site.point!r} have batch {src.shape[0]}, the target run {batch}"
+            )
+        bad = [p for p in site.src if not 0 <= p < src.shape[1]]
+        if bad:
+            raise IndexError(
+                f"site {site.point} reads source positions {bad}, "
+                f"outside the source run (0..{src.shape[1] - 1})"
+            )
+        k = len(site.positions)
+        v = src[:, list(site.src)].expand(batch, k, *src.shape[2:])
+        vals[site.point].append(v.reshape(batch * k, *src.shape[2:]))
+        rows[site.point].append((i * batch + torch.arange(batch)).repeat_interleave(k))
+        pos[site.point].append((torch.tensor(site.positions) - shift).repeat(batch))
+    return {p: Plan(torch.cat(rows[p]), torch.cat(pos[p]), torch.cat(vals[p])) for p in rows}
+
+
+@dataclass
+class SiteRun:
+    """Raw per-site metric values and how they were computed.
+
+    Attributes:
+        values: ``[n_sites]`` metric, mean over the ``B`` examples.
+        strategy: ``"resume"`` (blocks reused) or ``"full"``; ``reason``: why not resumed.
+        suffix: whether positions before each patch were reused; ``suffix_reason``: why not.
+        noops: sites answered without a forward (source equals target there).
+        chunks, rows: forwards run and batch rows in them.
+        work: token·block·row units computed, as a fraction of one full forward per site.
+    """
+
+    values: torch.Tensor
+    strategy: str
+    reason: str
+    suffix: bool
+    suffix_reason: str
+    noops: int
+    chunks: int
+    rows: int
+    work: float
+    seconds: float
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "reason": self.reason,
+            "suffix": self.suffix,
+            "suffix_reason": self.suffix_reason,
+            "noops": self.noops,
+            "chunks": self.chunks,
+            "rows": self.rows,
+            "work_fraction": round(self.work, 4),
+        }
+
+
+def start_layer(site: PatchSite, tr: Trace, resume: bool) -> int:
+    """Where a patched forward for ``site`` may begin (0 = from the embeddings)."""
+    if not (resume and tr.resumable):
+        return 0
+    if site.layer is not None:
+        return site.layer
+    start = tr.start_of.get(site.point)
+    if start is None:
+        raise RuntimeError(
+            f"the module of {site.point!r} did not run in the target forward; it cannot be patched there"
+        )
+    return start
+
+
+def evaluate(metric: Metric, outputs: Any, rows: int) -> torch.Tensor:
+    """``metric(outputs)`` as a float ``[rows]`` vector, with a clear error otherwise."""
+    v = torch.as_tensor(metric(outputs)).detach().float().cpu()
+    if v.shape != (rows,):
+        raise ValueError(
+            f"the metric must return one value per batch row ([{rows}]), got shape {tuple(v.shape)}"
+        )
+    return v
+
+
+def is_noop(site: PatchSite, source: dict[str, torch.Tensor], tr: Trace) -> bool:
+    """Whether the site writes exactly the values the target already has (bitwise)."""
+    tgt = tr.values.get(site.point)
+    src = source[site.point]
+    if tgt is None or tgt.shape[2:] != src.shape[2:]:
+        return False
+    if max(site.src) >= src.shape[1] or max(site.positions) >= tgt.shape[1]:
+        return False
+    a = src[:, list(site.src)].expand(tgt.shape[0], len(site.src), *src.shape[2:])
+    return torch.equal(a, tgt[:, list(site.positions)])
+
+
+def plan_chunks(
+    starts: list[int],
+    prefixes: list[int],
+    per_chunk: int,
+    length: int,
+    n_layers: int,
+    call_tokens: int = CALL_TOKENS,
+) -> list[tuple[int, list[int]]]:
+    """``(start position p0, site indices)`` per chunk, sites of any start layers mixed.
+
+    Sites ordered by (start position, start layer) are split into consecutive chunks of at most
+    ``per_chunk`` sites, minimising (dynamic programming) the estimated cost
+    ``Σ_chunks [call_tokens · (L + 1 − min start) + Σ_sites (L + 1 − start) · (length − p0)]``: a
+    chunk runs every position from its first site's ``p0``, and each block it runs (plus the
+    head, counted as one more) costs a fixed amount — reading the weights, Python overhead — worth
+    about ``call_tokens`` token-rows.
+    """
+    order = sorted(range(len(starts)), key=lambda i: (prefixes[i], starts[i]))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of chunking order[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        low, rows_work = n_layers, 0
+        for i in range(j - 1, max(0, j - per_chunk) - 1, -1):
+            low = min(low, starts[order[i]])
+            rows_work += n_layers + 1 - starts[order[i]]
+            cost = best[i] + call_tokens * (n_layers + 1 - low) + rows_work * (length - prefixes[order[i]])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [(prefixes[order[i]], order[i:j]) for i, j in reversed(bounds)]
+
+
+@torch.no_grad()
+def run_sites(
+    model: nn.Module,
+    adapter: Adapter,
+    target: ModelInputs,
+    sites: Sequence[PatchSite],
+    source: dict[str, torch.Tensor],
+    metric: Metric,
+    *,
+    forward: Forward | None = None,
+    tr: Trace | None = None,
+    budget_bytes: int = DEFAULT_BUDGET,
+    resume: bool = True,
+    suffix: bool = True,
+    skip_noops: bool = True,
+    force: str | None = None,
+) -> SiteRun:
+    """The metric ``[n_sites]`` (mean over the target's ``B`` examples) with each site patched.
+
+    ``source[point]`` is ``[B or 1, pos_src, *feat]``: the states written into the target run.
+    ``tr`` is the target's :func:`~probes.patching.tracing.trace` (run here when omitted).
+    """
+    t0 = time.perf_counter()
+    fwd = forward_of(adapter, forward)
+    points = list(dict.fromkeys(s.point for s in sites))
+    if tr is None or any(p not in tr.points for p in points):
+        tr = trace(model, adapter, target, forward, points)
+    b, n_layers, length = tr.batch, tr.n_layers, max(tr.length, 1)
+    values = torch.empty(len(sites))
+    noop = [skip_noops and is_noop(s, source, tr) for s in sites]
+    if any(noop):
+        values[torch.tensor(noop)] = evaluate(metric, tr.outputs, b).mean()
+    todo = [i for i, skip in enumerate(noop) if not skip]
+    use_suffix, suffix_reason = _suffix_ok(tr, metric, resume, suffix)
+    starts = [start_layer(sites[i], tr, resume) for i in todo]
+    prefixes = [min(sites[i].positions) if use_suffix and sites[i].layer is not None else 0 for i in todo]
+    per_chunk = max(1, budget_bytes // (tr.row_bytes * b))
+    chunks = plan_chunks(starts, prefixes, per_chunk, length, n_layers)
+    rows, work = 0, 0.0
+    for p0, members in chunks:
+        members = sorted(members, key=lambda j: starts[j])  # rows that start earlier come first
+        part = [todo[j] for j in members]
+        chunk_starts = [starts[j] for j in members]
+        values[part] = _run_chunk(
+            model, adapter, target, [sites[i] for i in part], chunk_starts, source, metric, fwd, tr, p0, force
+        )
+        rows += len(part) * b
+        work += sum((n_layers - s) * (length - p0) for s in chunk_starts) / (n_layers * length)
+    strategy = "resume" if resume and tr.resumable else "full"
+    reason = tr.reason if not tr.resumable else ("" if resume else "resume=False")
+    return SiteRun(
+        values, strategy, reason, use_suffix, suffix_reason, sum(noop), len(chunks), rows,
+        work / max(len(sites), 1), time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def _suffix_ok(tr: Trace, metric: Metric, resume: bool, suffix: bool) -> tuple[bool, str]:
+    if not suffix:
+        return False, "suffix=False"
+    if not resume or not tr.resumable:
+        return False, "blocks are not resumed"
+    if tr.kv is None:
+        return False, tr.suffix_reason
+    if not getattr(metric, "last_position_only", False):
+        return False, "the metric may read positions other than the last (metric.last_position_only unset)"
+    return True, ""
+
+
+def _run_chunk(
+    model: nn.Module,
+    adapter: Adapter,
+    target: ModelInputs,
+    sites: list[PatchSite],
+    starts: list[int],
+    source: dict[str, torch.Tensor],
+    metric: Metric,
+    fwd: Forward,
+    tr: Trace,
+    p0: int,
+    force: str | None,
+) -> torch.Tensor:
+    """One forward for ``sites`` (ordered by start layer ``starts``) over positions ``p0..``."""
+    n, b, n_layers = len(sites), tr.batch, tr.n_layers
+    plans = build_plans(sites, source, b, shift=p0)
+    active = [b * sum(s <= j for s in starts) for j in range(n_layers)]
+
+    def carry(j: int, k: int) -> torch.Tensor:
+        after = tr.block_inputs[j + 1] if j + 1 < n_layers else _first(tr.block_outputs[j])
+        return _rows(after[:, p0:], k // b).contiguous()
+
+    with (
+        stagger(model, adapter, active, n * b, carry, tr.block_outputs),
+        overwrite(model, adapter, plans, force) as ow,
+    ):
+        out = fwd(model, repeat_inputs(target, n)) if p0 == 0 else model(**_suffix_kwargs(tr, n, p0, active))
+        ow.check_fired(1 if tr.resumable else None)
+    return evaluate(metric, out, n * b).view(n, b).mean(1)
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _suffix_kwargs(tr: Trace, n: int, p0: int, active: list[int]) -> dict[str, Any]:
+    """Model kwargs running positions ``p0..`` of ``n`` copies of the target over its cached prefix.
+
+    Block ``j``'s cache holds the prefix keys/values of the ``active[j]`` rows it computes.
+    """
+    from transformers import DynamicCache
+
+    assert tr.kv is not None and tr.input_ids is not None
+    b = tr.batch
+    ids = _rows(tr.input_ids[:, p0:], n)
+    layers = [
+        (_rows(k[:, :, :p0], max(m, b) // b), _rows(v[:, :, :p0], max(m, b) // b))
+        for (k, v), m in zip(tr.kv, active)
+    ]
+    mask = torch.ones(ids.shape[0], tr.length, dtype=torch.long, device=ids.device)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "past_key_values": DynamicCache(ddp_cache_data=layers),
+        "use_cache": True,
+    }
+
+
+@torch.no_grad()
+def run_sites_reference(
+    model: nn.Module,
+    adapter: Adapter,
+    target: ModelInputs,
+    sites: Sequence[PatchSite],
+    source: dict[str, torch.Tensor],
+    metric: Metric,
+    *,
+    forward: Forward | None = None,
+) -> torch.Tensor:
+    """The definition: one plain forward per site with a patching hook → ``[n_sites]``."""
+    fwd = forward_of(adapter, forward)
+    b = first_dim(target)
+    out = torch.empty(len(sites))
+    for i, site in enumerate(sites):
+        with overwrite(model, adapter, build_plans([site], source, b), force="torch") as ow:
+            res = fwd(model, target)
+            ow.check_fired(None)
+        out[i] = evaluate(metric, res, b).mean()
+    return out
+
+
+@torch.no_grad()
+def collect_states(
+    model: nn.Module,
+    adapter: Adapter,
+    inputs: ModelInputs,
+    points: Sequence[str],
+    forward: Forward | None = None,
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """One forward of ``inputs``: ``(outputs, {point: tensor [B, pos, *feat]})`` (detached)."""
+    points = list(dict.fromkeys(points))
+    with record(model, adapter, points) as rec:
+        outputs = forward_of(adapter, forward)(model, inputs)
+    return outputs, {p: rec.one(p) for p in points}

@@ -1,0 +1,281 @@
+"""Low-level hooks for patching: record tensors at points, overwrite site rows, skip early blocks.
+
+Three context managers, each removing everything it installed on exit (also on error):
+
+- :class:`record`: keep the tensor at each point (detached, or live for gradients).
+- :class:`overwrite`: at each point, write ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``
+  of the tensor the module reads or returns (one scatter through :mod:`probes.kernels`).
+- :class:`stagger`: rows of one batch start at different blocks; each block computes only the
+  rows that have started and carries the cached stream for the others — "resume from layer l"
+  for many ``l`` in one forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooks.adapters.base import Adapter, get_module
+from hooks.capture import input_tensor, pick
+from probes import kernels
+
+
+def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a module call with its hidden-state input swapped for ``new``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (new, *args[1:]), kwargs
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return args, {**kwargs, "hidden_states": new}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return args, {**kwargs, key: new}
+    raise TypeError("hooked module was called without a tensor input")
+
+
+def replace_output(output: Any, index: int | None, new: torch.Tensor) -> Any:
+    """``output`` with the tensor :func:`hooks.capture.pick` would read swapped for ``new``."""
+    if isinstance(output, torch.Tensor):
+        return new
+    if isinstance(output, tuple):
+        i = index or 0
+        return (*output[:i], new, *output[i + 1 :])
+    if isinstance(output, list):
+        i = index or 0
+        return [*output[:i], new, *output[i + 1 :]]
+    if isinstance(output, dict):  # a ModelOutput: write in place
+        pick(output, index).copy_(new)
+        return output
+    raise TypeError(f"cannot patch a module output of type {type(output).__name__}")
+
+
+class _Hooks:
+    """Base: a list of handles removed on exit."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+
+class record(_Hooks):  # noqa: N801 — a context manager, like torch.no_grad
+    """Keep the tensor at each point: ``rec[point]`` is a list, one entry per module call.
+
+    With ``live=True`` tensors stay in the autograd graph (for ``torch.autograd.grad``) and the
+    first block's input is made to require grad when it does not (frozen weights).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, points: Iterable[str], live: bool = False) -> None:
+        super().__init__()
+        self.model, self.adapter, self.points, self.live = model, adapter, list(points), live
+        self.values: dict[str, list[torch.Tensor]] = {p: [] for p in self.points}
+
+    def __enter__(self) -> record:
+        try:
+            if self.live:
+                first = get_module(self.model, f"{self.adapter.blocks}.0")
+                self._handles.append(first.register_forward_pre_hook(_require_grad, with_kwargs=True))
+            for point in self.points:
+                self._add(point)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _add(self, point: str) -> None:
+        site = self.adapter.site(self.model, point)
+        module = get_module(self.model, site.module)
+        store = self.values[point]
+        keep: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t) if self.live else (lambda t: t.detach())
+        if site.io == "input":
+
+            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                store.append(keep(input_tensor(args, kwargs)))
+
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+
+            def post(mod: nn.Module, args: tuple, output: Any) -> None:
+                store.append(keep(pick(output, site.index)))
+
+            self._handles.append(module.register_forward_hook(post))
+
+    def one(self, point: str) -> torch.Tensor:
+        """The tensor at ``point``: its single call, or the value every call agreed on.
+
+        Raises when the module did not run, or ran several times with different values (then
+        "the state at this point" is ambiguous — e.g. generation steps: use
+        :mod:`probes.patching.generation`).
+        """
+        got = self.values[point]
+        if not got or any(g.shape != got[0].shape or not torch.equal(g, got[0]) for g in got[1:]):
+            raise ValueError(
+                f"expected one value at {point!r} per forward, saw {len(got)} different ones; "
+                "patch a point that runs once (or run generation through probes.patching.generation)"
+            )
+        return got[0]
+
+    def __getitem__(self, point: str) -> list[torch.Tensor]:
+        return self.values[point]
+
+
+def _require_grad(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    x = input_tensor(args, kwargs)
+    if x.requires_grad or not torch.is_grad_enabled():
+        return None
+    return replace_input(args, kwargs, x.detach().requires_grad_(True))
+
+
+class Plan:
+    """What to write at one point: ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``."""
+
+    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+        self.rows, self.positions, self.values = rows, positions, values
+        self.fired = 0
+
+    def apply(self, t: torch.Tensor, force: str | None) -> torch.Tensor:
+        """A patched copy of ``t [batch, pos, *feat]``."""
+        out = t.clone(memory_format=torch.contiguous_format)
+        flat = out.view(out.shape[0], out.shape[1], -1)
+        vals = self.values.reshape(self.values.shape[0], -1)
+        kernels.scatter_rows(flat, vals, self.rows, self.positions, force=force)
+        self.fired += 1
+        return out
+
+
+class overwrite(_Hooks):  # noqa: N801
+    """Apply :class:`Plan` s (point → plan) during the forwards run inside the context."""
+
+    def __init__(
+        self, model: nn.Module, adapter: Adapter, plans: dict[str, Plan], force: str | None = None
+    ) -> None:
+        super().__init__()
+        self.model, self.adapter, self.plans, self.force = model, adapter, plans, force
+
+    def __enter__(self) -> overwrite:
+        try:
+            for point, plan in self.plans.items():
+                self._add(point, plan)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def _add(self, point: str, plan: Plan) -> None:
+        site = self.adapter.site(self.model, point)
+        module = get_module(self.model, site.module)
+        force = self.force
+        if site.io == "input":
+
+            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                return replace_input(args, kwargs, plan.apply(input_tensor(args, kwargs), force))
+
+            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+
+            def post(mod: nn.Module, args: tuple, output: Any) -> Any:
+                return replace_output(output, site.index, plan.apply(pick(output, site.index), force))
+
+            self._handles.append(module.register_forward_hook(post))
+
+    def check_fired(self, times: int | None = 1) -> None:
+        """Raise when a plan's module ran other than ``times`` times (``None``: at least once) —
+        a patch that silently did nothing, or ran where resuming assumed it would not."""
+        for point, plan in self.plans.items():
+            if plan.fired == 0 or (times is not None and plan.fired != times):
+                expected = "at least once" if times is None else f"{times} time(s)"
+                raise RuntimeError(
+                    f"the patch at {point!r} fired {plan.fired} times in the forward, expected {expected}: "
+                    "its module is not on this forward's path (or runs more than once)"
+                )
+
+
+class stagger(_Hooks):  # noqa: N801
+    """Rows start at different blocks: block ``j`` computes rows ``[:active[j]]`` only.
+
+    Rows are ordered by start block, so the rows that have started form a prefix. A block's
+    other rows leave it holding ``carry(j)`` — the unpatched stream after block ``j``: the cached
+    input of block ``j + 1`` (of the final norm after the last block) — so a row starting at
+    block ``l`` enters it with the cached stream, as a plain forward would. Batched tensor
+    arguments (see :func:`_cut`) are cut to the computed rows; so is each block's input.
+
+    Args:
+        active: per block, how many leading rows it computes (non-decreasing).
+        carry: ``(j, n_rows) → [n_rows, pos, d]``, the stream of the ``n_rows`` rows not computed.
+        templates: per block, its traced output (to rebuild tuple outputs of skipped blocks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        active: Sequence[int],
+        rows: int,
+        carry: Callable[[int, int], torch.Tensor],
+        templates: Sequence[Any],
+    ) -> None:
+        super().__init__()
+        self.blocks = get_module(model, adapter.blocks)
+        self.active, self.rows, self.carry, self.templates = list(active), rows, carry, templates
+        self._saved: list[tuple[nn.Module, Any]] = []
+
+    def __enter__(self) -> stagger:
+        try:
+            for j, m in enumerate(self.active):
+                if m == self.rows:
+                    continue
+                block = self.blocks[j]
+                self._saved.append((block, block.__dict__.get("forward")))
+                block.forward = self._wrap(j, m, block.forward)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wrap(self, j: int, m: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        rows, carry, template = self.rows, self.carry, self.templates[j]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            rest = carry(j, rows - m)
+            if m == 0:
+                return replace_output(template, 0, rest) if not isinstance(template, torch.Tensor) else rest
+            out = original(*_cut(args, rows, m), **_cut(kwargs, rows, m))
+            head = pick(out, 0)
+            return replace_output(out, 0, torch.cat([head, rest.to(head.dtype)], dim=0))
+
+        return forward
+
+    def __exit__(self, *exc: object) -> None:
+        for block, fwd in self._saved:
+            if fwd is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = fwd
+        self._saved.clear()
+        self._remove()
+
+
+def _cut(value: Any, rows: int, m: int) -> Any:
+    """``value`` with every batched tensor cut to its first ``m`` rows.
+
+    Batched = at least 2-D with first dim ``rows`` (hidden states, masks ``[b, 1, q, k]``,
+    position ids ``[b, q]``, rotary tables ``[b, q, d]``); 1-D tensors such as cache positions and
+    broadcast ``[1, ...]`` tensors pass unchanged.
+    """
+    if isinstance(value, torch.Tensor):
+        return value[:m] if value.dim() >= 2 and value.shape[0] == rows else value
+    if isinstance(value, tuple):
+        return tuple(_cut(v, rows, m) for v in value)
+    if isinstance(value, list):
+        return [_cut(v, rows, m) for v in value]
+    if isinstance(value, dict):
+        return {k: _cut(v, rows, m) for k, v in value.items()}
+    return value

@@ -1,0 +1,102 @@
+"""PatchResult: per-site metric values, both baselines, the normalised effect, and JSON."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from probes.patching.sites import PatchSite, SiteGrid
+
+
+def normalise(values: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
+    """``(values − corrupted) / (clean − corrupted)``: 0 = the corrupted run, 1 = the clean run.
+
+    NaN everywhere when the baselines coincide (no recovery scale) — never a silent 0 or inf.
+    """
+    scale = clean - corrupted
+    if scale == 0 or not math.isfinite(scale):
+        return torch.full_like(values, float("nan"), dtype=torch.float32)
+    return (values.float() - corrupted) / scale
+
+
+@dataclass
+class PatchResult:
+    """What a patching sweep measured.
+
+    Attributes:
+        values: ``[n_sites]`` the metric with each site patched (attribution: its linear estimate).
+        clean, corrupted: the metric on the unpatched clean and corrupted runs (batch mean).
+        sites: the sites, in ``values`` order; ``grid``: their ``[kind, layer, column]`` layout.
+        method: ``"exact"`` or ``"attribution"``; ``direction``: ``"denoise"`` (clean states into
+            the corrupted run) or ``"noise"`` (corrupted states into the clean run).
+        metric: the metric's name; ``seconds``: wall time; ``info``: strategy, chunks, rows, notes.
+    """
+
+    values: torch.Tensor
+    clean: float
+    corrupted: float
+    sites: list[PatchSite]
+    grid: SiteGrid | None = None
+    method: str = "exact"
+    direction: str = "denoise"
+    metric: str = "metric"
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def normalised(self) -> torch.Tensor:
+        """``[n_sites]`` (patched − corrupted) / (clean − corrupted)."""
+        return normalise(self.values, self.clean, self.corrupted)
+
+    def as_grid(self, normalised: bool = True) -> torch.Tensor:
+        """``[kind, layer, column]`` (needs the sites to come from a :class:`SiteGrid`)."""
+        if self.grid is None:
+            raise ValueError("these sites were not built as a grid; read .values / .sites")
+        return self.grid.reshape(self.normalised if normalised else self.values)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON: grid (raw and normalised), axes, baselines, metric, timing."""
+        out: dict[str, Any] = {
+            "method": self.method,
+            "direction": self.direction,
+            "metric": self.metric,
+            "baselines": {"clean": self.clean, "corrupted": self.corrupted},
+            "timing": {"seconds": self.seconds, **{k: v for k, v in self.info.items() if k != "notes"}},
+            "notes": self.info.get("notes", []),
+            "sites": [
+                {
+                    "point": s.point,
+                    "positions": list(s.positions),
+                    "source_positions": list(s.src),
+                    "label": s.label,
+                }
+                for s in self.sites
+            ],
+            "values": _nan_to_none(self.values.tolist()),
+            "normalised": _nan_to_none(self.normalised.tolist()),
+        }
+        if self.grid is not None:
+            out["axes"] = {"kind": self.grid.kinds, "layer": self.grid.layers, "column": self.grid.columns}
+            out["axes"].update(self.grid.meta)
+            out["grid"] = _nan_to_none(self.as_grid(False).tolist())
+            out["grid_normalised"] = _nan_to_none(self.as_grid(True).tolist())
+        return out
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two flat vectors (NaN when either is constant)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
