@@ -169,3 +169,14 @@ def test_tokenizer_round_trip_and_hf(tmp_path, suite: Suite) -> None:
     hf = tok.to_hf()
     text = "what is 2 + 3 ?"
     assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_query_stream_leaks_only_direct_prompts(suite: Suite) -> None:
+    """With ``direct_heldout=False`` (the query model's stream) only direct drawing prompts are shared."""
+    direct = {it.gen_prompt for it in suite.items if it.category == "direct"}
+    other = {it.gen_prompt for it in suite.items if it.category != "direct"}
+    seen = set()
+    for ex in itertools.islice(suite.training_examples(0, direct_heldout=False), 5000):
+        assert ex.prompt.text not in other
+        seen.add(ex.prompt.text)
+    assert seen & direct

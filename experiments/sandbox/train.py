@@ -20,8 +20,19 @@ from experiments.sandbox.checkpoint import build_model, save_sandbox
 from experiments.tasks.suite import Suite
 
 DEFAULTS: dict[str, dict] = {
-    "ar": {"steps": 5000, "lr": 1e-3, "batch_size": 64},
-    "query": {"steps": 5000, "lr": 1e-3, "batch_size": 64},
+    "ar": {
+        "steps": 2500,
+        "lr": 1e-3,
+        "batch_size": 64,
+        "data": {"gen_fraction": 0.35, "prefix_p": 0.15, "direct_heldout": True, "mix": "balanced"},
+    },
+    # the query model's parallel decoder does not compose held-out (count, object) pairs: train on all
+    "query": {
+        "steps": 2000,
+        "lr": 2e-3,
+        "batch_size": 64,
+        "data": {"gen_fraction": 0.2, "prefix_p": 0.12, "direct_heldout": False, "mix": "reasoning_heavy"},
+    },
 }
 
 
@@ -91,7 +102,7 @@ def train_sandbox(
     model = build_model(arch, backbone=backbone)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    stream = suite.training_examples(seed)
+    stream = suite.training_examples(seed, **d["data"])
     log_path = None
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

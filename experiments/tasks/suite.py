@@ -23,6 +23,19 @@ from experiments.tasks import world
 from experiments.tasks.prompts import Item, Prompt
 
 INVERSE_ATTRS: tuple[str, ...] = ("fruit", "flower")
+# understanding QA mixes: (kind, cumulative upper bound of a uniform draw); the rest is describe_image
+QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
+    "balanced": (("arith", 0.36), ("mapping", 0.54), ("fact", 0.70), ("inverse", 0.76), ("count", 0.92)),
+    "reasoning_heavy": (
+        ("arith1", 0.14),
+        ("arith2", 0.24),
+        ("arith3", 0.34),
+        ("mapping", 0.64),
+        ("fact", 0.74),
+        ("inverse", 0.78),
+        ("count", 0.94),
+    ),
+}
 
 
 def attr_question(name: str, attr: str) -> str:
@@ -288,43 +301,47 @@ class Suite:
             )
 
     # -- training stream ------------------------------------------------------------------
-    def _qa(self, rng: random.Random) -> tuple[Prompt, str]:
-        r = rng.random()
-        if r < 0.36:
-            level = 1 + int(rng.random() * 3)
-            expr, v = rng.choice(self.arith_train[level])
+    def _qa(self, rng: random.Random, mix: str = "balanced") -> tuple[Prompt, str]:
+        r, kind = rng.random(), "describe_image"
+        for name, upper in QA_MIXES[mix]:
+            if r < upper:
+                kind = name
+                break
+        if kind == "arith":  # level drawn uniformly
+            kind = f"arith{1 + int(rng.random() * 3)}"
+        if kind.startswith("arith"):
+            expr, v = rng.choice(self.arith_train[int(kind[-1])])
             return Prompt(f"what is {expr} ?"), str(v)
-        if r < 0.54:
+        if kind == "mapping":
             while True:
                 m = gen.random_mapping(rng, 1 + int(rng.random() * 3))
                 if m.statements not in self.mapping_test_statements:
                     break
             k = int(rng.random() * 2)
             return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
-        if r < 0.70:
+        if kind == "fact":
             c = rng.choice(self.characters)
             if rng.random() < 0.2:
                 return Prompt(f"describe {c.name} ?"), c.describe()
             attr = rng.choice(world.ATTRIBUTES)
             return Prompt(attr_question(c.name, attr)), c.attrs[attr]
-        if r < 0.76:
+        if kind == "inverse":
             a, b, attr = rng.choice(self.inverse_train)
             one = self.by_name[a] if rng.random() < 0.5 else self.by_name[b]
             return Prompt(inverse_question(a, b, attr, one.attrs[attr])), one.name
-        if r < 0.92:
+        if kind == "count":
             tile = rng.choice(gen.countable_tiles())
             n = rng.choice((0,) + gen.ANSWERS)
-            return Prompt(
-                f"how many {gen.tile_phrase(tile)} in <image> ?", (gen.counting_image(rng, tile, n),)
-            ), str(n)
+            image = gen.counting_image(rng, tile, n)
+            return Prompt(f"how many {gen.tile_phrase(tile)} in <image> ?", (image,)), str(n)
         attrs = gen.random_attrs(rng)
         return Prompt(
             "describe <image> ?", (tuple(world.encode(world.portrait_grid(attrs))),)
         ), portrait_words(attrs)
 
-    def _direct(self, rng: random.Random) -> tuple[Prompt, tuple[int, ...]]:
+    def _direct(self, rng: random.Random, direct_heldout: bool = True) -> tuple[Prompt, tuple[int, ...]]:
         if rng.random() < 0.75:
-            n, tile = rng.choice(self.count_train)
+            n, tile = rng.choice(self.count_train if direct_heldout else self.count_train + self.count_test)
             grid = world.count_grid(n, world.TILE_ID[tile])
             return Prompt(f"draw {n} {gen.tile_phrase(tile)}"), tuple(world.encode(grid))
         while True:
@@ -336,7 +353,12 @@ class Suite:
         )
 
     def training_examples(
-        self, seed: int = 0, gen_fraction: float = 0.35, prefix_p: float = 0.15
+        self,
+        seed: int = 0,
+        gen_fraction: float = 0.35,
+        prefix_p: float = 0.15,
+        direct_heldout: bool = True,
+        mix: str = "balanced",
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -344,19 +366,28 @@ class Suite:
             seed: stream seed (independent of the suite seed).
             gen_fraction: share of direct-generation examples; the rest is understanding QA.
             prefix_p: probability of one or two context QA pairs before the example.
+            mix: understanding QA mix, a key of :data:`QA_MIXES`.
+            direct_heldout: hold out the (count, object) pairs of the direct test items. With False,
+                direct drawing prompts of the test split are trained on (the query model's parallel
+                decoder does not compose unseen pairs); reasoning and knowledge prompts stay unseen.
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
+        allowed = (
+            set() if direct_heldout else {(it.gen_prompt, ()) for it in self.items if it.category == "direct"}
+        )
         while True:
             prefix = (
-                [self._qa(rng) for _ in range(1 + int(rng.random() * 2))] if rng.random() < prefix_p else []
+                [self._qa(rng, mix) for _ in range(1 + int(rng.random() * 2))]
+                if rng.random() < prefix_p
+                else []
             )
             if rng.random() < gen_fraction:
-                prompt, target = self._direct(rng)
+                prompt, target = self._direct(rng, direct_heldout)
                 ex = TrainExample(prompt, target=target, prefix=prefix)
             else:
-                prompt, answer = self._qa(rng)
+                prompt, answer = self._qa(rng, mix)
                 ex = TrainExample(prompt, answer=answer, prefix=prefix)
             keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
-            if any(k in self.test_prompts for k in keys):
+            if any(k in self.test_prompts and k not in allowed for k in keys):
                 continue
             yield ex
