@@ -1,62 +1,173 @@
-"""The built-in demo: what ``make demo`` runs.
+"""The built-in demo: what ``make demo`` runs (about a minute on 2 cores after install).
 
-Until the sandbox models ship, the demo exercises the capture layer on a tiny Janus
-(``JanusForConditionalGeneration`` from a config): an understanding store (image + text →
-text, roles ``image_und`` / ``text``) and a generation store captured during the model's own
-classifier-free-guided image generation (every step, both branches), each inspected.
+For both shipped sandbox models (sha256-verified): the gap table (understanding vs generation vs
+generation with CoT, judged exactly), drawings beside their prompts, activation stores of every
+test item in both forms, the probe map and the logit-lens map of the answer, and a patching map
+from understanding runs into generation runs. Everything lands in ``artifacts/demo/`` with
+``report.md``; each sentence of the report is computed from the numbers beside it.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from hooks.pipeline import capture_dataset
-from hooks.tiny import tiny_janus
+from experiments import demo_sections as sections
+from experiments.sandbox.registry import load_named
+from experiments.tasks.suite import Suite
+
+MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"))
 
 
-def janus_examples(n: int = 12, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Understanding examples (4 image placeholders + text) and generation prompts (text + BOI)."""
-    g = torch.Generator().manual_seed(seed)
-    und, gen = [], []
-    for i in range(n):
-        words = torch.randint(10, 60, (3,), generator=g).tolist()
-        und.append(
-            {
-                "id": f"und-{i}",
-                "input_ids": [1, 3, 3, 3, 3, *words],
-                "pixel_values": torch.randn(3, 32, 32, generator=g),
-                "labels": {"first_word": words[0] % 3},
-            }
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def gap_paragraph(name: str, summary: dict) -> str:
+    """The gap in words, from the per-kind summary."""
+    d, r = summary["direct"], summary["reasoning"]
+    kf, ki = summary["knowledge (forward)"], summary["knowledge (inverse)"]
+    worst = min((r, kf, ki), key=lambda s: s["generation"] - s["understanding"])
+    recovers = worst["generation_cot"] - worst["generation"] > 0.05
+    return " ".join(
+        [
+            f"**{name}** draws {pct(d['generation'])} of direct prompts correctly.",
+            f"Asked as questions, it answers {pct(kf['understanding'])} of forward and",
+            f"{pct(ki['understanding'])} of inverse knowledge items, but draws them",
+            f"{pct(kf['generation'])} and {pct(ki['generation'])} of the time; reasoning items are",
+            f"understood {pct(r['understanding'])} and drawn {pct(r['generation'])}.",
+            f"The largest gap is on {worst['kind']} ({pct(worst['understanding'])} understood vs",
+            f"{pct(worst['generation'])} drawn);",
+            f"explicit CoT {'recovers' if recovers else 'does not recover'} it",
+            f"({pct(worst['generation'])} → {pct(worst['generation_cot'])}).",
+        ]
+    )
+
+
+def _readable(r: dict) -> bool:
+    """Above its shuffled-label control and the majority-class rate, with the CI's lower end."""
+    return r["ci_low"] > max(r["control"], r.get("chance", 0.0))
+
+
+def _probe_phrase(r: dict) -> str:
+    return (
+        f"layer {r['layer']}: {pct(r['accuracy'])} (95% CI {pct(r['ci_low'])}–{pct(r['ci_high'])}; "
+        f"control {pct(r['control'])}, majority class {pct(r.get('chance', 0.0))})"
+    )
+
+
+def probe_paragraph(arch: str, rows: list[dict]) -> str:
+    """Where the arithmetic answer becomes readable, and whether it is at the drawing positions."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["role"] not in best or r["selectivity"] > best[r["role"]]["selectivity"]:
+            best[r["role"]] = r
+    und, prompt = best["und:text"], best["gen:text"]
+    draw_role = f"gen:{sections.GEN_ROLE[arch]}"
+    draw = best[draw_role]
+    return " ".join(
+        [
+            "Linear probes for the arithmetic answer (split grouped by drawn object):",
+            f"in the understanding run it is {'readable' if _readable(und) else 'not reliably readable'}",
+            f"at the last prompt position, best at {_probe_phrase(und)}.",
+            f"In the generation run it is {'readable' if _readable(prompt) else 'not readable'} at the",
+            f"prompt's last position (best at {_probe_phrase(prompt)}) and",
+            f"{'readable' if _readable(draw) else 'not readable'} at the {draw_role[4:]} positions where the",
+            f"model draws (best at {_probe_phrase(draw)}).",
+        ]
+    )
+
+
+def lens_paragraph(arch: str, summary: list[dict]) -> str:
+    """Where the logit lens sees the answer word in generation runs."""
+    parts = []
+    for group in ("arithmetic", "knowledge"):
+        rows = [s for s in summary if s["group"] == group]
+        top = max(rows, key=lambda s: s["mean_prob"])
+        parts.append(
+            f"for {group} prompts the answer word is most visible at {top['role']} positions of layer "
+            f"{top['layer']} (mean p = {top['mean_prob']:.2f}, top-1 at {pct(top['top1'])} of positions)"
         )
-        gen.append({"id": f"gen-{i}", "input_ids": [1, *words, 4], "labels": {"first_word": words[0] % 3}})
-    return und, gen
+    return "Through the logit lens on the generation runs, " + "; ".join(parts) + "."
+
+
+def patch_paragraph(arch: str, result: dict) -> str:
+    """Which layers and positions carry the understood answer into the drawing."""
+    grid = np.asarray(result["grid"])
+    cols = result["columns"]
+    layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
+    slot = grid[:, cols.index("answer slot")]
+    carries = float(np.nanmax(slot)) > 0.5
+    return " ".join(
+        [
+            "Understanding-run states written into generation runs of another expression (mean over",
+            f"{len(result['pairs'])} item pairs; {result['metric']}: corrupted {result['corrupted']:.2f},",
+            f"direct-prompt reference {result['clean']:.2f}). The largest normalised effect is",
+            f"{grid[layer, col]:+.2f} at layer {layer}, position {cols[col]}.",
+            "Writing the understanding run's <answer> state over <boi> has a largest effect of",
+            f"{np.nanmax(slot):+.2f} (1 = the direct prompt's drawing): the understood answer",
+            f"{'does' if carries else 'does not'} carry into the drawing from there.",
+        ]
+    )
 
 
 def run_demo(out: str | Path = "artifacts/demo") -> int:
-    """Capture and inspect two stores from a tiny Janus; returns an exit code."""
+    """Run every section for both sandbox models and write ``report.md``; returns an exit code."""
+    t0 = time.time()
+    torch.manual_seed(0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, _ = tiny_janus()
-    und, gen = janus_examples()
-    s1 = capture_dataset(
-        model, und, "blocks.*.resid_post,final_norm", out / "store-janus-und", batch_size=4, overwrite=True
-    )
-    s2 = capture_dataset(
-        model,
-        gen,
-        "blocks.*.resid_post,gen_head.in",
-        out / "store-janus-gen",
-        roles=["image_gen", "text"],
-        mode="generate",
-        batch_size=4,
-        overwrite=True,
-    )
-    report = ["# uniprobe demo", "", "## Tiny Janus: understanding store", "", "```", s1.summary(), "```"]
-    report += ["", "## Tiny Janus: generation store (every step, both guidance branches)", "", "```"]
-    report += [s2.summary(), "```", ""]
-    (out / "report.md").write_text("\n".join(report))
-    print("\n".join(report))
-    print(f"wrote {out / 'report.md'}")
+    items = Suite(0).items
+    report = [
+        "# uniprobe demo: does understanding flow into generation?",
+        "",
+        f"Two tiny unified models trained on the sandbox world (`artifacts/sandbox`), {len(items)} test "
+        "items, each asked as a question (understanding) and as a drawing prompt (generation, judged "
+        "exactly).",
+        "",
+    ]
+    for name, arch in MODELS:
+        print(f"== {name}")
+        loaded = load_named(name)  # verifies the checkpoint's sha256
+        model = loaded.model
+        gap = sections.run_gap(model, items, out, name)
+        print(gap["markdown"])
+        stores = sections.capture_stores(model, items, out, arch)
+        probes = sections.run_probes(stores, arch, out)
+        lens = sections.run_lens(model, items, arch, out)
+        patch = sections.run_patching(model, items, arch, out, n_items=12)
+        report += [
+            f"## {name}",
+            "",
+            "### The gap",
+            "",
+            gap_paragraph(name, gap["summary"]),
+            "",
+            gap["markdown"],
+            "",
+            f"![drawings](drawings-{name}.png)",
+            "",
+            "### Where the answer becomes readable (probes, logit lens)",
+            "",
+            probe_paragraph(arch, probes),
+            lens_paragraph(arch, lens),
+            "",
+            f"![probe map](probe-map-{arch}.png) ![logit lens](lens-{arch}.png)",
+            "",
+            "### Where it is used (patching)",
+            "",
+            patch_paragraph(arch, patch),
+            "",
+            f"![patching map](patch-{arch}.png)",
+            "",
+            f"Stores: `store-{arch}-und` (understanding form of every item) and `store-{arch}-gen` "
+            "(generation form: prompt and drawing positions); reopen with `uniprobe inspect`.",
+            "",
+        ]
+    report.append(f"_Generated by `uniprobe demo` in {time.time() - t0:.0f} s._")
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    print(f"wrote {out / 'report.md'} ({time.time() - t0:.0f} s)")
     return 0

@@ -1,0 +1,315 @@
+"""The demo's analyses of one sandbox model: gap table, stores, probe map, logit lens, patching map.
+
+Each function returns plain numbers (and writes its files); :mod:`experiments.demo` turns them into
+the report's text, so every sentence there is computed from the numbers here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table, summarize  # noqa: E402
+from experiments.tasks import world  # noqa: E402
+from experiments.tasks.prompts import Item  # noqa: E402
+from hooks.adapters import adapter_for  # noqa: E402
+from hooks.pipeline import capture_dataset  # noqa: E402
+
+GEN_ROLE = {"ar": "image_gen", "query": "query"}
+
+
+# -- gap table and drawings -----------------------------------------------------------------------
+def run_gap(model: Any, items: list[Item], out: Path, name: str) -> dict:
+    """Evaluate every item in both forms; write ``gap-{name}.json/.md`` and a figure of drawings."""
+    results = evaluate_items(model, items, cot=True)
+    rows = gap_table(model, results=results)
+    summary = summarize(rows)
+    md = format_gap_table(rows, title=f"{name}: understanding vs generation")
+    (out / f"gap-{name}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    (out / f"gap-{name}.md").write_text(md)
+    plot_drawings(results, items, out / f"drawings-{name}.png", name)
+    return {"rows": rows, "summary": {s["kind"]: s for s in summary}, "markdown": md}
+
+
+def plot_drawings(
+    results: list[dict], items: list[Item], path: Path, name: str, per_category: int = 2
+) -> None:
+    """Rendered drawings (without and with CoT) beside their prompts and the judge's verdicts."""
+    picked, seen = [], defaultdict(int)
+    for r, it in zip(results, items, strict=True):
+        if seen[it.category] < per_category:
+            seen[it.category] += 1
+            picked.append((r, it))
+    fig, axes = plt.subplots(len(picked), 2, figsize=(7.5, 1.55 * len(picked)))
+    for row, (r, it) in enumerate(picked):
+        for col, (key, ok, label) in enumerate(
+            [("grid", r["generation"], "direct"), ("cot_grid", r.get("generation_cot"), "with CoT")]
+        ):
+            ax = axes[row, col]
+            ax.imshow(world.render(r[key], scale=12))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            verdict = "✓" if ok else "✗"
+            ax.set_title(f"{label}: {verdict}", fontsize=8, color="green" if ok else "red")
+        axes[row, 0].set_ylabel(
+            f"{it.category}\n{it.gen_prompt[:38]}\nanswer: {it.answer[:20]}", fontsize=6.5, rotation=0,
+            ha="right", va="center",
+        )  # fmt: skip
+    fig.suptitle(f"{name}: drawings judged by the exact judge", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- stores -----------------------------------------------------------------------------------
+def examples_of(items: list[Item], form: str) -> list[dict]:
+    """Capture examples: the understanding (``und``) or generation (``gen``) form of each item."""
+    out = []
+    for it in items:
+        labels = {k: v for k, v in it.labels.items() if k in ("answer", "entity", "template")}
+        labels.update(category=it.category, level=it.level)
+        prompt = it.und_prompt if form == "und" else it.draw_prompt
+        out.append({"id": f"{it.id}-{form}", "prompt": prompt, "labels": labels})
+    return out
+
+
+def capture_stores(model: Any, items: list[Item], out: Path, arch: str) -> dict[str, Any]:
+    """Understanding store (text and image roles) and generation store (prompt + drawing positions)."""
+    und = capture_dataset(
+        model, examples_of(items, "und"), "blocks.*.resid_post", out / f"store-{arch}-und",
+        batch_size=64, overwrite=True, progress=False,
+    )  # fmt: skip
+    gen = capture_dataset(
+        model, examples_of(items, "gen"), "blocks.*.resid_post", out / f"store-{arch}-gen",
+        roles=["text", GEN_ROLE[arch]], mode="generate", batch_size=64, overwrite=True, progress=False,
+    )  # fmt: skip
+    return {"und": und, "gen": gen}
+
+
+# -- probes ------------------------------------------------------------------------------------
+def run_probes(stores: dict[str, Any], arch: str, out: Path) -> list[dict]:
+    """Probe map for the arithmetic answer: layer × (run, role). Text: last prompt position; drawing
+    positions: mean over them. Split grouped by the drawn object (``entity``)."""
+    from probes.linear import probe_store
+    from probes.plots import plot_probe_map
+
+    rows = []
+    plans = [("und", "text", "last"), ("gen", "text", "last"), ("gen", GEN_ROLE[arch], "mean")]
+    for run, role, reduce in plans:
+        view = _arithmetic_view(stores[run], out / f"store-{arch}-{run}-arithmetic")
+        res = probe_store(view, "answer", roles=[role], reduce=reduce, group_by="entity", folds=4, n_boot=300)
+        for r in res.rows:
+            rows.append({**r, "role": f"{run}:{role}"})
+    plot_probe_map(
+        rows, out / f"probe-map-{arch}.png", title=f"sandbox-{arch}: is the arithmetic answer readable?"
+    )
+    (out / f"probe-map-{arch}.json").write_text(json.dumps(rows, indent=1, default=float))
+    return rows
+
+
+def _arithmetic_view(store: Any, path: Path) -> Any:
+    """The arithmetic items of a store as their own small store (probes read whole stores)."""
+    from hooks.store import ActivationStore
+
+    keep = [i for i, ex in enumerate(store.examples) if ex["labels"]["category"] == "arithmetic"]
+    sub = ActivationStore.create(path, model=store.model, points=store.points, overwrite=True)
+    rows = {}
+    index = {old: new for new, old in enumerate(keep)}
+    for p in store.points:
+        r = store.rows(p)
+        mask = torch.tensor([int(e) in index for e in r.example.tolist()], dtype=torch.bool)
+        r = r.select(mask)
+        r.example = torch.tensor([index[int(e)] for e in r.example.tolist()], dtype=torch.long)
+        rows[p] = r
+    exs = [{k: store.examples[i][k] for k in ("id", "labels", "meta", "layout")} for i in keep]
+    sub.write_shard(0, rows, exs)
+    sub.finalize()
+    return ActivationStore.open(path)
+
+
+# -- logit lens --------------------------------------------------------------------------------
+def run_lens(model: Any, items: list[Item], arch: str, out: Path) -> list[dict]:
+    """Logit lens on the generation runs: mean probability and rank of the answer word per layer × role,
+    for arithmetic items and single-word knowledge answers (favourite fruit / flower)."""
+    from probes.lens import logit_lens
+
+    adapter = adapter_for(model)
+    tok = model.tokenizer
+    summary = []
+    for group, chosen in (
+        ("arithmetic", [it for it in items if it.category == "arithmetic"]),
+        (
+            "knowledge",
+            [it for it in items if it.category == "knowledge_forward" and it.task in ("fruit", "flower")],
+        ),
+    ):
+        inputs = adapter.prepare(model, examples_of(chosen, "gen"), mode="generation")
+        answers = [[tok[it.answer]] for it in chosen]
+        res = logit_lens(
+            model, inputs, answers, adapter=adapter, roles=["text", GEN_ROLE[arch]], generate=True
+        )
+        cells: dict[tuple, list[dict]] = defaultdict(list)
+        last_text = _last_text_positions(res.rows)
+        for r in res.rows:
+            if r["lens"] != "logit":
+                continue
+            if r["role"] == "text" and r["pos"] != last_text[r["example"]]:
+                continue  # prompt words: keep only the last one (<boi>), where drawing begins
+            cells[(r["layer"], r["role"])].append(r)
+        for (layer, role), rr in sorted(cells.items()):
+            summary.append(
+                {
+                    "group": group,
+                    "layer": layer,
+                    "role": "text(<boi>)" if role == "text" else role,
+                    "n": len(rr),
+                    "mean_prob": float(np.mean([r["prob"] for r in rr])),
+                    "mean_rank": float(np.mean([r["rank"] for r in rr])),
+                    "top1": float(np.mean([r["rank"] == 1 for r in rr])),
+                }
+            )
+    (out / f"lens-{arch}.json").write_text(json.dumps(summary, indent=1))
+    _plot_lens(summary, out / f"lens-{arch}.png", arch)
+    return summary
+
+
+def _last_text_positions(rows: list[dict]) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for r in rows:
+        if r["role"] == "text":
+            last[r["example"]] = max(last.get(r["example"], -1), r["pos"])
+    return last
+
+
+def _plot_lens(summary: list[dict], path: Path, arch: str) -> None:
+    groups = sorted({s["group"] for s in summary})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3), squeeze=False)
+    for ax, group in zip(axes[0], groups, strict=True):
+        rows = [s for s in summary if s["group"] == group]
+        for role in sorted({s["role"] for s in rows}):
+            pts = sorted((s["layer"], s["mean_prob"]) for s in rows if s["role"] == role)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=role)
+        ax.set_title(f"{group}: p(answer word) by layer", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sandbox-{arch}: logit lens on generation runs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- patching -----------------------------------------------------------------------------------
+def run_patching(model: Any, items: list[Item], arch: str, out: Path, n_items: int = 4) -> dict:
+    """Cross-prompt patching: understanding-run states of "what is E ?" written into the generation
+    run of a different expression E' (same length, other answer), at the aligned expression words
+    and at the answer slot (<answer> → <boi>). Metric: mean log-prob of drawing E's answer
+    (teacher-forced). Normalised between the E' generation run (0) and the direct prompt that
+    states E's answer (1: the drawing the model makes when it has the answer, as with CoT)."""
+    from probes.patching import GridLogProb, SequenceLogProb, patch_across
+
+    adapter = adapter_for(model)
+    arith = [it for it in items if it.category == "arithmetic" and it.level == 2]
+    pairs = _patch_pairs(arith, n_items)
+    grids, labels, clean_v, corrupted_v = [], None, [], []
+    for src, dst in pairs:
+        source = adapter.prepare(model, [{"prompt": src.und_prompt}])
+        drawing = {"target": list(src.target)}  # teacher-force the drawing of the source's answer
+        target = adapter.prepare(model, [{"prompt": dst.draw_prompt, **drawing}], "generation")
+        # clean: the drawing the model would make had it carried the answer over — the direct prompt
+        # that states it (what CoT reaches); corrupted: the generation run of the other expression
+        direct = src.cot_draw.format(*[src.answer] * len(src.cot_questions))
+        clean = adapter.prepare(model, [{"prompt": direct, **drawing}], "generation")
+        align, labels = _align(model, source, target, src)
+        if arch == "ar":
+            n = len(src.target)
+            metric = SequenceLogProb(
+                src.target, logits_fn=lambda o, n=n: o.image_logits[:, -n - 1 : -1], mean=True
+            )
+        else:
+            metric = GridLogProb(src.target)
+        sites = align.sites(adapter.n_layers(model), kinds=("resid_pre",))
+        res = patch_across(model, source, target, sites, metric, clean_target=clean, adapter=adapter)
+        grids.append(res.as_grid()[0].numpy())
+        clean_v.append(res.clean)
+        corrupted_v.append(res.corrupted)
+    mean = np.nanmean(np.stack(grids), axis=0)
+    result = {
+        "grid": mean.tolist(),
+        "columns": labels,
+        "layers": list(range(mean.shape[0])),
+        "clean": float(np.mean(clean_v)),
+        "corrupted": float(np.mean(corrupted_v)),
+        "pairs": [(s.id, d.id) for s, d in pairs],
+        "metric": "mean log p of drawing the understood answer",
+    }
+    (out / f"patch-{arch}.json").write_text(json.dumps(result, indent=1))
+    _plot_patch(mean, labels, out / f"patch-{arch}.png", arch)
+    return result
+
+
+def _patch_pairs(arith: list[Item], n: int) -> list[tuple[Item, Item]]:
+    pairs = []
+    for src in arith:
+        for dst in arith:
+            if (
+                dst.answer != src.answer
+                and len(dst.gen_prompt.split()) == len(src.gen_prompt.split())
+                and dst.labels.get("entity") == src.labels.get("entity")
+            ):
+                pairs.append((src, dst))
+                break
+        if len(pairs) == n:
+            break
+    if not pairs:
+        raise ValueError("no arithmetic item pairs of equal length with different answers")
+    return pairs
+
+
+def _align(model: Any, source: Any, target: Any, src: Item) -> tuple[Any, list[str]]:
+    """Expression words ↔ expression words, then <answer> (understanding) ↔ <boi> (generation)."""
+    from probes.patching import alignment
+
+    tok = model.tokenizer
+    expr = src.labels["expr"].split()
+    s_ids = source.kwargs["input_ids"][0].tolist()
+    t_ids = target.kwargs["input_ids"][0].tolist()
+    ops = {tok[w] for w in ("+", "-", "*", "/") if w in tok.vocab}
+    s_expr = _expr_span(s_ids, len(expr), ops, tok)
+    t_expr = _expr_span(t_ids, len(expr), ops, tok)
+    pairs = list(zip(t_expr, s_expr, strict=True))
+    pairs.append((t_ids.index(tok["<boi>"]), len(s_ids) - 1))
+    labels = [f"x{k}" if k % 2 == 0 else "op" for k in range(len(expr))] + ["answer slot"]
+    return alignment(pairs, len(s_ids), len(t_ids), labels), labels
+
+
+def _expr_span(ids: list[int], n: int, ops: set[int], tok: Any) -> list[int]:
+    for i in range(len(ids) - n + 1):
+        window = ids[i : i + n]
+        if all((w in ops) == (k % 2 == 1) for k, w in enumerate(window)) and all(
+            tok.decode([w]).isdigit() for k, w in enumerate(window) if k % 2 == 0
+        ):
+            return list(range(i, i + n))
+    raise ValueError("expression not found in the prompt")
+
+
+def _plot_patch(grid: np.ndarray, columns: list[str], path: Path, arch: str) -> None:
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(columns), 2.8))
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=30)
+    ax.set_yticks(range(grid.shape[0]))
+    ax.set_ylabel("layer (resid_pre)")
+    ax.set_title(f"sandbox-{arch}: understanding → generation patching\n(normalised effect)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,44 @@
+"""`uniprobe demo` end to end on the shipped sandbox checkpoints: every section, every claim from numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.demo import run_demo
+from hooks.store import ActivationStore
+
+
+@pytest.mark.slow
+def test_demo_writes_report_with_every_section(tmp_path):
+    assert run_demo(tmp_path) == 0
+    report = (tmp_path / "report.md").read_text()
+    for name, arch in (("sandbox-ar", "ar"), ("sandbox-query", "query")):
+        assert f"## {name}" in report
+        for figure in (
+            f"drawings-{name}.png",
+            f"probe-map-{arch}.png",
+            f"lens-{arch}.png",
+            f"patch-{arch}.png",
+        ):
+            assert (tmp_path / figure).stat().st_size > 1000, figure
+            assert figure in report
+        gap = json.loads((tmp_path / f"gap-{name}.json").read_text())
+        kinds = {s["kind"]: s for s in gap["summary"]}
+        # the sentence in the report is computed from these numbers
+        direct = f"draws {100 * kinds['direct']['generation']:.0f}% of direct prompts"
+        assert direct in report
+        und = ActivationStore.open(tmp_path / f"store-{arch}-und")
+        gen = ActivationStore.open(tmp_path / f"store-{arch}-gen")
+        assert und.complete and gen.complete and und.n_examples == gen.n_examples
+        assert "answer" in gen.label_keys
+        probe_rows = json.loads((tmp_path / f"probe-map-{arch}.json").read_text())
+        assert {r["role"] for r in probe_rows} == {
+            "und:text",
+            "gen:text",
+            f"gen:{'image_gen' if arch == 'ar' else 'query'}",
+        }
+        patch = json.loads((tmp_path / f"patch-{arch}.json").read_text())
+        assert "answer slot" in patch["columns"] and len(patch["grid"]) == 4
+    assert "Linear probes for the arithmetic answer" in report and "logit lens" in report
