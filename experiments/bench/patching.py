@@ -172,10 +172,14 @@ def bench(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", help="model spec for (a) (default: a sandbox-sized Llama, 4 layers, d 128)"
+        "--model",
+        default="sandbox-ar",
+        help="model spec for (a) (default: the shipped sandbox AR model; 'none': a random small Llama)",
     )
-    parser.add_argument("--clean", help="clean prompt text for --model (default: random tokens)")
-    parser.add_argument("--corrupted", help="corrupted prompt text for --model (same token count)")
+    parser.add_argument("--clean", default="what is 2 + 1 ?", help="clean prompt text for --model")
+    parser.add_argument(
+        "--corrupted", default="what is 3 + 1 ?", help="corrupted prompt text for --model (same token count)"
+    )
     parser.add_argument("--small-seq", type=int, default=16)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=512)
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.model:
+    if args.model and args.model != "none":
         from experiments.models import load_model
         from experiments.patch_commands import example
 
