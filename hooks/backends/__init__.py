@@ -44,6 +44,7 @@ def run_capture(
     left in ``captured.generated``.
     """
     adapter = adapter or adapter_for(model)
+    selection = {"roles": roles, "positions": positions, "dtype": dtype, "device": device}
     if generate:
         if backend != "torch":
             raise ValueError("capture during generation needs backend='torch' (many forward steps)")
@@ -53,31 +54,14 @@ def run_capture(
             # models that re-run the whole stream per step: draw first, then capture one
             # teacher-forced forward on the drawing (identical states, every position)
             tokens, replay = adapter.generate(model, inputs)
-            cap = run_capture(
-                model,
-                replay,
-                points,
-                adapter=adapter,
-                roles=roles,
-                positions=positions,
-                dtype=dtype,
-                device=device,
-            )
+            cap = run_capture(model, replay, points, adapter=adapter, **selection)
             cap.generated = tokens
             return cap
         cfg_batch = inputs.kwargs["input_ids"].shape[0] if adapter.generation_cfg else None
         with (
             torch.no_grad(),
             capture(
-                model,
-                points,
-                adapter=adapter,
-                layout=inputs.layout,
-                roles=roles,
-                positions=positions,
-                dtype=dtype,
-                device=device,
-                cfg_batch=cfg_batch,
+                model, points, adapter=adapter, layout=inputs.layout, cfg_batch=cfg_batch, **selection
             ) as cap,
         ):
             cap.generated = adapter.generate(model, inputs)
@@ -85,16 +69,7 @@ def run_capture(
     if backend == "torch":
         with (
             torch.no_grad(),
-            capture(
-                model,
-                points,
-                adapter=adapter,
-                layout=inputs.layout,
-                roles=roles,
-                positions=positions,
-                dtype=dtype,
-                device=device,
-            ) as cap,
+            capture(model, points, adapter=adapter, layout=inputs.layout, **selection) as cap,
         ):
             adapter.run(model, inputs)
         return cap
