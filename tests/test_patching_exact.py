@@ -29,13 +29,7 @@ from probes.patching.metrics import second_output
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny models run fastest (and steadiest on a shared machine) on one thread; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair(name: str, info: dict) -> tuple[list[dict], list[dict]]:

@@ -38,12 +38,7 @@ from probes.patching.metrics import GridLogProb, second_output
 GUIDE = {"guidance_scale": 2.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
