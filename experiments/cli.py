@@ -126,8 +126,16 @@ def _extra_commands() -> list[Callable]:
     from experiments.patch_commands import add_patch_parser
     from experiments.probe_commands import add_lens_parser, add_probe_parser
     from experiments.sandbox.commands import add_gap_parser, add_train_parser
+    from experiments.seeds.commands import add_seeds_parser
 
-    return [add_probe_parser, add_lens_parser, add_patch_parser, add_train_parser, add_gap_parser]
+    return [
+        add_probe_parser,
+        add_lens_parser,
+        add_patch_parser,
+        add_train_parser,
+        add_gap_parser,
+        add_seeds_parser,
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

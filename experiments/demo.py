@@ -47,6 +47,22 @@ def gap_paragraph(name: str, summary: dict) -> str:
     )
 
 
+def gapeval_paragraph(gapeval: tuple) -> str:
+    """The GapEval score in words: its value and the category that drives it."""
+    score, cats, _ = gapeval
+    worst = max(cats, key=lambda c: c.gap)
+    best = min(cats, key=lambda c: c.gap)
+    return " ".join(
+        [
+            "Fitting GapEval's two-dimensional IRT model to the joint outcomes gives",
+            f"a gap score of {score:.3f}",
+            f"(0 = no gap). It is largest on {worst.category} (gap {worst.gap:.3f}: δ = θ_text − θ_image =",
+            f"{worst.delta:+.2f}, {pct(worst.rates['10'])} of items right in text only) and smallest on",
+            f"{best.category} ({best.gap:.3f}).",
+        ]
+    )
+
+
 def _readable(r: dict) -> bool:
     """Above its shuffled-label control and the majority-class rate, with the CI's lower end."""
     return r["ci_low"] > max(r["control"], r.get("chance", 0.0))
@@ -149,6 +165,14 @@ def run_demo(out: str | Path = "artifacts/demo") -> int:
             gap["markdown"],
             "",
             f"![drawings](drawings-{name}.png)",
+            "",
+            "### GapEval gap score",
+            "",
+            gapeval_paragraph(gap["gapeval"]),
+            "",
+            gap["gapeval"][2],
+            "",
+            f"![gap score](gapeval-{name}.png)",
             "",
             "### Where the answer becomes readable (probes, logit lens)",
             "",

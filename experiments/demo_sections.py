@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table, summarize  # noqa: E402
+from experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score  # noqa: E402
 from experiments.tasks import world  # noqa: E402
 from experiments.tasks.prompts import Item  # noqa: E402
 from hooks.adapters import adapter_for  # noqa: E402
@@ -37,7 +39,14 @@ def run_gap(model: Any, items: list[Item], out: Path, name: str) -> dict:
     (out / f"gap-{name}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     (out / f"gap-{name}.md").write_text(md)
     plot_drawings(results, items, out / f"drawings-{name}.png", name)
-    return {"rows": rows, "summary": {s["kind"]: s for s in summary}, "markdown": md}
+    score, cats = sandbox_gap_score(results)
+    gap_md = format_gap_score(score, cats)
+    (out / f"gapeval-{name}.json").write_text(
+        json.dumps({"score": score, "categories": [asdict(c) for c in cats]})
+    )
+    plot_gap_score(cats, score, str(out / f"gapeval-{name}.png"), title=name)
+    summary_by_kind = {s["kind"]: s for s in summary}
+    return {"rows": rows, "summary": summary_by_kind, "markdown": md, "gapeval": (score, cats, gap_md)}
 
 
 def plot_drawings(

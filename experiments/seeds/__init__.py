@@ -1,0 +1,1 @@
+"""The papers' protocols on the sandbox (GapEval gap score, ...), each explained by probes and patching."""

@@ -1,0 +1,41 @@
+"""``uniprobe seeds PROTOCOL --model sandbox-ar|sandbox-query --out DIR``: the papers' protocols."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+PROTOCOLS = ("gapeval",)
+
+
+def add_seeds_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("seeds", help="the papers' protocols on a sandbox model (GapEval gap score)")
+    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("--model", default="sandbox-ar", help="sandbox-ar, sandbox-query or a checkpoint folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="test-suite and fit seed")
+    p.set_defaults(func=run_seeds)
+    return p
+
+
+def run_seeds(args: argparse.Namespace) -> int:
+    from experiments.sandbox.checkpoint import load_sandbox
+    from experiments.sandbox.evaluate import evaluate_items
+    from experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
+    from experiments.tasks.suite import Suite
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_sandbox(args.model)
+    results = evaluate_items(model, Suite(args.seed).items, cot=False)
+    score, rows = sandbox_gap_score(results)
+    md = format_gap_score(score, rows, title=f"{args.model}: GapEval gap score")
+    (out / "gapeval.json").write_text(
+        json.dumps({"score": score, "categories": [asdict(r) for r in rows]}, indent=1)
+    )
+    (out / "gapeval.md").write_text(md + "\n")
+    plot_gap_score(rows, score, str(out / "gapeval.png"), title=args.model)
+    print(md)
+    return 0
