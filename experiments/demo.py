@@ -9,7 +9,9 @@ from understanding runs into generation runs. Everything lands in ``artifacts/de
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 
 from experiments import demo_sections as sections
 from experiments.sandbox.registry import load_named
+from experiments.seeds.r3 import R3Result, format_r3, r3_loop
 from experiments.tasks.suite import Suite
 
 MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"))
@@ -59,6 +62,22 @@ def gapeval_paragraph(gapeval: tuple) -> str:
             f"(0 = no gap). It is largest on {worst.category} (gap {worst.gap:.3f}: δ = θ_text − θ_image =",
             f"{worst.delta:+.2f}, {pct(worst.rates['10'])} of items right in text only) and smallest on",
             f"{best.category} ({best.gap:.3f}).",
+        ]
+    )
+
+
+def r3_paragraph(r3: R3Result) -> str:
+    """What the R3 loop changed, from its rounds."""
+    first, last, one = r3.rounds[0], r3.rounds[-1], r3.rounds[1]
+    later = r3.rounds[2:]
+    still = all(r.improved == 0 and r.worse == 0 for r in later)
+    tail = "later rounds change nothing" if later and still else "later rounds keep changing samples"
+    return " ".join(
+        [
+            "The model judges its own drawing with its understanding and redraws when they disagree:",
+            f"accuracy goes from {pct(first.accuracy)} to {pct(last.accuracy)} over",
+            f"{len(r3.rounds) - 1} rounds ({pct(one.improved)} of samples improved and {pct(one.worse)}",
+            f"got worse in round 1; {tail}).",
         ]
     )
 
@@ -155,6 +174,8 @@ def run_demo(out: str | Path = "artifacts/demo") -> int:
         probes = sections.run_probes(stores, arch, out)
         lens = sections.run_lens(model, items, arch, out)
         patch = sections.run_patching(model, items, arch, out, n_items=12)
+        r3 = r3_loop(model, items, rounds=2)
+        (out / f"r3-{name}.json").write_text(json.dumps(asdict(r3), indent=1))
         report += [
             f"## {name}",
             "",
@@ -173,6 +194,12 @@ def run_demo(out: str | Path = "artifacts/demo") -> int:
             gap["gapeval"][2],
             "",
             f"![gap score](gapeval-{name}.png)",
+            "",
+            "### R3: generate → understand → regenerate",
+            "",
+            r3_paragraph(r3),
+            "",
+            format_r3(r3),
             "",
             "### Where the answer becomes readable (probes, logit lens)",
             "",

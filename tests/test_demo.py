@@ -43,3 +43,4 @@ def test_demo_writes_report_with_every_section(tmp_path):
         assert "answer slot" in patch["columns"] and len(patch["grid"]) == 4
     assert "Linear probes for the arithmetic answer" in report and "logit lens" in report
     assert report.count("GapEval gap score") >= 2 and (tmp_path / "gapeval-sandbox-ar.png").exists()
+    assert report.count("### R3: generate") == 2 and (tmp_path / "r3-sandbox-query.json").exists()

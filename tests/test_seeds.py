@@ -77,3 +77,22 @@ def test_seeds_gapeval_command_on_the_query_sandbox(tmp_path, capsys):
     assert data["score"] == pytest.approx(sum(c["gap"] for c in cats.values()) / 5)
     assert (tmp_path / "gapeval.png").stat().st_size > 1000
     assert "GapEval gap score" in capsys.readouterr().out
+
+
+def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements():
+    from experiments.sandbox.checkpoint import load_sandbox
+    from experiments.seeds.r3 import eligible, format_r3, r3_loop
+    from experiments.tasks.suite import Suite
+
+    items = Suite(0).items
+    model = load_sandbox("sandbox-query")
+    res = r3_loop(model, items, rounds=2)
+    assert len(res.items) == len(eligible(items)) > 50
+    assert [r.round for r in res.rounds] == [0, 1, 2]
+    for prev, r in zip(res.rounds, res.rounds[1:], strict=False):
+        assert r.improved + r.worse + r.unchanged == pytest.approx(1.0)
+        assert r.accuracy == pytest.approx(prev.accuracy + r.improved - r.worse)
+        assert r.regenerated <= 1.0
+    # round 2 only redraws what round 1 still judged wrong
+    assert res.rounds[2].regenerated <= res.rounds[1].regenerated
+    assert "| round | accuracy | improved" in format_r3(res)
