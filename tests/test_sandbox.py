@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from experiments.sandbox import ChecksumError, build_model, load_sandbox, save_sandbox
 from experiments.sandbox.checkpoint import SHIPPED
 from experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table
-from experiments.sandbox.train import train_sandbox
+from experiments.sandbox.train import accumulate_step, length_chunks, train_sandbox
 from experiments.tasks import Prompt, Suite, world
 
 TINY = {
@@ -111,6 +112,29 @@ def test_few_steps_make_the_loss_fall(arch: str, tmp_path) -> None:
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "SHA256SUMS").exists()
+
+
+def test_length_chunks_cap_rows_and_padded_tokens() -> None:
+    lengths = [5, 30, 6, 7, 29, 8, 40, 5]
+    chunks = length_chunks(lengths, max_rows=3, max_tokens=60)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for c in chunks:
+        assert len(c) <= 3 and (len(c) == 1 or len(c) * max(lengths[i] for i in c) <= 60)
+    assert [lengths[i] for c in chunks for i in c] == sorted(lengths)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_micro_batching_does_not_change_the_gradient(arch: str, suite: Suite) -> None:
+    examples = list(itertools.islice(suite.training_examples(0, prefix_p=0.5), 24))
+    grads = []
+    for micro_batch, max_tokens in ((24, None), (5, None), (24, 120)):
+        m = tiny(arch)
+        loss, _ = accumulate_step(m, examples, micro_batch, max_tokens)
+        grads.append((loss, [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    for loss, g in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(g, grads[0][1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -44,14 +44,37 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr / 20 + (lr - lr / 20) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def accumulate_step(model: SandboxModel, examples: list, micro_batch: int) -> tuple[torch.Tensor, dict]:
+def length_chunks(lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Indices sorted by length, cut into micro-batches of at most ``max_rows`` rows and (if given)
+    at most ``max_tokens`` padded positions (rows x longest row): short examples share big
+    micro-batches, long ones get small ones, so little compute goes to padding."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = []
+    for i in order:
+        cur = chunks[-1] if chunks else None
+        fits = cur is not None and len(cur) < max_rows
+        if fits and max_tokens is not None:
+            fits = (len(cur) + 1) * lengths[i] <= max_tokens  # i is the longest so far
+        if fits:
+            cur.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def accumulate_step(
+    model: SandboxModel, examples: list, micro_batch: int, max_tokens: int | None = None
+) -> tuple[torch.Tensor, dict]:
     """Backward the token-mean loss of ``examples``, in length-sorted micro-batches (less padding).
 
+    Micro-batches hold at most ``micro_batch`` rows and, if ``max_tokens`` is given, at most that
+    many padded positions. The gradient is that of the whole batch's token mean either way (each
+    micro-batch's summed loss is divided by the batch's token count), up to float rounding.
     Returns the detached mean loss and the mean per part.
     """
     streams = [model.example_stream(e) for e in examples]
-    order = sorted(range(len(streams)), key=lambda i: sum(len(s.ids) for s in streams[i][0]))
-    chunks = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    lengths = [sum(len(s.ids) for s in segs) for segs, _ in streams]
+    chunks = length_chunks(lengths, micro_batch, max_tokens)
     n_total = sum(sum(len(s.ids) for s in segs if s.loss) for segs, _ in streams)
     if model.arch == "query":  # the decoder's targets are not segments
         n_total += sum(model.n_cells for _, grid in streams if grid is not None)
@@ -82,7 +105,8 @@ def train_sandbox(
     log_every: int = 25,
     progress: bool = True,
     threads: int | None = None,
-    micro_batch: int = 16,
+    micro_batch: int = 64,
+    max_tokens: int | None = 1024,
 ) -> SandboxModel:
     """Train a fresh ``arch`` model (``"ar"`` | ``"query"``) and save it to ``out`` (if not None).
 
@@ -90,6 +114,10 @@ def train_sandbox(
     budget, the learning-rate schedule follows ``max(step, elapsed share of the budget)`` so the
     cosine decay completes on a slow machine, and training stops when the budget is spent (noted
     in the log); results then depend on machine speed.
+
+    Micro-batches are length-sorted and capped at ``micro_batch`` rows and ``max_tokens`` padded
+    positions (see :func:`length_chunks`). Training runs the backbone with SDPA attention (the same
+    math as eager, faster on CPU); the model is switched back to eager attention before it is returned.
     """
     d = DEFAULTS[arch]
     steps = steps or d["steps"]
@@ -101,6 +129,8 @@ def train_sandbox(
     suite = Suite(suite_seed)
     model = build_model(arch, backbone=backbone)
     model.train()
+    attn = model.lm.config._attn_implementation
+    model.lm.config._attn_implementation = "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     stream = suite.training_examples(seed, **d["data"])
     log_path = None
@@ -117,7 +147,9 @@ def train_sandbox(
         for g in opt.param_groups:
             g["lr"] = lr_at(progress_step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
-        loss, parts = accumulate_step(model, list(itertools.islice(stream, batch_size)), micro_batch)
+        loss, parts = accumulate_step(
+            model, list(itertools.islice(stream, batch_size)), micro_batch, max_tokens
+        )
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed = time.time() - t0
@@ -138,6 +170,7 @@ def train_sandbox(
                     f.write(json.dumps(rec) + "\n")
         if stop:
             break
+    model.lm.config._attn_implementation = attn
     model.eval()
     if out is not None:
         save_sandbox(model, out)
