@@ -105,8 +105,8 @@ def train_sandbox(
     log_every: int = 25,
     progress: bool = True,
     threads: int | None = None,
-    micro_batch: int = 64,
-    max_tokens: int | None = 1024,
+    micro_batch: int = 16,
+    max_tokens: int | None = None,
 ) -> SandboxModel:
     """Train a fresh ``arch`` model (``"ar"`` | ``"query"``) and save it to ``out`` (if not None).
 
@@ -116,8 +116,10 @@ def train_sandbox(
     in the log); results then depend on machine speed.
 
     Micro-batches are length-sorted and capped at ``micro_batch`` rows and ``max_tokens`` padded
-    positions (see :func:`length_chunks`). Training runs the backbone with SDPA attention (the same
-    math as eager, faster on CPU); the model is switched back to eager attention before it is returned.
+    positions (see :func:`length_chunks`).
+    Measured here, the step is matmul-bound (``aten::mm`` ~half the time at ~36 GFLOP/s on a core):
+    ``micro_batch=64, max_tokens=1024`` or SDPA attention change s/step by <10%, so the defaults
+    (16 rows, no token cap) stay, which keeps the shipped checkpoints reproducible.
     """
     d = DEFAULTS[arch]
     steps = steps or d["steps"]
@@ -129,8 +131,6 @@ def train_sandbox(
     suite = Suite(suite_seed)
     model = build_model(arch, backbone=backbone)
     model.train()
-    attn = model.lm.config._attn_implementation
-    model.lm.config._attn_implementation = "sdpa"
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     stream = suite.training_examples(seed, **d["data"])
     log_path = None
@@ -170,7 +170,6 @@ def train_sandbox(
                     f.write(json.dumps(rec) + "\n")
         if stop:
             break
-    model.lm.config._attn_implementation = attn
     model.eval()
     if out is not None:
         save_sandbox(model, out)
