@@ -7,6 +7,7 @@ as ``inputs_embeds`` from ``embed_inputs``, so hooks on ``lm.model`` see every p
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ class SandboxOutput:
     hidden: torch.Tensor
 
 
-class SandboxModel(nn.Module):
+class SandboxModel(nn.Module, abc.ABC):
     """Base class; see module docstring. ``arch`` is ``"ar"`` or ``"query"``."""
 
     arch = "base"
@@ -48,21 +49,28 @@ class SandboxModel(nn.Module):
         self.n_cells = grid * grid
 
     # -- to implement ---------------------------------------------------------------------
+    @abc.abstractmethod
     def forward(
-        self, input_ids, image_tokens, image_mask, attention_mask, position_ids=None
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
     ) -> SandboxOutput:
-        raise NotImplementedError
+        """All ``[b, pos]`` → :class:`SandboxOutput`."""
 
+    @abc.abstractmethod
     def _draw_segments(self, target: Sequence[int] | None, loss: bool = False) -> list[Segment]:
         """Segments after ``prompt <boi>`` that ask for (and, if given, teacher-force) a drawing."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _draw(self, streams: list[list[Segment]]) -> list[np.ndarray]:
         """Complete each stream (ending in ``<boi>``) with a drawing; returns grids ``[H, W]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _image_loss(self, out: SandboxOutput, batch: Batch) -> tuple[torch.Tensor, int]:
-        raise NotImplementedError
+        """This architecture's image loss: ``(sum, count)``."""
 
     # -- helpers --------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ both baselines (:mod:`probes.patching.results`).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ def second_output(outputs: Any) -> torch.Tensor:
     return outputs[1]
 
 
-class _Metric:
+class _Metric(abc.ABC):
     """Base: ``name``; ``last_position_only`` tells the engine the metric reads only the last
     position of the text logits (then positions before a patch need not be recomputed)."""
 
@@ -53,8 +54,9 @@ class _Metric:
     def last_position_only(self) -> bool:
         return self.position == -1 and getattr(self, "logits_fn", None) is logits_of
 
-    def __call__(self, outputs: Any) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        """``outputs → [rows]``."""
 
     def __repr__(self) -> str:
         return self.name
