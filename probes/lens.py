@@ -286,6 +286,35 @@ def last_block(n_layers: int) -> str:
     return f"blocks.{n_layers - 1}.resid_post"
 
 
+def capture_states(
+    model: nn.Module,
+    inputs: ModelInputs,
+    adapter: Adapter,
+    points: str | Iterable[str],
+    *,
+    roles: Iterable[str] | None = DEFAULT_ROLES,
+    generate: bool = False,
+    branch: str | int | None = "cond",
+    backend: str = "torch",
+) -> tuple[list[str], dict[str, Rows], Rows]:
+    """One capture of ``points`` plus the last block's output (what every lens is compared to).
+
+    Returns ``(names, {point: Rows}, final Rows)``; rows ``[n, d_model]`` of the chosen branch.
+    """
+    names = adapter.expand(model, points)
+    final_point = last_block(adapter.n_layers(model))
+    cap = run_capture(
+        model,
+        inputs,
+        list(dict.fromkeys([*names, final_point])),
+        adapter=adapter,
+        backend=backend,
+        roles=roles,
+        generate=generate,
+    )
+    return names, {p: cap.rows(p, branch=branch) for p in names}, cap.rows(final_point, branch=branch)
+
+
 def logit_lens(
     model: nn.Module,
     inputs: ModelInputs,
@@ -315,19 +344,9 @@ def logit_lens(
         :class:`LensResult` with rows for the logit lens (and the tuned lens).
     """
     adapter = adapter or adapter_for(model)
-    names = adapter.expand(model, points)
-    final_point = last_block(adapter.n_layers(model))
-    cap = run_capture(
-        model,
-        inputs,
-        list(dict.fromkeys([*names, final_point])),
-        adapter=adapter,
-        backend=backend,
-        roles=roles,
-        generate=generate,
+    names, states, final = capture_states(
+        model, inputs, adapter, points, roles=roles, generate=generate, branch=branch, backend=backend
     )
-    states = {p: cap.rows(p, branch=branch) for p in names}
-    final = cap.rows(final_point, branch=branch)
     n_ex = inputs.layout.batch
     meta = {
         "model_class": type(model).__name__,

@@ -24,10 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hooks.adapters import Adapter, ModelInputs, adapter_for
-from hooks.backends import run_capture
 from hooks.rows import Rows
 from hooks.store import ActivationStore
-from probes.lens import DEFAULT_ROLES, Readout, last_block, point_layer, readout, row_index
+from probes.lens import DEFAULT_ROLES, Readout, capture_states, last_block, point_layer, readout, row_index
 
 
 class TunedLens(nn.Module):
@@ -205,18 +204,7 @@ def tuned_lens_from_capture(
 ) -> tuple[TunedLens, list[dict]]:
     """Train a tuned lens on one capture of ``model`` over ``inputs`` (see :func:`train_tuned_lens`)."""
     adapter = adapter or adapter_for(model)
-    names = adapter.expand(model, points)
-    final_point = last_block(adapter.n_layers(model))
-    cap = run_capture(
-        model,
-        inputs,
-        list(dict.fromkeys([*names, final_point])),
-        adapter=adapter,
-        roles=roles,
-        generate=generate,
-    )
-    states = {p: cap.rows(p, branch="cond") for p in names}
-    final = cap.rows(final_point, branch="cond")
+    _, states, final = capture_states(model, inputs, adapter, points, roles=roles, generate=generate)
     return train_tuned_lens(readout(model, adapter), states, final, steps=steps, lr=lr, seed=seed)
 
 
