@@ -43,7 +43,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from experiments.prompts_file import read_prompts
     from hooks.pipeline import capture_dataset
 
-    loaded = load_model(args.model, args.adapter)
+    loaded = load_model(args.model, args.adapter, device_map=args.device_map)
     examples = read_prompts(args.prompts, loaded)
     store = capture_dataset(
         loaded.model,
@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--backend", choices=("torch", "nnsight", "transformer_lens"), default="torch")
     p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument(
+        "--device-map",
+        help="model folder only: transformers device_map ('auto', 'cpu', 'cuda:0', ...); needs accelerate",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True)
     g = p.add_mutually_exclusive_group()
@@ -153,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         AttributeError,
+        ImportError,
         RuntimeError,
     ) as err:
         if os.environ.get("UNIPROBE_DEBUG"):

@@ -3,15 +3,24 @@
 ``load_model(spec)`` returns a :class:`LoadedModel` (model in eval mode, its adapter, a
 tokenizer when one is known). Nothing is downloaded: a folder must hold the weights, and a
 name that is neither a built-in nor an existing folder is an error listing the choices.
+
+A model larger than one device loads from its folder with ``device_map`` (and usually ``dtype``),
+passed to transformers' ``from_pretrained``: ``load_model("/data/Emu3-Gen", device_map="auto",
+dtype="bfloat16")`` spreads the blocks over the GPUs, then CPU RAM, then disk (``offload_folder``).
+transformers places the weights through ``accelerate``, so any ``device_map`` needs it installed.
+Inputs are prepared on CPU: accelerate's hooks move them to the first block's device and bring
+outputs back, so capture and patching run unchanged (captured rows land on ``device="cpu"``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from hooks.adapters import ADAPTERS, Adapter, adapter_for, load_adapter_file
@@ -42,8 +51,42 @@ def builtin_names() -> list[str]:
     return list(TINY_BUILDERS) + sandbox_names()
 
 
-def load_model(spec: str, adapter_file: str | None = None) -> LoadedModel:
-    """Resolve ``spec``: a built-in tiny config, a sandbox name, or a local folder."""
+def load_model(
+    spec: str,
+    adapter_file: str | None = None,
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    **from_pretrained: Any,
+) -> LoadedModel:
+    """Resolve ``spec``: a built-in tiny config, a sandbox name, or a local folder.
+
+    Args:
+        spec: a name of :func:`builtin_names` or a local transformers model folder.
+        adapter_file: an adapter spec (JSON/YAML) for a checkpoint no built-in adapter serves.
+        device_map: for a transformers folder, passed to ``from_pretrained``: ``"auto"`` (fill the
+            GPUs, then CPU RAM, then disk), ``"balanced"``, ``"sequential"``, a device (``"cpu"``,
+            ``"cuda:0"``) or a dict ``{module path: device}``. Needs ``accelerate``.
+        dtype: weights' dtype for a transformers folder (``torch.bfloat16``, ``"bfloat16"``,
+            ``"auto"`` = as saved); ``torch_dtype`` is its older transformers name.
+        from_pretrained: further ``from_pretrained`` keywords for a folder (``max_memory``,
+            ``offload_folder``, ``attn_implementation``, ...).
+
+    Built-in tiny and sandbox models are small and load on CPU in float32: ``device_map``, ``dtype``
+    and loading keywords are an error for them.
+    """
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError("give dtype or torch_dtype (its older name), not both")
+        dtype = torch_dtype
+    load_options = dict(from_pretrained)
+    if device_map is not None:
+        load_options["device_map"] = device_map
+    if dtype is not None:
+        load_options["dtype"] = dtype
+    if spec in TINY_BUILDERS or spec in sandbox_names():
+        _no_load_options(spec, "a built-in model", load_options)
     if spec in TINY_BUILDERS:
         model, info = build_tiny(spec)
         return LoadedModel(model, adapter_for(model), _tiny_tokenizer(info), info, spec)
@@ -57,19 +100,46 @@ def load_model(spec: str, adapter_file: str | None = None) -> LoadedModel:
             f"model {spec!r} is neither a built-in ({', '.join(builtin_names())}) nor an existing folder. "
             "Pass a local transformers model folder (config.json + weights); nothing is downloaded."
         )
-    return _load_folder(path, adapter_file)
+    return _load_folder(path, adapter_file, load_options)
 
 
-def _load_folder(path: Path, adapter_file: str | None) -> LoadedModel:
+def _no_load_options(spec: str, what: str, options: dict[str, Any]) -> None:
+    if options:
+        raise ValueError(
+            f"{', '.join(sorted(options))} apply to transformers model folders; {spec!r} is {what}, "
+            "small enough to load on CPU in float32 (drop the option, or pass a folder)"
+        )
+
+
+def has_accelerate() -> bool:
+    """Whether ``accelerate`` is importable (transformers needs it for any ``device_map``)."""
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def _check_device_map(device_map: Any) -> None:
+    if device_map is not None and not has_accelerate():
+        raise ImportError(
+            f"device_map={device_map!r} needs the accelerate package (transformers places the weights "
+            "through it): pip install accelerate — or load without device_map (the model then goes to "
+            "CPU RAM in one piece)"
+        )
+
+
+def _load_folder(
+    path: Path, adapter_file: str | None, load_options: dict[str, Any] | None = None
+) -> LoadedModel:
+    load_options = dict(load_options or {})
     if (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get("arch") in (
         "ar",
         "query",
     ):
         from experiments.sandbox.registry import load_dir
 
+        _no_load_options(str(path), "a sandbox checkpoint", load_options)
         return load_dir(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a transformers model folder")
+    _check_device_map(load_options.get("device_map"))
     import transformers
     from transformers import AutoConfig
 
@@ -81,9 +151,41 @@ def _load_folder(path: Path, adapter_file: str | None) -> LoadedModel:
             f"{path}/config.json names architectures {archs or 'none'}, none of them a transformers class. "
             f"Supported families: {', '.join(ADAPTERS)}"
         )
-    model = cls.from_pretrained(path).eval()
+    model = cls.from_pretrained(path, **load_options).eval()
+    if load_options.get("device_map") is not None:
+        _move_inputs_to_model(model)
     adapter = load_adapter_file(adapter_file) if adapter_file else adapter_for(model)
-    return LoadedModel(model, adapter, _folder_tokenizer(path), {}, str(path))
+    info: dict[str, Any] = {}
+    if load_options.get("device_map") is not None:
+        info["device_map"] = load_options["device_map"]
+    if load_options.get("dtype") is not None:
+        info["dtype"] = str(load_options["dtype"])
+    if getattr(model, "hf_device_map", None):
+        info["hf_device_map"] = dict(model.hf_device_map)
+    return LoadedModel(model, adapter, _folder_tokenizer(path), info, str(path))
+
+
+def model_devices(model: nn.Module) -> set[torch.device]:
+    """The devices holding ``model``'s parameters (``meta`` for weights offloaded by accelerate)."""
+    return {p.device for p in model.parameters()}
+
+
+def _move_inputs_to_model(model: nn.Module) -> None:
+    """Let CPU-prepared inputs reach a model placed whole on one accelerator.
+
+    transformers attaches accelerate's device hooks only when a ``device_map`` spans several
+    devices (or disk); a model mapped whole onto one GPU gets none, and the adapters prepare
+    inputs on CPU. One ``AlignDevicesHook`` on the top module moves the inputs there and the
+    outputs back, as a multi-device dispatch does.
+    """
+    if getattr(model, "_hf_hook", None) is not None:
+        return
+    devices = model_devices(model)
+    if len(devices) != 1 or next(iter(devices)).type in ("cpu", "meta"):
+        return
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(model, AlignDevicesHook(execution_device=next(iter(devices)), io_same_device=True))
 
 
 def _folder_tokenizer(path: Path) -> Any:
