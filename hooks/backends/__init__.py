@@ -2,7 +2,9 @@
 
 - ``torch`` (default): plain forward hooks (``hooks.capture``); works everywhere, also during
   multi-step image generation.
-- ``nnsight``: the model wrapped in ``nnsight.NNsight``; each point read from its envoy.
+- ``nnsight``: the model wrapped in ``nnsight.NNsight`` (or an nnsight model you built); each
+  point read from its envoy. ``remote=True`` runs the trace on an NDIF server (see
+  ``hooks.backends.nnsight_backend``).
 - ``transformer_lens``: a ``TransformerBridge`` booted on the adapter's causal-LM view
   (Llama, Qwen2, Emu3, and the backbones of Janus and query-based models).
 
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,13 +39,24 @@ def run_capture(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     generate: bool = False,
+    remote: bool | str = False,
 ) -> Captured:
     """One forward pass on ``inputs`` with ``points`` captured by ``backend``.
 
     With ``generate=True`` the adapter's image generation runs instead (torch backend: many
     steps, rows tagged by step and guidance branch); the generated tokens ``[batch, n]`` are
     left in ``captured.generated``.
+
+    ``model`` may also be an nnsight model (``nnsight.LanguageModel(...)``): the nnsight backend
+    traces it as it is, the others run the torch module inside it. ``remote=True`` (nnsight
+    backend only) runs the trace on an NDIF server, which needs such a model naming a checkpoint
+    hosted there and an NDIF API key; ``remote="local"`` is nnsight's offline simulation of that.
     """
+    if remote and backend != "nnsight":
+        raise ValueError(
+            f"remote={remote!r} runs a trace on an NDIF server through nnsight: pass backend='nnsight'"
+        )
+    wrapper, model = model, _module_of(model)  # the torch module (the model itself if plain)
     adapter = adapter or adapter_for(model)
     selection = {"roles": roles, "positions": positions, "dtype": dtype, "device": device}
     if generate:
@@ -78,7 +92,7 @@ def run_capture(
     if backend == "nnsight":
         from hooks.backends.nnsight_backend import nnsight_dense
 
-        dense = nnsight_dense(model, adapter, inputs, names)
+        dense = nnsight_dense(wrapper, adapter, inputs, names, remote=remote)
     elif backend == "transformer_lens":
         from hooks.backends.tl_backend import transformer_lens_dense
 
@@ -91,6 +105,15 @@ def run_capture(
     for name in names:
         result.add(name, dense[name])
     return result
+
+
+def _module_of(model: Any) -> nn.Module:
+    """The torch module under an nnsight model; a plain module is returned as is."""
+    if "nnsight" in sys.modules:  # an nnsight model exists only once nnsight is imported
+        from hooks.backends.nnsight_backend import torch_module
+
+        return torch_module(model)
+    return model
 
 
 def available(backend: str) -> bool:
