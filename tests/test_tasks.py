@@ -180,3 +180,23 @@ def test_query_stream_leaks_only_direct_prompts(suite: Suite) -> None:
         assert ex.prompt.text not in other
         seen.add(ex.prompt.text)
     assert seen & direct
+
+
+def test_taught_reasoning_teaches_questions_but_never_drawing_prompts(suite: Suite) -> None:
+    """With ``taught_reasoning`` the test reasoning questions are trained on; their drawing prompts
+    (and every other held-out prompt, and the injection names) still never occur."""
+    from experiments.tasks.vocab import NEW_NAMES
+
+    gen_prompts = {it.gen_prompt for it in suite.items}
+    taught = {p.text for p, _ in suite.reasoning_questions}
+    assert len(taught) == sum(it.category in ("arithmetic", "mapping") for it in suite.items)
+    held = {(it.question, it.question_images) for it in suite.items if not it.labels.get("taught")}
+    seen_taught = set()
+    for ex in itertools.islice(suite.training_examples(0, taught_reasoning=0.3, mix="taught"), 5000):
+        for p in [ex.prompt] + [p for p, _ in ex.prefix]:
+            assert p.text not in gen_prompts
+            assert (p.text, p.images) not in held
+            assert not set(p.text.split()) & set(NEW_NAMES)
+            if p.text in taught:
+                seen_taught.add(p.text)
+    assert len(seen_taught) > 0.9 * len(taught)

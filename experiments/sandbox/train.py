@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from experiments.sandbox.base import SandboxModel
 from experiments.sandbox.checkpoint import build_model, save_sandbox
-from experiments.tasks.suite import Suite
+from experiments.tasks.suite import Suite, TrainExample
 
 DEFAULTS: dict[str, dict] = {
     "ar": {
@@ -107,6 +108,7 @@ def train_sandbox(
     threads: int | None = None,
     micro_batch: int = 16,
     max_tokens: int | None = None,
+    data: dict | None = None,
 ) -> SandboxModel:
     """Train a fresh ``arch`` model (``"ar"`` | ``"query"``) and save it to ``out`` (if not None).
 
@@ -116,7 +118,8 @@ def train_sandbox(
     in the log); results then depend on machine speed.
 
     Micro-batches are length-sorted and capped at ``micro_batch`` rows and ``max_tokens`` padded
-    positions (see :func:`length_chunks`).
+    positions (see :func:`length_chunks`). ``data`` overrides keys of the per-arch data mix
+    (the keyword arguments of ``Suite.training_examples``).
     Measured here, the step is matmul-bound (``aten::mm`` ~half the time at ~36 GFLOP/s on a core):
     ``micro_batch=64, max_tokens=1024`` or SDPA attention change s/step by <10%, so the defaults
     (16 rows, no token cap) stay, which keeps the shipped checkpoints reproducible.
@@ -130,16 +133,50 @@ def train_sandbox(
     torch.manual_seed(seed)
     suite = Suite(suite_seed)
     model = build_model(arch, backbone=backbone)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    stream = suite.training_examples(seed, **d["data"])
+    stream = suite.training_examples(seed, **{**d["data"], **(data or {})})
     log_path = None
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         log_path = Path(out) / "train_log.jsonl"
-        log_path.write_text("")
+    fit(
+        model, stream, steps, lr, batch_size, warmup=warmup, time_budget_s=time_budget_s, log_path=log_path,
+        log_every=log_every, progress=progress, micro_batch=micro_batch, max_tokens=max_tokens,
+        desc=f"train {arch}",
+    )  # fmt: skip
+    if out is not None:
+        save_sandbox(model, out)
+    return model
+
+
+def fit(
+    model: SandboxModel,
+    stream: Iterator[TrainExample],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    warmup: int = 200,
+    time_budget_s: float | None = None,
+    log_path: str | Path | None = None,
+    log_every: int = 25,
+    progress: bool = True,
+    micro_batch: int = 16,
+    max_tokens: int | None = None,
+    desc: str = "train",
+    weight_decay: float = 0.01,
+) -> list[dict]:
+    """The training loop shared by pre-training and the protocols' fine-tuning.
+
+    AdamW (betas 0.9/0.98) with :func:`lr_at`'s warmup + cosine schedule, gradient clipping at 1,
+    ``batch_size`` examples of ``stream`` per step. Returns the logged records (also appended to
+    ``log_path`` as JSON lines: step, loss, text/image loss, lr, seconds). Leaves ``model`` in eval mode.
+    """
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    if log_path is not None:
+        Path(log_path).write_text("")
+    records: list[dict] = []
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"train {arch}", disable=not progress, mininterval=2)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2)
     for step in bar:
         # when the time budget binds, the schedule follows elapsed time so the cosine still completes
         elapsed = time.time() - t0
@@ -165,12 +202,11 @@ def train_sandbox(
             }
             if stop:
                 rec["stopped"] = f"time budget {time_budget_s}s reached"
-            if log_path:
-                with log_path.open("a") as f:
+            records.append(rec)
+            if log_path is not None:
+                with Path(log_path).open("a") as f:
                     f.write(json.dumps(rec) + "\n")
         if stop:
             break
     model.eval()
-    if out is not None:
-        save_sandbox(model, out)
-    return model
+    return records

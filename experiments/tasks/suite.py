@@ -6,10 +6,13 @@ counting and describing images) and generation on *direct* prompts only ("draw 3
 portrait of female adult blond pale grapes rose"). Sometimes an example is preceded by one or two
 QA pairs as context, the shape a CoT stream has at test time.
 
-What is held out: arithmetic expressions of the test split, (count, object) combinations and
-portrait attribute combinations of direct test items, inverse-knowledge pairs of the test split,
-and every test generation prompt. The knowledge facts themselves are taught, so the understanding
-forms of forward knowledge items are training questions by design (``labels["taught"]``).
+What is held out: every test generation prompt, (count, object) combinations and portrait attribute
+combinations of direct test items, the counting images of the test split, and inverse-knowledge
+pairs of the test split. As in UniSandbox, what the model must *use* when drawing is what it
+understands: the knowledge facts and the understanding forms of the reasoning items (the test
+arithmetic expressions and mapping questions) are taught as text QA (``labels["taught"]``), so the
+gap table measures whether generation reaches understanding the model has, not whether it
+generalises arithmetic. ``training_examples(taught_reasoning=0)`` holds those questions out as well.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
         ("inverse", 0.78),
         ("count", 0.94),
     ),
+    # used with ``taught_reasoning`` (the test reasoning questions come on top of this mix)
+    "taught": (("arith", 0.15), ("mapping", 0.25), ("fact", 0.45), ("inverse", 0.55), ("count", 0.85)),
 }
 
 
@@ -92,6 +97,10 @@ class Suite:
             self.test_prompts.add((it.gen_prompt, ()))
             if not it.labels.get("taught"):
                 self.test_prompts.add((it.question, it.question_images))
+        # the understanding forms of the reasoning items, taught by ``training_examples``
+        self.reasoning_questions: list[tuple[Prompt, str]] = [
+            (Prompt(it.question), it.answer) for it in self.items if it.category in ("arithmetic", "mapping")
+        ]
 
     # -- splits ---------------------------------------------------------------------------
     def _split_arithmetic(self, rng: random.Random) -> None:
@@ -189,7 +198,13 @@ class Suite:
                         criterion={"type": "count", "tile": tile, "n": v},
                         cot_questions=(f"what is {expr} ?",),
                         cot_draw=f"draw {{0}} {obj}",
-                        labels={"answer": str(v), "entity": tile, "template": "arith", "expr": expr},
+                        labels={
+                            "answer": str(v),
+                            "entity": tile,
+                            "template": "arith",
+                            "expr": expr,
+                            "taught": True,
+                        },
                     )
                 )
         seen_maps: set[str] = set()
@@ -223,6 +238,7 @@ class Suite:
                                 "entity": sym,
                                 "template": "mapping",
                                 "variant": variant,
+                                "taught": True,
                             },
                         )
                     )
@@ -301,7 +317,11 @@ class Suite:
             )
 
     # -- training stream ------------------------------------------------------------------
-    def _qa(self, rng: random.Random, mix: str = "balanced") -> tuple[Prompt, str]:
+    def _qa(
+        self, rng: random.Random, mix: str = "balanced", taught_reasoning: float = 0.0
+    ) -> tuple[Prompt, str]:
+        if taught_reasoning and rng.random() < taught_reasoning:
+            return rng.choice(self.reasoning_questions)
         r, kind = rng.random(), "describe_image"
         for name, upper in QA_MIXES[mix]:
             if r < upper:
@@ -359,6 +379,7 @@ class Suite:
         prefix_p: float = 0.15,
         direct_heldout: bool = True,
         mix: str = "balanced",
+        taught_reasoning: float = 0.0,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -367,6 +388,8 @@ class Suite:
             gen_fraction: share of direct-generation examples; the rest is understanding QA.
             prefix_p: probability of one or two context QA pairs before the example.
             mix: understanding QA mix, a key of :data:`QA_MIXES`.
+            taught_reasoning: share of understanding QA that asks a test reasoning item's question
+                (arithmetic or mapping; see the module docstring). With 0 those questions never occur.
             direct_heldout: hold out the (count, object) pairs of the direct test items. With False,
                 direct drawing prompts of the test split are trained on (the query model's parallel
                 decoder does not compose unseen pairs); reasoning and knowledge prompts stay unseen.
@@ -375,9 +398,12 @@ class Suite:
         allowed = (
             set() if direct_heldout else {(it.gen_prompt, ()) for it in self.items if it.category == "direct"}
         )
+        held = set(self.test_prompts)
+        if not taught_reasoning:
+            held |= {(p.text, p.images) for p, _ in self.reasoning_questions}
         while True:
             prefix = (
-                [self._qa(rng, mix) for _ in range(1 + int(rng.random() * 2))]
+                [self._qa(rng, mix, taught_reasoning) for _ in range(1 + int(rng.random() * 2))]
                 if rng.random() < prefix_p
                 else []
             )
@@ -385,9 +411,9 @@ class Suite:
                 prompt, target = self._direct(rng, direct_heldout)
                 ex = TrainExample(prompt, target=target, prefix=prefix)
             else:
-                prompt, answer = self._qa(rng, mix)
+                prompt, answer = self._qa(rng, mix, taught_reasoning)
                 ex = TrainExample(prompt, answer=answer, prefix=prefix)
             keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
-            if any(k in self.test_prompts and k not in allowed for k in keys):
+            if any(k in held and k not in allowed for k in keys):
                 continue
             yield ex

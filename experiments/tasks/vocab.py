@@ -30,6 +30,8 @@ NAMES: tuple[str, ...] = (
     "alice", "bruno", "chloe", "dmitri", "elena", "felix", "greta", "hugo",
     "ines", "jonas", "kira", "lars", "mona", "nils", "olga", "pavel",
 )  # fmt: skip
+# names never used in pre-training: the characters that knowledge injection teaches later
+NEW_NAMES: tuple[str, ...] = ("quinn", "rosa", "sven", "tara", "ugo", "vera", "wim", "yara")
 TEMPLATE_WORDS: tuple[str, ...] = (
     "what", "is", "draw", "as", "many", "how", "in", "describe", "of", "and", "whose", "favourite",
     "the", "one", "a", "portrait", "'s", "+", "-", "*", "/", "=", ",", ";", "?",
@@ -42,7 +44,7 @@ def default_words() -> list[str]:
     words += list(world.COUNT_KINDS) + list(world.COLOURS) + list(world.ATTRIBUTES)
     for attr in world.ATTRIBUTES:
         words += list(world.ATTRIBUTE_VALUES[attr])
-    words += list(SYMBOLS) + list(NAMES)
+    words += list(SYMBOLS) + list(NAMES) + list(NEW_NAMES)
     seen: set[str] = set()
     out = []
     for w in words:
