@@ -224,21 +224,38 @@ def run_patching(model: Any, items: list[Item], arch: str, out: Path, n_items: i
     and at the answer slot (<answer> → <boi>). Metric: mean log-prob of drawing E's answer
     (teacher-forced). Normalised between the E' generation run (0) and the direct prompt that
     states E's answer (1: the drawing the model makes when it has the answer, as with CoT)."""
+    arith = [it for it in items if it.category == "arithmetic" and it.level == 2]
+    pairs = _patch_pairs(arith, n_items)
+    result = patch_map(model, arch, pairs, _align)
+    (out / f"patch-{arch}.json").write_text(json.dumps(result, indent=1))
+    _plot_patch(np.array(result["grid"]), result["columns"], out / f"patch-{arch}.png", arch)
+    return result
+
+
+def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: Any) -> dict:
+    """Understanding → generation patching over item pairs ``(src, dst)``, averaged.
+
+    For each pair: the understanding run of ``src`` (source), the generation run of ``dst`` teacher-forced
+    with ``src``'s drawing (target), and the direct prompt stating ``src``'s answer (clean). Sites are
+    ``resid_pre`` of every layer at the positions ``align_fn(model, source, target, src)`` pairs up.
+
+    Returns:
+        ``grid`` ``[layers][columns]`` mean normalised effect (0: the target run, 1: the clean run),
+        ``columns``, ``layers``, mean ``clean`` / ``corrupted`` metric values, the pair ids, the metric.
+    """
     from probes.patching import GridLogProb, SequenceLogProb, patch_across
 
     adapter = adapter_for(model)
-    arith = [it for it in items if it.category == "arithmetic" and it.level == 2]
-    pairs = _patch_pairs(arith, n_items)
     grids, labels, clean_v, corrupted_v = [], None, [], []
     for src, dst in pairs:
         source = adapter.prepare(model, [{"prompt": src.und_prompt}])
         drawing = {"target": list(src.target)}  # teacher-force the drawing of the source's answer
         target = adapter.prepare(model, [{"prompt": dst.draw_prompt, **drawing}], "generation")
         # clean: the drawing the model would make had it carried the answer over — the direct prompt
-        # that states it (what CoT reaches); corrupted: the generation run of the other expression
+        # that states it (what CoT reaches); corrupted: the generation run of the other item
         direct = src.cot_draw.format(*[src.answer] * len(src.cot_questions))
         clean = adapter.prepare(model, [{"prompt": direct, **drawing}], "generation")
-        align, labels = _align(model, source, target, src)
+        align, labels = align_fn(model, source, target, src)
         if arch == "ar":
             n = len(src.target)
             metric = SequenceLogProb(
@@ -252,7 +269,7 @@ def run_patching(model: Any, items: list[Item], arch: str, out: Path, n_items: i
         clean_v.append(res.clean)
         corrupted_v.append(res.corrupted)
     mean = np.nanmean(np.stack(grids), axis=0)
-    result = {
+    return {
         "grid": mean.tolist(),
         "columns": labels,
         "layers": list(range(mean.shape[0])),
@@ -261,9 +278,6 @@ def run_patching(model: Any, items: list[Item], arch: str, out: Path, n_items: i
         "pairs": [(s.id, d.id) for s, d in pairs],
         "metric": "mean log p of drawing the understood answer",
     }
-    (out / f"patch-{arch}.json").write_text(json.dumps(result, indent=1))
-    _plot_patch(mean, labels, out / f"patch-{arch}.png", arch)
-    return result
 
 
 def _patch_pairs(arith: list[Item], n: int) -> list[tuple[Item, Item]]:
@@ -311,13 +325,14 @@ def _expr_span(ids: list[int], n: int, ops: set[int], tok: Any) -> list[int]:
     raise ValueError("expression not found in the prompt")
 
 
-def _plot_patch(grid: np.ndarray, columns: list[str], path: Path, arch: str) -> None:
+def _plot_patch(grid: np.ndarray, columns: list[str], path: Path, arch: str, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(columns), 2.8))
     im = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=30)
     ax.set_yticks(range(grid.shape[0]))
     ax.set_ylabel("layer (resid_pre)")
-    ax.set_title(f"sandbox-{arch}: understanding → generation patching\n(normalised effect)", fontsize=9)
+    title = title or f"sandbox-{arch}: understanding → generation patching"
+    ax.set_title(f"{title}\n(normalised effect)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
