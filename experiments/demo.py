@@ -1,10 +1,11 @@
-"""The built-in demo: what ``make demo`` runs (about a minute on 2 cores after install).
+"""The built-in demo: what ``make demo`` runs (a few minutes on 2 cores after install).
 
 For both shipped sandbox models (sha256-verified): the gap table (understanding vs generation vs
-generation with CoT, judged exactly), drawings beside their prompts, activation stores of every
-test item in both forms, the probe map and the logit-lens map of the answer, and a patching map
-from understanding runs into generation runs. Everything lands in ``artifacts/demo/`` with
-``report.md``; each sentence of the report is computed from the numbers beside it.
+generation with CoT, judged exactly) and GapEval score, drawings beside their prompts, activation
+stores of every test item in both forms, the probe map and the logit-lens map of the answer, a
+patching map from understanding runs into generation runs, STARS self-training (on a copy) and the
+R3 loop. Everything lands in ``artifacts/demo/`` with ``report.md`` and ``report.html``; each
+sentence of the report is computed from the numbers beside it.
 """
 
 from __future__ import annotations
@@ -149,19 +150,44 @@ def patch_paragraph(arch: str, result: dict) -> str:
     )
 
 
-def run_demo(out: str | Path = "artifacts/demo") -> int:
-    """Run every section for both sandbox models and write ``report.md``; returns an exit code."""
+def cot_paragraph(summary: dict) -> str:
+    """What writing the answer first (CoT) changes, per kind, from the gap summary."""
+    parts = [
+        f"{kind} {pct(summary[kind]['generation'])} → {pct(summary[kind]['generation_cot'])}"
+        for kind in ("reasoning", "knowledge (forward)", "knowledge (inverse)")
+        if kind in summary
+    ]
+    return (
+        "With CoT (the model writes its own answer, then draws), drawing accuracy goes "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def run_demo(out: str | Path = "artifacts/demo", stars_steps: int | None = None) -> int:
+    """Run every section for both sandbox models; write ``report.md`` and ``report.html``; returns 0.
+
+    Per model, in the order the report answers them: the gap table (and GapEval score); where the
+    answer becomes readable (probe and logit-lens maps); where it is used (patching map); what CoT,
+    STARS self-training and the R3 loop change.
+    """
+    from experiments.report_html import write_html
+    from experiments.seeds.stars import StarsSettings, run_stars
+    from experiments.seeds.stars_report import format_stars, stars_paragraph
+
     t0 = time.time()
     torch.manual_seed(0)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items = Suite(0).items
+    suite = Suite(0)
+    items = suite.items
     report = [
         "# uniprobe demo: does understanding flow into generation?",
         "",
         f"Two tiny unified models trained on the sandbox world (`artifacts/sandbox`), {len(items)} test "
         "items, each asked as a question (understanding) and as a drawing prompt (generation, judged "
-        "exactly).",
+        "exactly). For each model: the gap; where the answer becomes readable; where it is used; what "
+        "CoT, STARS and R3 change.",
         "",
     ]
     for name, arch in MODELS:
@@ -174,12 +200,14 @@ def run_demo(out: str | Path = "artifacts/demo") -> int:
         probes = sections.run_probes(stores, arch, out)
         lens = sections.run_lens(model, items, arch, out)
         patch = sections.run_patching(model, items, arch, out, n_items=12)
+        settings = StarsSettings(maps=False, **({"steps": stars_steps} if stars_steps else {}))
+        stars = run_stars(model, out / f"stars-{name}", settings, suite=suite, progress=False)
         r3 = r3_loop(model, items, rounds=2)
         (out / f"r3-{name}.json").write_text(json.dumps(asdict(r3), indent=1))
         report += [
             f"## {name}",
             "",
-            "### The gap",
+            "### 1. The gap",
             "",
             gap_paragraph(name, gap["summary"]),
             "",
@@ -187,38 +215,46 @@ def run_demo(out: str | Path = "artifacts/demo") -> int:
             "",
             f"![drawings](drawings-{name}.png)",
             "",
-            "### GapEval gap score",
-            "",
             gapeval_paragraph(gap["gapeval"]),
             "",
             gap["gapeval"][2],
             "",
             f"![gap score](gapeval-{name}.png)",
             "",
-            "### R3: generate → understand → regenerate",
-            "",
-            r3_paragraph(r3),
-            "",
-            format_r3(r3),
-            "",
-            "### Where the answer becomes readable (probes, logit lens)",
+            "### 2. Where the answer becomes readable (probes, logit lens)",
             "",
             probe_paragraph(arch, probes),
             lens_paragraph(arch, lens),
             "",
             f"![probe map](probe-map-{arch}.png) ![logit lens](lens-{arch}.png)",
             "",
-            "### Where it is used (patching)",
+            "### 3. Where it is used (patching)",
             "",
             patch_paragraph(arch, patch),
             "",
             f"![patching map](patch-{arch}.png)",
+            "",
+            "### 4. What CoT, STARS and R3 change",
+            "",
+            cot_paragraph(gap["summary"]),
+            "",
+            "**STARS self-training.** " + stars_paragraph(stars),
+            "",
+            format_stars(stars).split("\n", 2)[2],
+            "",
+            f"![STARS](stars-{name}/stars.png)",
+            "",
+            "**R3.** " + r3_paragraph(r3),
+            "",
+            format_r3(r3),
             "",
             f"Stores: `store-{arch}-und` (understanding form of every item) and `store-{arch}-gen` "
             "(generation form: prompt and drawing positions); reopen with `uniprobe inspect`.",
             "",
         ]
     report.append(f"_Generated by `uniprobe demo` in {time.time() - t0:.0f} s._")
-    (out / "report.md").write_text("\n".join(report) + "\n")
-    print(f"wrote {out / 'report.md'} ({time.time() - t0:.0f} s)")
+    md = "\n".join(report) + "\n"
+    (out / "report.md").write_text(md)
+    write_html(md, out / "report.html", title="uniprobe demo")
+    print(f"wrote {out / 'report.md'} and report.html ({time.time() - t0:.0f} s)")
     return 0

@@ -42,5 +42,16 @@ def test_demo_writes_report_with_every_section(tmp_path):
         patch = json.loads((tmp_path / f"patch-{arch}.json").read_text())
         assert "answer slot" in patch["columns"] and len(patch["grid"]) == 4
     assert "Linear probes for the arithmetic answer" in report and "logit lens" in report
-    assert report.count("GapEval gap score") >= 2 and (tmp_path / "gapeval-sandbox-ar.png").exists()
-    assert report.count("### R3: generate") == 2 and (tmp_path / "r3-sandbox-query.json").exists()
+    assert "Fitting GapEval's two-dimensional IRT model" in report
+    assert (tmp_path / "gapeval-sandbox-ar.png").exists()
+    assert report.count("**R3.**") == 2 and (tmp_path / "r3-sandbox-query.json").exists()
+    assert report.count("**STARS self-training.**") == 2
+    for name in ("sandbox-ar", "sandbox-query"):
+        stars = json.loads((tmp_path / f"stars-{name}" / "stars.json").read_text())
+        assert set(stars["before"]) == {"1", "2", "3"} and stars["weight_change"]
+    # each model's part answers the questions in order: gap, readable, used, what CoT/STARS/R3 change
+    for part in report.split("## sandbox-")[1:]:
+        heads = [part.index(h) for h in ("### 1. The gap", "### 2. Where", "### 3. Where", "### 4. What")]
+        assert heads == sorted(heads)
+    page = (tmp_path / "report.html").read_text()
+    assert "<table>" in page and 'src="probe-map-ar.png"' in page and "<h2>sandbox-query</h2>" in page

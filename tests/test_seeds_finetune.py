@@ -163,3 +163,12 @@ def test_stars_end_to_end_on_the_shipped_model(tmp_path, suite: Suite) -> None:
     assert any(r["relative_change"] > 0 for r in res["weight_change"])
     assert (tmp_path / "stars.md").read_text().startswith("### STARS")
     assert (tmp_path / "stars.png").exists()
+
+
+def test_report_html_renders_tables_and_figures(tmp_path) -> None:
+    from experiments.report_html import write_html
+
+    md = "# t\n\n| a | b |\n| --- | ---: |\n| 1 | 2 |\n\n![fig](x.png) <b>&\n"
+    page = write_html(md, tmp_path / "r.html", title="t & u").read_text()
+    assert "<table>" in page and "<td>1</td>" in page and 'src="x.png"' in page
+    assert "<title>t &amp; u</title>" in page
