@@ -131,6 +131,7 @@ def _extra_commands() -> list[Callable]:
     from experiments.probe_commands import add_lens_parser, add_probe_parser
     from experiments.sandbox.commands import add_gap_parser, add_train_parser
     from experiments.seeds.commands import add_seeds_parser
+    from experiments.sweep.commands import add_sweep_parser
 
     return [
         add_probe_parser,
@@ -139,6 +140,7 @@ def _extra_commands() -> list[Callable]:
         add_train_parser,
         add_gap_parser,
         add_seeds_parser,
+        add_sweep_parser,
     ]
 
 

@@ -1,0 +1,279 @@
+"""The analyses a run can do, each a thin call into the toolkit's own functions.
+
+    probe    probes.linear.probe_store on the run's store → probe/ (results.json/.csv, probe_map.png)
+    lens     probes.lens.logit_lens_store on the store, each example's answer tokens → lens/
+             (headline: at each example's last decoded position)
+    patch    the ``uniprobe patch`` handler on pairs of the task's prompts → patch/pair-K/;
+             ``across: true``: the demo's understanding → generation patching (sandbox arithmetic)
+    gapeval  the GapEval gap score of the task's items (sandbox) → gapeval/
+    r3       the R3 regenerate loop on the task's items (sandbox) → r3/
+
+Capture lives in :mod:`experiments.sweep.runner` (it is the part shared between ranks). Each function
+takes a :class:`RunContext` and returns its headline: a flat dict of numbers and short strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from experiments.models import LoadedModel
+from experiments.tasks.prompts import Item
+
+
+@dataclass
+class RunContext:
+    """What an analysis of one run sees.
+
+    Attributes:
+        run: the resolved run config (``id``, ``model``, ``task``, ``analyses``, sections).
+        dir: the run directory.
+        loaded: the model.
+        examples: the task's examples, as captured.
+        items: the sandbox items behind them (``None`` for a prompts task).
+    """
+
+    run: dict
+    dir: Path
+    loaded: LoadedModel
+    examples: list[dict]
+    items: list[Item] | None
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "store"
+
+
+def probe(ctx: RunContext) -> dict[str, Any]:
+    from probes.linear import probe_store
+
+    cfg = ctx.run["probe"]
+    res = probe_store(
+        ctx.store, cfg["label"], points=cfg["points"] or ctx.run["capture"]["points"],
+        roles=None if cfg["roles"] is None else [r.split("+") for r in cfg["roles"]], reduce=cfg["reduce"],
+        group_by=cfg["group_by"], method=cfg["method"], folds=cfg["folds"], seed=ctx.run["seed"],
+        test_size=cfg["test_size"], n_boot=cfg["n_boot"], step=cfg["step"], branch=cfg["branch"],
+    )  # fmt: skip
+    res.save(ctx.dir / "probe")
+    best = res.best()
+    return {
+        "probes": len(res),
+        "best_accuracy": best["accuracy"],
+        "best_point": best["point"],
+        "best_role": best["role"],
+        "best_selectivity": best.get("selectivity"),
+    }
+
+
+def lens(ctx: RunContext) -> dict[str, Any]:
+    from experiments.probe_commands import _token_str
+    from probes.lens import logit_lens_store
+
+    cfg = ctx.run["lens"]
+    answers = answer_ids(ctx, cfg["answers"])
+    res = logit_lens_store(
+        ctx.store, ctx.loaded.model, answers, adapter=ctx.loaded.adapter,
+        points=cfg["points"] or ctx.run["capture"]["points"], roles=cfg["roles"], step=cfg["step"],
+        branch=cfg["branch"], token_str=_token_str(ctx.loaded),
+    )  # fmt: skip
+    res.meta["title"] = f"{ctx.run['id']}: logit lens on the answers"
+    res.save(ctx.dir / "lens")
+    return lens_headline(res.rows, ctx.store)
+
+
+def lens_headline(rows: list[dict], where: Path) -> dict[str, Any]:
+    """Logit lens at each example's last decoded position (latest step): the layer where the answer
+    is most probable, and how probable / how often top-1 it is at the last layer."""
+    last_pos: dict[Any, tuple[int, int]] = {}
+    for r in rows:
+        key = (r["step"], r["pos"])
+        last_pos[r["example"]] = max(last_pos.get(r["example"], key), key)
+    by_layer: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["lens"] == "logit" and (r["step"], r["pos"]) == last_pos[r["example"]]:
+            by_layer[r["layer"]].append(r)
+    if not by_layer:
+        raise ValueError(f"lens: no residual rows to decode in {where}")
+    mean_prob = {layer: sum(r["prob"] for r in rr) / len(rr) for layer, rr in by_layer.items()}
+    best, last = max(mean_prob, key=mean_prob.get), max(by_layer)
+    return {
+        "best_layer": best,
+        "best_prob": mean_prob[best],
+        "last_layer_prob": mean_prob[last],
+        "last_layer_top1": sum(r["rank"] == 1 for r in by_layer[last]) / len(by_layer[last]),
+    }
+
+
+def answer_ids(ctx: RunContext, answers: str | list) -> list[list[int]] | list[int]:
+    """Token ids the lens reports: from ``label:KEY`` (each example's own answer words) or a list."""
+    if isinstance(answers, list):
+        return [i for a in answers for i in _word_ids(ctx.loaded, a)]
+    key = answers.removeprefix("label:")
+    out = []
+    for ex in ctx.examples:
+        value = ex.get("labels", {}).get(key)
+        if value is None:
+            raise ValueError(f"lens.answers: example {ex.get('id')!r} has no label {key!r}")
+        out.append(_word_ids(ctx.loaded, value))
+    return out
+
+
+def _word_ids(loaded: LoadedModel, value: Any) -> list[int]:
+    """An answer's token ids: an int is an id, a list is its items, a string one token per word."""
+    from experiments.probe_commands import resolve_answers
+
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [i for v in value for i in _word_ids(loaded, v)]
+    words = str(value).split()
+    tok = getattr(loaded.tokenizer, "tok", None)  # the sandbox's word tokenizer (one id per word)
+    if loaded.info.get("text_prompts") and tok is not None:
+        return [int(tok[w]) for w in words]
+    return resolve_answers(loaded, words)
+
+
+# -- patching -------------------------------------------------------------------------------------
+def patch(ctx: RunContext) -> dict[str, Any]:
+    cfg = ctx.run["patch"]
+    if cfg["across"]:
+        return _patch_across(ctx, cfg)
+    from experiments.patch_commands import run_patch
+    from experiments.sweep.models import reuse_loaded
+
+    pairs = cfg["pairs"] or auto_pairs(ctx, cfg["n_pairs"])
+    peaks = []
+    with reuse_loaded(ctx.loaded):
+        for k, pair in enumerate(pairs):
+            out = ctx.dir / "patch" / f"pair-{k}"
+            args = argparse.Namespace(
+                model=ctx.loaded.spec, adapter=ctx.run["model"]["adapter"], points=cfg["kinds"],
+                method=cfg["method"], direction=cfg["direction"], align="strict", budget_mb=cfg["budget_mb"],
+                out=str(out), **pair,
+            )  # fmt: skip
+            run_patch(args)
+            grid = json.loads((out / "patch.json").read_text()).get("grid_normalised")
+            peaks.append(_peak(grid))
+    (ctx.dir / "patch" / "pairs.json").write_text(json.dumps(pairs, indent=1) + "\n")
+    finite = [p for p in peaks if p is not None]
+    return {"pairs": len(pairs), "peak_mean": sum(finite) / len(finite) if finite else None}
+
+
+def _peak(grid: Any) -> float | None:
+    """Largest finite value of a nested list (``None`` entries are undefined cells)."""
+    flat: list[float] = []
+    stack = [grid]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, list):
+            stack.extend(x)
+        elif isinstance(x, int | float) and math.isfinite(x):
+            flat.append(float(x))
+    return max(flat) if flat else None
+
+
+def auto_pairs(ctx: RunContext, n: int) -> list[dict[str, str]]:
+    """Up to ``n`` clean/corrupted pairs from the task's prompts: equal token length, different
+    one-token answers (label ``answer``). Prompts with images are skipped."""
+    from experiments.models import encode
+    from experiments.patch_commands import _token_id
+
+    cands = []
+    for text, ex in zip(prompt_texts(ctx), ctx.examples, strict=True):
+        answer = ex.get("labels", {}).get("answer")
+        if text is None or answer is None:
+            continue
+        try:
+            _token_id(ctx.loaded, str(answer))
+        except (ValueError, KeyError):
+            continue
+        cands.append((text, str(answer), len(encode(ctx.loaded, text))))
+    pairs = []
+    for i, (text, answer, length) in enumerate(cands):
+        for other, other_answer, other_length in cands[i + 1 :] + cands[:i]:
+            if other_length == length and other_answer != answer:
+                pairs.append({"clean": text, "corrupted": other, "target": answer, "foil": other_answer})
+                break
+        if len(pairs) == n:
+            break
+    if not pairs:
+        raise ValueError(
+            f"patch: no pair of prompts in task {ctx.run['task']['name']!r} with equal token lengths and "
+            "different one-token answers; give patch.pairs explicitly ({clean, corrupted, target, foil})"
+        )
+    return pairs
+
+
+def prompt_texts(ctx: RunContext) -> list[str | None]:
+    """The text of each example's prompt (``None`` when it has images or only token ids)."""
+    if ctx.items is not None:
+        return [None if ex["prompt"].images else ex["prompt"].text for ex in ctx.examples]
+    lines = [json.loads(x) for x in Path(ctx.run["task"]["prompts"]).read_text().splitlines() if x.strip()]
+    return [line.get("text") for line in lines][: len(ctx.examples)]
+
+
+def _patch_across(ctx: RunContext, cfg: dict) -> dict[str, Any]:
+    from experiments.demo_sections import run_patching
+
+    out = ctx.dir / "patch"
+    out.mkdir(parents=True, exist_ok=True)
+    arch = ctx.loaded.info["arch"]
+    res = run_patching(ctx.loaded.model, ctx.items, arch, out, n_items=cfg["n_pairs"])
+    return {
+        "pairs": len(res["pairs"]),
+        "across_peak": _peak(res["grid"]),
+        "clean": res["clean"],
+        "corrupted": res["corrupted"],
+    }
+
+
+# -- sandbox protocols ------------------------------------------------------------------------------
+def gapeval(ctx: RunContext) -> dict[str, Any]:
+    from experiments.sandbox.evaluate import evaluate_items
+    from experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
+
+    out = ctx.dir / "gapeval"
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluate_items(ctx.loaded.model, ctx.items, cot=False)
+    score, rows = sandbox_gap_score(results)
+    (out / "gapeval.json").write_text(
+        json.dumps({"score": score, "categories": [asdict(r) for r in rows]}, indent=1) + "\n"
+    )
+    (out / "gapeval.md").write_text(format_gap_score(score, rows, title=ctx.run["id"]) + "\n")
+    plot_gap_score(rows, score, str(out / "gapeval.png"), title=ctx.run["id"])
+    n = len(results)
+    return {
+        "score": score,
+        "understanding": sum(r["understanding"] for r in results) / n,
+        "generation": sum(r["generation"] for r in results) / n,
+    }
+
+
+def r3(ctx: RunContext) -> dict[str, Any]:
+    from experiments.seeds.r3 import format_r3, r3_loop
+
+    out = ctx.dir / "r3"
+    out.mkdir(parents=True, exist_ok=True)
+    res = r3_loop(ctx.loaded.model, ctx.items, rounds=ctx.run["r3"]["rounds"])
+    (out / "r3.json").write_text(json.dumps(asdict(res), indent=1) + "\n")
+    (out / "r3.md").write_text(format_r3(res, title=ctx.run["id"]) + "\n")
+    return {
+        "samples": len(res.items),
+        "accuracy_start": res.rounds[0].accuracy,
+        "accuracy_end": res.rounds[-1].accuracy,
+    }
+
+
+ANALYSIS_FUNCTIONS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
+    "probe": probe,
+    "lens": lens,
+    "patch": patch,
+    "gapeval": gapeval,
+    "r3": r3,
+}

@@ -1,0 +1,411 @@
+"""The sweep config: one YAML file → validated, normalised settings and the list of runs.
+
+Top-level keys (only these; anything else is an error naming the key and the allowed ones)::
+
+    name: unisandbox                # default: the file's stem
+    out: artifacts/sweeps/NAME      # sweep directory (``--out`` overrides; default shown)
+    seed: 0
+    models:   [{path, name?, adapter?, loader?, device_map?, dtype?}, ...]
+    tasks:    [{name, categories? | prompts?, form?, levels?, limit?, suite_seed?,
+                analyses?, capture?, probe?, lens?, patch?, r3?}, ...]
+    analyses: [capture, probe, lens, patch, gapeval, r3]   # any subset, run in this order
+    capture / probe / lens / patch / r3: settings of each analysis (see SECTIONS)
+    sweep:    {distribute: auto|examples|runs, timeout_minutes: 120}
+
+Runs are the product models × tasks, in that order, with ids ``{model name}__{task name}``.
+A task may override ``analyses`` and any key of the analysis sections for its runs.
+Relative file paths (``prompts``, ``adapter``, a ``loader`` ``.py`` file) are read from the config
+file's folder; ``models[].path`` is a built-in model name or a folder, as ``uniprobe --model`` takes.
+``--set KEY=VALUE`` (e.g. ``--set models[0].path=/data/Janus-Pro-1B``) edits the file's values
+before validation; VALUE is read as YAML (``4``, ``[text, query]``, ``null``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from experiments.sweep.schema import (
+    REQUIRED,
+    ConfigError,
+    anything,
+    boolean,
+    choice,
+    integer,
+    list_of,
+    number,
+    optional,
+    reduce_value,
+    section,
+    string,
+)
+from experiments.tasks.prompts import CATEGORIES
+from hooks.layout import ROLES
+from probes.patching.sites import KINDS
+
+ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "gapeval", "r3")
+NEEDS_STORE: tuple[str, ...] = ("probe", "lens")  # read the run's captured store
+SANDBOX_ONLY: tuple[str, ...] = ("gapeval", "r3")  # judge drawings with the sandbox's exact judge
+FORMS: tuple[str, ...] = ("understanding", "generation")
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+DISTRIBUTE: tuple[str, ...] = ("auto", "examples", "runs")
+
+
+def _role_selection(value: Any, path: str) -> str:
+    """A role name, or roles read together joined with ``+`` (``query+image_gen``)."""
+    for part in string(value, path).split("+"):
+        choice(ROLES)(part, path)
+    return value
+
+
+def _answers(value: Any, path: str) -> str | list:
+    if isinstance(value, str):
+        if not value.startswith("label:") or value == "label:":
+            raise ConfigError(
+                f"{path}: {value!r} is not 'label:KEY' (answers from a label) nor a list of answer tokens"
+            )
+        return value
+    return list_of(lambda v, p: v if isinstance(v, int | str) else string(v, p))(value, path)
+
+
+def _pair(value: Any, path: str) -> dict:
+    keys = ("clean", "corrupted", "target", "foil")
+    return section(
+        {k: (lambda v, p: str(v) if isinstance(v, int) else string(v, p), REQUIRED) for k in keys},
+        value,
+        path,
+    )
+
+
+MODEL = {
+    "path": (string, REQUIRED),
+    "name": (optional(string), None),
+    "adapter": (optional(string), None),
+    "loader": (optional(string), None),
+    "device_map": (anything, None),
+    "dtype": (optional(choice(DTYPES)), None),
+}
+SECTIONS: dict[str, dict[str, tuple]] = {
+    "capture": {
+        "points": (list_of(string, scalar_ok=True), ["blocks.*.resid_post"]),
+        "roles": (optional(list_of(choice(ROLES), scalar_ok=True)), None),
+        "mode": (choice(("auto", "understanding", "generation", "generate")), "auto"),
+        "batch_size": (integer(1), 16),
+        "backend": (choice(("torch", "nnsight", "transformer_lens")), "torch"),
+        "dtype": (optional(choice(DTYPES)), None),
+    },
+    "probe": {
+        "label": (string, "answer"),
+        "points": (optional(list_of(string, scalar_ok=True)), None),
+        "roles": (optional(list_of(_role_selection, scalar_ok=True)), None),
+        "reduce": (reduce_value, "last"),
+        "group_by": (optional(string), None),
+        "method": (choice(("logistic", "ridge")), "logistic"),
+        "folds": (integer(2), 4),
+        "test_size": (number(0.0, 1.0), 0.2),
+        "n_boot": (integer(0), 300),
+        "step": (optional(list_of(integer(0), scalar_ok=True)), None),
+        "branch": (choice(("cond", "uncond")), "cond"),
+    },
+    "lens": {
+        "answers": (_answers, "label:answer"),
+        "points": (optional(list_of(string, scalar_ok=True)), None),
+        "roles": (optional(list_of(choice(ROLES), scalar_ok=True)), None),
+        "step": (optional(list_of(integer(0), scalar_ok=True)), None),
+        "branch": (choice(("cond", "uncond")), "cond"),
+    },
+    "patch": {
+        "kinds": (list_of(choice(KINDS), scalar_ok=True), ["resid_pre"]),
+        "method": (choice(("exact", "attribution")), "exact"),
+        "direction": (choice(("denoise", "noise")), "denoise"),
+        "n_pairs": (integer(1), 2),
+        "pairs": (optional(list_of(_pair)), None),
+        "across": (boolean, False),
+        "budget_mb": (number(0.0, float("inf")), 512.0),
+    },
+    "r3": {"rounds": (integer(1), 3)},
+}
+SWEEP = {
+    "distribute": (choice(DISTRIBUTE), "auto"),
+    "timeout_minutes": (integer(1), 120),
+}
+TASK_KEYS = {
+    "name": (string, REQUIRED),
+    "source": (optional(choice(("sandbox", "prompts"))), None),
+    "categories": (optional(list_of(choice(CATEGORIES), scalar_ok=True)), None),
+    "form": (optional(choice(FORMS)), None),
+    "levels": (optional(list_of(integer(1), scalar_ok=True)), None),
+    "limit": (optional(integer(1)), None),
+    "suite_seed": (optional(integer(0)), None),
+    "prompts": (optional(string), None),
+    "analyses": (optional(list_of(choice(ANALYSES), scalar_ok=True)), None),
+    **{name: (anything, None) for name in SECTIONS},  # partial overrides, checked below
+}
+TOP = {
+    "name": (optional(string), None),
+    "out": (optional(string), None),
+    "seed": (integer(0), 0),
+    "models": (list_of(anything), REQUIRED),
+    "tasks": (list_of(anything), REQUIRED),
+    "analyses": (list_of(choice(ANALYSES), scalar_ok=True), REQUIRED),
+    **{name: (anything, None) for name in SECTIONS},
+    "sweep": (anything, None),
+}
+
+
+@dataclass
+class SweepConfig:
+    """A validated sweep.
+
+    Attributes:
+        name: the sweep's name.
+        out: its directory (from ``out`` or ``--out``; default ``artifacts/sweeps/{name}``).
+        settings: the normalised config without ``out`` — what a sweep directory is checked against.
+        runs: one resolved dict per run (``id``, ``model``, ``task``, ``analyses``, sections).
+        source: the YAML file.
+    """
+
+    name: str
+    out: Path
+    settings: dict
+    runs: list[dict]
+    source: Path
+
+    @property
+    def sweep(self) -> dict:
+        return self.settings["sweep"]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, out: str | None = None) -> SweepConfig:
+    """Read, override (``KEY=VALUE`` strings), validate and resolve a sweep config file."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"sweep config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    for item in overrides or []:
+        raw = apply_override(raw, item)
+    return resolve(raw, path, out)
+
+
+def apply_override(raw: Any, item: str) -> Any:
+    """``raw`` with ``KEY=VALUE`` applied; KEY is a path like ``models[0].path`` or ``capture.batch_size``."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. models[0].path=/data/Janus-Pro-1B")
+    steps = [s for part in key.split(".") for s in re.findall(r"[^\[\]]+|\[\d+\]", part)]
+    if not steps or "".join(steps) != key.replace(".", ""):
+        raise ConfigError(f"--set {item!r}: cannot read the key path {key!r}")
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    node, where = raw, ""
+    for step, nxt in zip(steps, steps[1:] + [None]):
+        index = int(step[1:-1]) if step.startswith("[") else None
+        where += step if index is not None else (f".{step}" if where else step)
+        new = [] if nxt is not None and nxt.startswith("[") else {}
+        if index is not None:
+            if not isinstance(node, list) or index >= len(node):
+                size = len(node) if isinstance(node, list) else 0
+                raise ConfigError(f"--set {item!r}: {where} does not exist (the list has {size} items)")
+            if nxt is None:
+                node[index] = yaml.safe_load(text)
+            else:
+                node = node[index]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {where} is inside a value that is not a mapping")
+            if nxt is None:
+                node[step] = yaml.safe_load(text)
+            else:
+                node = node.setdefault(step, new)
+    return raw
+
+
+def resolve(raw: Any, source: Path, out: str | None = None) -> SweepConfig:
+    """Validate the parsed YAML ``raw`` and build every run's config."""
+    top = section(TOP, raw, "")
+    base = source.parent.resolve()
+    name = top["name"] or source.stem
+    sections = {k: section(spec, top[k], k) for k, spec in SECTIONS.items()}
+    models = [_model(m, f"models[{i}]", base) for i, m in enumerate(top["models"])]
+    tasks = [_task(t, f"tasks[{i}]", base, top, sections) for i, t in enumerate(top["tasks"])]
+    settings = {
+        "name": name,
+        "seed": top["seed"],
+        "models": models,
+        "tasks": tasks,
+        "analyses": _ordered(top["analyses"], "analyses"),
+        **sections,
+        "sweep": section(SWEEP, top["sweep"], "sweep"),
+    }
+    runs, seen = [], {}
+    for i, model in enumerate(models):
+        for j, task in enumerate(tasks):
+            run = _run(model, task, f"models[{i}]", f"tasks[{j}]", top["seed"])
+            if run["id"] in seen:
+                raise ConfigError(
+                    f"models[{i}] × tasks[{j}]: run id {run['id']!r} repeats {seen[run['id']]}; "
+                    "give the models or tasks distinct 'name's"
+                )
+            seen[run["id"]] = f"models[{i}] × tasks[{j}]"
+            runs.append(run)
+    where = Path(out or top["out"] or Path("artifacts") / "sweeps" / name)
+    return SweepConfig(name, where, settings, runs, source)
+
+
+def missing_files(cfg: SweepConfig) -> list[str]:
+    """What a run would fail on before starting: model folders, adapter, loader and prompts files that
+    do not exist (one message per problem, naming the key and how to set it)."""
+    from experiments.models import builtin_names
+
+    problems = []
+    for i, m in enumerate(cfg.settings["models"]):
+        if m["path"] not in builtin_names() and not Path(m["path"]).expanduser().exists():
+            problems.append(
+                f"models[{i}].path: {m['path']!r} is neither a built-in model ({', '.join(builtin_names())}) "
+                f"nor an existing folder; set it with --set models[{i}].path=DIR"
+            )
+        loader_file = (m["loader"] or "").rpartition(":")[0]
+        for key, file in (
+            ("adapter", m["adapter"]),
+            ("loader", loader_file if loader_file.endswith(".py") else None),
+        ):
+            if file and not Path(file).exists():
+                problems.append(
+                    f"models[{i}].{key}: {file} does not exist; set it with --set models[{i}].{key}=..."
+                )
+    for j, t in enumerate(cfg.settings["tasks"]):
+        if t["prompts"] and not Path(t["prompts"]).exists():
+            problems.append(f"tasks[{j}].prompts: {t['prompts']} does not exist")
+    return problems
+
+
+def _ordered(analyses: list[str], path: str) -> list[str]:
+    dupes = sorted({a for a in analyses if analyses.count(a) > 1})
+    if dupes:
+        raise ConfigError(f"{path}: {', '.join(dupes)} listed more than once")
+    return [a for a in ANALYSES if a in analyses]
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def _local_file(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _model(raw: Any, path: str, base: Path) -> dict:
+    from experiments.models import builtin_names
+
+    m = section(MODEL, raw, path)
+    m["adapter"] = _local_file(m["adapter"], base)
+    if m["loader"]:
+        target, sep, func = m["loader"].partition(":")
+        if not sep or not target or not func.isidentifier():
+            raise ConfigError(
+                f"{path}.loader: {m['loader']!r} is not 'package.module:function' or 'file.py:function'"
+            )
+        if target.endswith(".py"):
+            m["loader"] = f"{_local_file(target, base)}:{func}"
+    builtin = m["path"] in builtin_names()
+    m["name"] = _safe_name(m["name"] or (m["path"] if builtin else Path(m["path"]).name))
+    return m
+
+
+def _task(raw: Any, path: str, base: Path, top: dict, sections: dict[str, dict]) -> dict:
+    t = section(TASK_KEYS, raw, path)
+    source = t["source"] or ("prompts" if t["prompts"] else "sandbox")
+    if source == "prompts":
+        if not t["prompts"]:
+            raise ConfigError(f"{path}.prompts: required when source is 'prompts' (a JSON-lines file)")
+        for key in ("categories", "form", "levels", "suite_seed"):
+            if t[key] is not None:
+                raise ConfigError(
+                    f"{path}.{key}: only sandbox tasks select items by {key}; "
+                    "a prompts task takes every line of its file (limit: the first N)"
+                )
+        t["prompts"] = _local_file(t["prompts"], base)
+    elif t["prompts"]:
+        raise ConfigError(
+            f"{path}.prompts: a sandbox task draws its items from the suite; drop 'prompts' or set "
+            "source: prompts"
+        )
+    else:
+        t["categories"] = t["categories"] or list(CATEGORIES)
+        t["form"] = t["form"] or "understanding"
+        t["suite_seed"] = top["seed"] if t["suite_seed"] is None else t["suite_seed"]
+    t["source"] = source
+    analyses = t.pop("analyses")
+    t["analyses"] = (
+        _ordered(analyses, f"{path}.analyses") if analyses else _ordered(top["analyses"], "analyses")
+    )
+    for name, spec in SECTIONS.items():
+        override = t.pop(name)
+        if override is None:
+            t[name] = sections[name]
+            continue
+        partial = {k: (check, _ABSENT) for k, (check, _) in spec.items()}
+        given = {k: v for k, v in section(partial, override, f"{path}.{name}").items() if v is not _ABSENT}
+        t[name] = {**sections[name], **given}
+    _check_task(t, path)
+    return t
+
+
+_ABSENT: Any = object()
+
+
+def _check_task(t: dict, path: str) -> None:
+    where = f"{path}.analyses" if t["analyses"] else "analyses"
+    for a in NEEDS_STORE:
+        if a in t["analyses"] and "capture" not in t["analyses"]:
+            raise ConfigError(f"{where}: {a!r} reads the run's activation store; add 'capture'")
+    if t["source"] != "sandbox":
+        bad = [a for a in SANDBOX_ONLY if a in t["analyses"]]
+        if bad:
+            raise ConfigError(
+                f"{where}: {', '.join(map(repr, bad))} judge sandbox drawings; task {t['name']!r} reads a "
+                f"prompts file. Allowed for a prompts task: {', '.join(a for a in ANALYSES if a not in bad)}"
+            )
+        if t["patch"]["across"]:
+            raise ConfigError(f"{path}.patch.across: understanding → generation patching needs sandbox items")
+    elif t["patch"]["across"] and "patch" in t["analyses"] and "arithmetic" not in t["categories"]:
+        raise ConfigError(f"{path}.patch.across: needs arithmetic items (add 'arithmetic' to categories)")
+
+
+def _run(model: dict, task: dict, mpath: str, tpath: str, seed: int) -> dict:
+    from experiments.models import builtin_names, sandbox_names
+
+    path = model["path"]
+    if task["source"] == "sandbox" and path in builtin_names() and path not in sandbox_names():
+        raise ConfigError(
+            f"{mpath}.path: {path!r} cannot read {tpath} ({task['name']!r}): sandbox items are in the "
+            f"sandbox's vocabulary; use a sandbox model ({', '.join(sandbox_names())}) or a prompts task"
+        )
+    analyses = task["analyses"]
+    run = {
+        "id": f"{model['name']}__{_safe_name(task['name'])}",
+        "model": model,
+        "task": {k: v for k, v in task.items() if k not in SECTIONS and k != "analyses"},
+        "analyses": analyses,
+        "seed": seed,
+    }
+    needed = {"capture": "capture" in analyses or any(a in analyses for a in NEEDS_STORE)}
+    for name in SECTIONS:
+        if needed.get(name) or name in analyses:
+            run[name] = task[name]
+    return run
+
+
+__all__ = ["ANALYSES", "ConfigError", "SweepConfig", "apply_override", "load_config", "resolve"]

@@ -1,0 +1,89 @@
+"""Ranks capture contiguous slices of a run's batches into part stores; rank 0 merges them into one.
+
+Rank ``r`` of ``w`` captures batches ``batch_slice(n_batches, r, w)`` (batches of the same size as a
+single process makes, so every batch, its padding and its activations are the same) into
+``store.parts/rank{r}-of{w}``. :func:`merge_parts` writes the parts' shards in rank order as shards
+``0, 1, ...`` of one store, renumbering the global example indices. The merged store is resumable
+like any capture: shards it already holds are skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from hooks.layout import ROLES
+from hooks.rows import Rows
+from hooks.store import INDEX_COLUMNS, ActivationStore
+
+EXAMPLE_KEYS = ("id", "labels", "meta", "layout")
+
+
+def batch_slice(n_batches: int, rank: int, world: int) -> range:
+    """The contiguous batches of ``rank``: sizes differ by at most one, earlier ranks take the extra."""
+    base, extra = divmod(n_batches, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def parts_dir(store: Path) -> Path:
+    return store.parent / f"{store.name}.parts"
+
+
+def part_path(store: Path, rank: int, world: int) -> Path:
+    """Where ``rank`` of ``world`` captures its slice of ``store``."""
+    return parts_dir(store) / f"rank{rank}-of{world}"
+
+
+def merge_parts(parts: list[Path], out: Path) -> ActivationStore:
+    """Merge complete part stores (in order) into one store at ``out``; returns it opened.
+
+    Each part's shards are checked (sha256) before they are copied. Raises ``ValueError`` when a
+    part is incomplete or was captured with another model or other points than the first.
+    """
+    opened = []
+    for p in parts:
+        store = ActivationStore.open(p, verify="full")
+        if not store.complete:
+            raise ValueError(f"cannot merge {p}: its capture is unfinished (the rank stopped early?)")
+        if store.manifest["roles"] != list(ROLES):
+            raise ValueError(f"cannot merge {p}: its roles {store.manifest['roles']} are not {list(ROLES)}")
+        opened.append(store)
+    if not opened:
+        raise ValueError("no part stores to merge")
+    first = opened[0]
+    for store in opened[1:]:
+        if store.model != first.model or store.points != first.points:
+            raise ValueError(f"cannot merge {store.path} with {first.path}: model or points differ")
+    merged = ActivationStore.create(
+        out, model=first.model, points=first.points, attrs=first.attrs, resume=True
+    )
+    index = 0
+    for store in opened:
+        for record in sorted(store.manifest["shards"], key=lambda r: r["index"]):
+            if not merged.has_shard(index):
+                lo, hi = record["examples"]
+                rows = _shard_rows(store.path / record["file"], store.points, lo)
+                examples = [{k: ex[k] for k in EXAMPLE_KEYS} for ex in store.examples[lo:hi]]
+                merged.write_shard(index, rows, examples)
+            index += 1
+    merged.finalize()
+    return ActivationStore.open(out)
+
+
+def _shard_rows(file: Path, points: list[str], first: int) -> dict[str, Rows]:
+    """Every point's rows of one shard file, with batch-local example indices."""
+    out = {}
+    with safe_open(str(file), framework="pt") as f:
+        for p in points:
+            cols = {c: f.get_tensor(f"{p}/{c}") for c in INDEX_COLUMNS}
+            cols["example"] = cols["example"] - first
+            out[p] = Rows(values=f.get_tensor(f"{p}/values"), **cols)
+    return out
+
+
+def remove_parts(store: Path) -> None:
+    """Delete the part stores of ``store`` (after the merged store is complete)."""
+    shutil.rmtree(parts_dir(store), ignore_errors=True)

@@ -1,0 +1,356 @@
+"""Running a sweep: the loop over runs, resuming, failures, and ranks under ``torchrun``.
+
+Layout of a sweep directory::
+
+    OUT/sweep.json            the validated config; a re-run must match it (else: new --out or --restart)
+    OUT/index.json, index.csv every run with status, error, paths and headline numbers (atomic)
+    OUT/runs/ID/config.json   the run's resolved config
+    OUT/runs/ID/store/        its activation store (capture)
+    OUT/runs/ID/probe/ lens/ patch/ gapeval/ r3/   each analysis's files and figures
+    OUT/runs/ID/results.json  headline of every finished analysis, rewritten after each one
+    OUT/runs/ID/results.csv   the same as analysis,key,value rows
+    OUT/runs/ID/log.txt       what the analyses printed
+    OUT/runs/ID/DONE.json     written last: the run is finished (FAILED.json: the last attempt failed)
+
+Resume: a run with DONE.json is skipped; a started run keeps its finished store shards (capture
+resumes) and its finished analyses (listed in results.json); failed runs are retried.
+
+Ranks (``WORLD_SIZE > 1``): with ``sweep.distribute: runs`` each rank takes every ``world``-th run;
+with ``examples`` every run's capture is split into contiguous slices of batches, one per rank,
+and rank 0 merges them into the run's store and runs the other analyses. ``auto`` shares runs when
+there are at least as many runs as ranks, else examples. Rank 0 writes the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from experiments.sweep.analyses import ANALYSIS_FUNCTIONS, RunContext
+from experiments.sweep.config import ConfigError, SweepConfig, missing_files
+from experiments.sweep.dist import Ranks, ranks_from_env
+from experiments.sweep.index import (
+    DONE,
+    FAILED,
+    RESULTS,
+    read_json,
+    run_state,
+    write_atomic,
+    write_index,
+    write_json,
+)
+from experiments.sweep.merge import batch_slice, merge_parts, part_path, remove_parts
+from experiments.sweep.tasks import capture_mode, run_examples
+
+Echo = Callable[[str], None]
+
+
+class FailFastError(RuntimeError):
+    """``--fail-fast``: a run failed and the sweep stopped."""
+
+
+def run_sweep(
+    cfg: SweepConfig, *, restart: bool = False, fail_fast: bool = False, echo: Echo = print
+) -> list[dict[str, Any]]:
+    """Run every unfinished run of ``cfg``; returns the index entries (on every rank).
+
+    Raises:
+        ConfigError: a model folder or file of the config is missing, or the sweep directory holds a
+            sweep made with a different config.
+        FailFastError: with ``fail_fast``, after the first failed run (the index is written first).
+    """
+    problems = missing_files(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    ranks = ranks_from_env(cfg.sweep["timeout_minutes"])
+    say = echo if ranks.main else (lambda _msg: None)
+    try:
+        problem = None
+        if ranks.main:
+            try:
+                prepare_root(cfg, restart)
+            except Exception as err:
+                problem = err
+        problem = ranks.broadcast(None if problem is None else str(problem))
+        if problem is not None:
+            raise ConfigError(problem)
+        mode = distribution(cfg, ranks)
+        if ranks.world > 1:
+            say(f"sweep {cfg.name!r}: {len(cfg.runs)} runs on {ranks.world} ranks, sharing {mode}")
+        loop = _share_runs if mode == "runs" else _share_examples
+        stopped = loop(cfg, ranks, fail_fast, echo if mode == "runs" else say)
+        stopped = [s for s in ranks.gather(stopped) if s]
+        entries = write_index(cfg.out, cfg.name, cfg.runs) if ranks.main else None
+        entries = ranks.broadcast(entries)
+        counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "failed", "pending")}
+        say(
+            f"sweep {cfg.name!r}: {counts['done']} done, {counts['failed']} failed, "
+            f"{counts['pending']} pending — index: {cfg.out / 'index.csv'}"
+        )
+        if stopped:
+            raise FailFastError(f"{stopped[0]} (--fail-fast: the sweep stopped; re-run to retry)")
+        return entries
+    finally:
+        ranks.close()
+
+
+def distribution(cfg: SweepConfig, ranks: Ranks) -> str:
+    """``single`` in one process, else ``runs`` or ``examples`` (see the module docstring)."""
+    if ranks.world == 1:
+        return "single"
+    mode = cfg.sweep["distribute"]
+    if mode == "auto":
+        return "runs" if len(cfg.runs) >= ranks.world else "examples"
+    return mode
+
+
+def prepare_root(cfg: SweepConfig, restart: bool) -> None:
+    """Create or check the sweep directory: its ``sweep.json`` must hold the same config."""
+    root = cfg.out
+    saved = root / "sweep.json"
+    if restart:
+        shutil.rmtree(root / "runs", ignore_errors=True)
+        for name in ("sweep.json", "index.json", "index.csv"):
+            (root / name).unlink(missing_ok=True)
+    settings = json.loads(json.dumps(cfg.settings))
+    if saved.exists():
+        old = read_json(saved).get("settings")
+        if old != settings:
+            raise ConfigError(
+                f"{root} holds a sweep made with a different config ({first_difference(old, settings)}); "
+                "to keep it, run into a new directory (--out), or pass --restart to delete its runs and "
+                "start again"
+            )
+    elif root.exists() and any(p.name != ".gitkeep" for p in root.iterdir()):
+        raise FileExistsError(f"{root} exists but holds no sweep (no sweep.json); choose another --out")
+    else:
+        runs = [r["id"] for r in cfg.runs]
+        write_json(saved, {"settings": settings, "runs": runs, "source": str(cfg.source), "created": _now()})
+    write_index(root, cfg.name, cfg.runs)
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str:
+    """Where two JSON values first differ, as ``path: old → new``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(old) + [k for k in new if k not in old]:
+            if old.get(key) != new.get(key):
+                return first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                return first_difference(a, b, f"{path}[{i}]")
+    return f"{path or 'config'}: {json.dumps(old)} → {json.dumps(new)}"
+
+
+# -- the two loops ------------------------------------------------------------------------------------
+def _share_examples(cfg: SweepConfig, ranks: Ranks, fail_fast: bool, say: Echo) -> str | None:
+    """Every rank takes part in every run (rank 0 decides what each run needs)."""
+    models = ModelCache()
+    stop = None
+    for k, run in enumerate(cfg.runs):
+        run_dir = cfg.out / "runs" / run["id"]
+        plan = None
+        if ranks.main:
+            if stop:
+                plan = "stop"
+            elif (run_dir / DONE).exists():
+                plan = "skip"
+            else:
+                plan = "captured" if store_complete(run_dir / "store") else "capture"
+        plan = ranks.broadcast(plan)
+        if plan == "stop":
+            break
+        where = f"[{k + 1}/{len(cfg.runs)}] {run['id']}"
+        if plan == "skip":
+            say(f"{where}: done before, skipped")
+            continue
+        status = execute_run(run, run_dir, ranks, models, plan == "captured", say, where)
+        if ranks.main:
+            write_index(cfg.out, cfg.name, cfg.runs)
+            if status == "failed" and fail_fast:
+                stop = f"run {run['id']} failed: {run_state(run_dir).get('error')}"
+    return stop
+
+
+def _share_runs(cfg: SweepConfig, ranks: Ranks, fail_fast: bool, echo: Echo) -> str | None:
+    """Rank ``r`` takes runs ``r, r + world, ...``, each in full, alone."""
+    models = ModelCache()
+    tag = f"[rank {ranks.rank}] " if ranks.world > 1 else ""
+    for k, run in enumerate(cfg.runs):
+        if k % ranks.world != ranks.rank:
+            continue
+        run_dir = cfg.out / "runs" / run["id"]
+        where = f"{tag}[{k + 1}/{len(cfg.runs)}] {run['id']}"
+        if (run_dir / DONE).exists():
+            echo(f"{where}: done before, skipped")
+            continue
+        status = execute_run(run, run_dir, Ranks(), models, False, echo, where)
+        if ranks.main:
+            write_index(cfg.out, cfg.name, cfg.runs)
+        if status == "failed" and fail_fast:
+            return f"run {run['id']} failed: {run_state(run_dir).get('error')}"
+    return None
+
+
+# -- one run ----------------------------------------------------------------------------------------
+class ModelCache:
+    """Holds the last model loaded, so consecutive runs of one model load it once."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.loaded: Any = None
+
+    def get(self, spec: dict) -> Any:
+        from experiments.sweep.models import load_run_model
+
+        key = json.dumps(spec, sort_keys=True)
+        if key != self.key:
+            self.key, self.loaded = None, None  # free the previous model first
+            self.loaded = load_run_model(spec)
+            self.key = key
+        return self.loaded
+
+
+def store_complete(path: Path) -> bool:
+    from hooks.store import ActivationStore
+
+    try:
+        return ActivationStore.open(path, verify="none").complete
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def execute_run(
+    run: dict, run_dir: Path, ranks: Ranks, models: ModelCache, captured: bool, say: Echo, where: str
+) -> str | None:
+    """One run: capture (this rank's slice), then on rank 0 merge and the other analyses.
+
+    Returns ``"done"`` or ``"failed"`` on rank 0 (``None`` on other ranks). Markers and results are
+    written by rank 0 only; a failure is recorded in FAILED.json and the run's state stays resumable.
+    """
+    t0 = time.perf_counter()
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED).unlink(missing_ok=True)
+        write_json(run_dir / "config.json", run)
+        say(f"{where}: {', '.join(run['analyses'])}")
+    capture = "capture" in run["analyses"] and not captured
+    error, trace, ctx = None, None, None
+    try:
+        if ranks.main or capture:
+            loaded = models.get(run["model"])
+            examples, items = run_examples(run["task"], loaded)
+            ctx = RunContext(run, run_dir, loaded, examples, items)
+            if capture:
+                capture_slice(ctx, ranks)
+    except Exception as err:
+        error, trace = _describe(err, ranks), traceback.format_exc()
+    errors = [e for e in ranks.gather(error) if e]
+    if not ranks.main:
+        return None
+    if errors:
+        return _fail(run_dir, errors, trace, t0, say, where)
+    try:
+        finish_analyses(ctx, ranks, capture, say, where)
+    except Exception as err:
+        return _fail(run_dir, [_describe(err, ranks)], traceback.format_exc(), t0, say, where)
+    seconds = time.perf_counter() - t0
+    results = read_json(run_dir / RESULTS)["analyses"]
+    headline = {f"{a}.{k}": v for a, h in results.items() for k, v in h.items()}
+    write_json(
+        run_dir / DONE,
+        {"id": run["id"], "seconds": round(seconds, 3), "finished": _now(), "headline": headline},
+    )
+    say(f"{where}: done in {seconds:.1f}s")
+    return "done"
+
+
+def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
+    """Capture this rank's batches of the run's examples (all of them in a single process)."""
+    from experiments.cli import DTYPES
+    from hooks.pipeline import capture_dataset
+
+    cfg = ctx.run["capture"]
+    size = cfg["batch_size"]
+    examples, target = ctx.examples, ctx.store
+    if ranks.world > 1:
+        mine = batch_slice(math.ceil(len(examples) / size), ranks.rank, ranks.world)
+        if not mine:
+            return
+        examples = examples[mine.start * size : mine.stop * size]
+        target = part_path(ctx.store, ranks.rank, ranks.world)
+    capture_dataset(
+        ctx.loaded.model, examples, cfg["points"], target, adapter=ctx.loaded.adapter, roles=cfg["roles"],
+        mode=capture_mode(ctx.run["task"], cfg["mode"]), batch_size=size, backend=cfg["backend"],
+        dtype=DTYPES[cfg["dtype"]] if cfg["dtype"] else None, resume=True,
+        model_info={"spec": ctx.run["model"]["path"]}, progress=False,
+    )  # fmt: skip
+
+
+def finish_analyses(ctx: RunContext, ranks: Ranks, captured_now: bool, say: Echo, where: str) -> None:
+    """Rank 0: merge the ranks' captures, then every analysis not finished before (results.json)."""
+    from hooks.store import ActivationStore
+
+    file = ctx.dir / RESULTS
+    results = read_json(file) if file.exists() else {"id": ctx.run["id"], "analyses": {}}
+    done = results["analyses"]
+    if "capture" in ctx.run["analyses"]:
+        if ranks.world > 1 and captured_now:
+            n_batches = math.ceil(len(ctx.examples) / ctx.run["capture"]["batch_size"])
+            parts = [
+                part_path(ctx.store, r, ranks.world)
+                for r in range(ranks.world)
+                if batch_slice(n_batches, r, ranks.world)
+            ]
+            merge_parts(parts, ctx.store)
+        remove_parts(ctx.store)
+        store = ActivationStore.open(ctx.store)
+        done["capture"] = {
+            "examples": store.n_examples,
+            "points": len(store.points),
+            "mb": round(store.size_on_disk() / 2**20, 3),
+        }
+        _save_results(ctx.dir, results)
+    for name in ctx.run["analyses"]:
+        if name == "capture" or name in done:
+            continue
+        t0 = time.perf_counter()
+        with open(ctx.dir / "log.txt", "a") as log, contextlib.redirect_stdout(log):
+            done[name] = ANALYSIS_FUNCTIONS[name](ctx)
+        _save_results(ctx.dir, results)
+        say(f"{where}: {name} in {time.perf_counter() - t0:.1f}s")
+
+
+def _save_results(run_dir: Path, results: dict) -> None:
+    write_json(run_dir / RESULTS, results)
+    lines = ["analysis,key,value"]
+    for name, headline in results["analyses"].items():
+        lines += [f"{name},{key},{'' if v is None else v}" for key, v in headline.items()]
+    write_atomic(run_dir / "results.csv", "\n".join(lines) + "\n")
+
+
+def _describe(err: Exception, ranks: Ranks) -> str:
+    who = f"rank {ranks.rank}: " if ranks.world > 1 else ""
+    return f"{who}{type(err).__name__}: {err}"
+
+
+def _fail(run_dir: Path, errors: list[str], trace: str | None, t0: float, say: Echo, where: str) -> str:
+    seconds = round(time.perf_counter() - t0, 3)
+    write_json(
+        run_dir / FAILED,
+        {"error": "; ".join(errors), "seconds": seconds, "finished": _now(), "traceback": trace},
+    )
+    say(f"{where}: FAILED — {'; '.join(errors)}")
+    return "failed"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
