@@ -5,7 +5,7 @@ Top-level keys (only these; anything else is an error naming the key and the all
     name: unisandbox                # default: the file's stem
     out: artifacts/sweeps/NAME      # sweep directory (``--out`` overrides; default shown)
     seed: 0
-    models:   [{path, name?, adapter?, loader?, device_map?, dtype?}, ...]
+    models:   [{path, name?, adapter?, loader?, device_map?, dtype?, load_options?}, ...]
     tasks:    [{name, categories? | prompts?, form?, levels?, limit?, suite_seed?,
                 analyses?, capture?, probe?, lens?, patch?, r3?}, ...]
     analyses: [capture, probe, lens, patch, gapeval, r3]   # any subset, run in this order
@@ -36,6 +36,7 @@ from experiments.sweep.schema import (
     choice,
     integer,
     list_of,
+    mapping,
     number,
     optional,
     reduce_value,
@@ -87,6 +88,7 @@ MODEL = {
     "loader": (optional(string), None),
     "device_map": (anything, None),
     "dtype": (optional(choice(DTYPES)), None),
+    "load_options": (optional(mapping), None),
 }
 SECTIONS: dict[str, dict[str, tuple]] = {
     "capture": {
@@ -237,14 +239,14 @@ def resolve(raw: Any, source: Path, out: str | None = None) -> SweepConfig:
     sections = {k: section(spec, top[k], k) for k, spec in SECTIONS.items()}
     models = [_model(m, f"models[{i}]", base) for i, m in enumerate(top["models"])]
     tasks = [_task(t, f"tasks[{i}]", base, top, sections) for i, t in enumerate(top["tasks"])]
-    settings = {
+    settings = {  # top-level settings before the tasks that copy them: differences show there first
         "name": name,
         "seed": top["seed"],
-        "models": models,
-        "tasks": tasks,
         "analyses": _ordered(top["analyses"], "analyses"),
         **sections,
         "sweep": section(SWEEP, top["sweep"], "sweep"),
+        "models": models,
+        "tasks": tasks,
     }
     runs, seen = [], {}
     for i, model in enumerate(models):
@@ -359,15 +361,15 @@ def _task(raw: Any, path: str, base: Path, top: dict, sections: dict[str, dict])
         partial = {k: (check, _ABSENT) for k, (check, _) in spec.items()}
         given = {k: v for k, v in section(partial, override, f"{path}.{name}").items() if v is not _ABSENT}
         t[name] = {**sections[name], **given}
-    _check_task(t, path)
+    _check_task(t, path, f"{path}.analyses" if analyses else "analyses")
     return t
 
 
 _ABSENT: Any = object()
 
 
-def _check_task(t: dict, path: str) -> None:
-    where = f"{path}.analyses" if t["analyses"] else "analyses"
+def _check_task(t: dict, path: str, where: str) -> None:
+    """Cross-key checks of one resolved task; ``where``: the key its analyses list came from."""
     for a in NEEDS_STORE:
         if a in t["analyses"] and "capture" not in t["analyses"]:
             raise ConfigError(f"{where}: {a!r} reads the run's activation store; add 'capture'")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,24 +20,21 @@ from experiments.models import LoadedModel
 
 
 def load_run_model(spec: dict) -> LoadedModel:
-    """The model of a run's ``model`` config: ``path``, ``adapter``, ``loader``, ``device_map``, ``dtype``."""
+    """The model of a run's ``model`` config.
+
+    ``device_map``, ``dtype`` and ``load_options`` (further ``from_pretrained`` keywords such as
+    ``max_memory``) go to :func:`experiments.models.load_model` for a transformers folder (built-in
+    models refuse them); a loader's model is cast to ``dtype`` after loading.
+    """
     from experiments import models
 
-    extra: dict[str, Any] = {}
     if spec["loader"]:
         loaded = _from_loader(spec)
-    else:
-        accepted = inspect.signature(models.load_model).parameters
-        extra = {k: spec[k] for k in ("device_map", "dtype") if spec[k] is not None and k in accepted}
-        if spec["device_map"] is not None and "device_map" not in accepted:
-            raise ValueError(
-                f"model {spec['name']!r}: device_map is set but this uniprobe's load_model cannot place "
-                "models on devices yet; remove models[].device_map"
-            )
-        loaded = models.load_model(spec["path"], spec["adapter"], **extra)
-    if spec["dtype"] is not None and "dtype" not in extra:
-        loaded.model.to(getattr(torch, spec["dtype"]))
-    return loaded
+        if spec["dtype"] is not None:
+            loaded.model.to(getattr(torch, spec["dtype"]))
+        return loaded
+    options = {k: spec[k] for k in ("device_map", "dtype") if spec[k] is not None}
+    return models.load_model(spec["path"], spec["adapter"], **options, **(spec["load_options"] or {}))
 
 
 def _from_loader(spec: dict) -> LoadedModel:

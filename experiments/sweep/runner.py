@@ -79,9 +79,11 @@ def run_sweep(
                 prepare_root(cfg, restart)
             except Exception as err:
                 problem = err
-        problem = ranks.broadcast(None if problem is None else str(problem))
+        message = ranks.broadcast(None if problem is None else str(problem))
         if problem is not None:
-            raise ConfigError(problem)
+            raise problem
+        if message is not None:
+            raise ConfigError(message)
         mode = distribution(cfg, ranks)
         if ranks.world > 1:
             say(f"sweep {cfg.name!r}: {len(cfg.runs)} runs on {ranks.world} ranks, sharing {mode}")

@@ -16,8 +16,8 @@ class ConfigError(ValueError):
 
 def near(name: str, choices: Sequence[str]) -> str:
     """``" (did you mean 'x'?)"`` when ``name`` is close to one of ``choices``."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def string(value: Any, path: str) -> str:
@@ -89,6 +89,12 @@ def reduce_value(value: Any, path: str) -> str | int:
     if value in ("last", "first", "mean") or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     raise ConfigError(f"{path}: unknown value {value!r}; allowed: last, first, mean, or an integer position")
+
+
+def mapping(value: Any, path: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {value!r}")
+    return value
 
 
 def anything(value: Any, path: str) -> Any:
