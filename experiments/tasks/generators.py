@@ -76,11 +76,14 @@ class Character:
         return " ".join(self.attrs[a] for a in world.ATTRIBUTES)
 
 
-def make_characters(rng: random.Random, n: int = len(NAMES)) -> list[Character]:
-    """``n`` fictional characters with random attributes (no two share all six)."""
+def make_characters(
+    rng: random.Random, n: int = len(NAMES), names: tuple[str, ...] = NAMES, avoid: set[tuple] | None = None
+) -> list[Character]:
+    """``n`` fictional characters named ``names[:n]`` with random attributes (no two share all six,
+    nor any attribute tuple in ``avoid``)."""
     chars: list[Character] = []
-    seen = set()
-    for name in NAMES[:n]:
+    seen = set(avoid or ())
+    for name in names[:n]:
         while True:
             attrs = {a: rng.choice(world.ATTRIBUTE_VALUES[a]) for a in world.ATTRIBUTES}
             key = tuple(attrs.values())

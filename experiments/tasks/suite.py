@@ -18,7 +18,7 @@ generalises arithmetic. ``training_examples(taught_reasoning=0)`` holds those qu
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from experiments.tasks import generators as gen
@@ -40,6 +40,7 @@ QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     ),
     # used with ``taught_reasoning`` (the test reasoning questions come on top of this mix)
     "taught": (("arith", 0.15), ("mapping", 0.25), ("fact", 0.45), ("inverse", 0.55), ("count", 0.85)),
+    "count_heavy": (("arith", 0.05), ("mapping", 0.1), ("fact", 0.3), ("inverse", 0.38), ("count", 0.85)),
 }
 
 
@@ -244,77 +245,8 @@ class Suite:
                     )
                 i += 1
         self.mapping_test_statements = seen_maps
-        for c in self.characters:
-            for attr in INVERSE_ATTRS:
-                value = c.attrs[attr]
-                items.append(
-                    Item(
-                        id=f"knowledge-{attr}-{c.name}",
-                        category="knowledge_forward",
-                        task=attr,
-                        level=1,
-                        question=attr_question(c.name, attr),
-                        answer=value,
-                        gen_prompt=f"draw {c.name} 's favourite {attr}",
-                        target=tuple(world.encode(world.count_grid(1, world.TILE_ID[value]))),
-                        criterion={"type": "count", "tile": value, "n": 1},
-                        cot_questions=(attr_question(c.name, attr),),
-                        cot_draw="draw 1 {0}",
-                        labels={
-                            "answer": value,
-                            "entity": c.name,
-                            "template": f"forward_{attr}",
-                            "taught": True,
-                        },
-                    )
-                )
-            words = c.describe()
-            items.append(
-                Item(
-                    id=f"knowledge-portrait-{c.name}",
-                    category="knowledge_forward",
-                    task="portrait",
-                    level=1,
-                    question=f"describe {c.name} ?",
-                    answer=words,
-                    gen_prompt=f"draw a portrait of {c.name}",
-                    target=tuple(world.encode(world.portrait_grid(c.attrs))),
-                    criterion={"type": "portrait", "attrs": dict(c.attrs)},
-                    cot_questions=(f"describe {c.name} ?",),
-                    cot_draw="draw a portrait of {0}",
-                    labels={
-                        "answer": words,
-                        "entity": c.name,
-                        "template": "forward_portrait",
-                        "taught": True,
-                    },
-                )
-            )
-        for i, (a, b, attr) in enumerate(self.inverse_test):
-            one = self.by_name[a] if rng.random() < 0.5 else self.by_name[b]
-            value = one.attrs[attr]
-            q = inverse_question(a, b, attr, value)
-            items.append(
-                Item(
-                    id=f"inverse-{i:03d}",
-                    category="knowledge_inverse",
-                    task="portrait",
-                    level=1,
-                    question=q,
-                    answer=one.name,
-                    gen_prompt=f"of {a} and {b} draw the one whose favourite {attr} is {value}",
-                    target=tuple(world.encode(world.portrait_grid(one.attrs))),
-                    criterion={"type": "portrait", "attrs": dict(one.attrs)},
-                    cot_questions=(q, "describe {0} ?"),
-                    cot_draw="draw a portrait of {1}",
-                    labels={
-                        "answer": one.name,
-                        "entity": one.name,
-                        "template": f"inverse_{attr}",
-                        "value": value,
-                    },
-                )
-            )
+        items += knowledge_items(self.characters)
+        items += inverse_items(self.inverse_test, self.by_name, rng)
 
     # -- training stream ------------------------------------------------------------------
     def _qa(
@@ -417,3 +349,92 @@ class Suite:
             if any(k in held and k not in allowed for k in keys):
                 continue
             yield ex
+
+
+def knowledge_items(characters: Sequence[gen.Character], prefix: str = "") -> list[Item]:
+    """Forward knowledge items of ``characters``: favourite fruit and flower, and the portrait."""
+    items: list[Item] = []
+    for c in characters:
+        for attr in INVERSE_ATTRS:
+            value = c.attrs[attr]
+            items.append(
+                Item(
+                    id=f"{prefix}knowledge-{attr}-{c.name}",
+                    category="knowledge_forward",
+                    task=attr,
+                    level=1,
+                    question=attr_question(c.name, attr),
+                    answer=value,
+                    gen_prompt=f"draw {c.name} 's favourite {attr}",
+                    target=tuple(world.encode(world.count_grid(1, world.TILE_ID[value]))),
+                    criterion={"type": "count", "tile": value, "n": 1},
+                    cot_questions=(attr_question(c.name, attr),),
+                    cot_draw="draw 1 {0}",
+                    labels={
+                        "answer": value,
+                        "entity": c.name,
+                        "template": f"forward_{attr}",
+                        "taught": True,
+                    },
+                )
+            )
+        words = c.describe()
+        items.append(
+            Item(
+                id=f"{prefix}knowledge-portrait-{c.name}",
+                category="knowledge_forward",
+                task="portrait",
+                level=1,
+                question=f"describe {c.name} ?",
+                answer=words,
+                gen_prompt=f"draw a portrait of {c.name}",
+                target=tuple(world.encode(world.portrait_grid(c.attrs))),
+                criterion={"type": "portrait", "attrs": dict(c.attrs)},
+                cot_questions=(f"describe {c.name} ?",),
+                cot_draw="draw a portrait of {0}",
+                labels={
+                    "answer": words,
+                    "entity": c.name,
+                    "template": "forward_portrait",
+                    "taught": True,
+                },
+            )
+        )
+    return items
+
+
+def inverse_items(
+    pairs: Sequence[tuple[str, str, str]],
+    by_name: dict[str, gen.Character],
+    rng: random.Random,
+    prefix: str = "",
+) -> list[Item]:
+    """Inverse knowledge items ("of A and B draw the one whose favourite fruit is X") for ``pairs``
+    ``(a, b, attr)``; which of the two is asked for is drawn from ``rng``."""
+    items: list[Item] = []
+    for i, (a, b, attr) in enumerate(pairs):
+        one = by_name[a] if rng.random() < 0.5 else by_name[b]
+        value = one.attrs[attr]
+        q = inverse_question(a, b, attr, value)
+        items.append(
+            Item(
+                id=f"{prefix}inverse-{i:03d}",
+                category="knowledge_inverse",
+                task="portrait",
+                level=1,
+                question=q,
+                answer=one.name,
+                gen_prompt=f"of {a} and {b} draw the one whose favourite {attr} is {value}",
+                target=tuple(world.encode(world.portrait_grid(one.attrs))),
+                criterion={"type": "portrait", "attrs": dict(one.attrs)},
+                cot_questions=(q, "describe {0} ?"),
+                cot_draw="draw a portrait of {1}",
+                labels={
+                    "answer": one.name,
+                    "entity": one.name,
+                    "template": f"inverse_{attr}",
+                    "value": value,
+                },
+            )
+        )
+    return items
