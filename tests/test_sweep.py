@@ -196,19 +196,24 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path):
     out = tmp_path / "killed"
     first, second = out / "runs" / "tiny-llama__first", out / "runs" / "tiny-llama__second"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "killed.log", "w")  # closed after the process ends
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments", "sweep", str(path), "--out", str(out)],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not (second / "store" / "shard-00002.safetensors").exists():
-            assert proc.poll() is None, "the sweep ended before it could be killed"
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"the sweep ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()}"
+                )
             assert time.monotonic() < deadline, "the sweep did not reach the second run in time"
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+        log.close()
     assert (first / "DONE.json").exists() and not (second / "DONE.json").exists()
     first_files = mtimes(first)
     finished = [r["file"] for r in json.loads((second / "store" / "manifest.json").read_text())["shards"]]
