@@ -150,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; finished shards are kept — re-run with --resume to continue", file=sys.stderr)
+        print(
+            "interrupted; finished shards and runs are kept — re-run the same command to continue "
+            "(add --resume for `uniprobe capture`)",
+            file=sys.stderr,
+        )
         return 130
     except (
         ValueError,
