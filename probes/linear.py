@@ -34,7 +34,15 @@ from hooks.layout import ROLES
 from hooks.points import expand, layer_of
 from hooks.store import ActivationStore
 from probes.results import ProbeResults, nan_to_none, probe_key
-from probes.solvers import LinearFit, class_counts, covariance, fit_logistic, fit_ridge
+from probes.solvers import (
+    Design,
+    LinearFit,
+    argmax_classes,
+    class_counts,
+    design,
+    fit_logistic,
+    fit_ridge,
+)
 from probes.splits import (
     ProbeInputError,
     Split,
@@ -202,21 +210,25 @@ def _train_batch(
     test = _pad([it["test"] for it in items], n, False)
     train = fold >= 0
     # standardise with training-split statistics; padding rows stay zero
-    wt = train.float()[..., None]
-    count = wt.sum(1, keepdim=True).clamp_min(1)
-    mean = (x * wt).sum(1, keepdim=True) / count
-    std = (((x - mean) ** 2 * wt).sum(1, keepdim=True) / count).sqrt()
+    n_tr = int(train.sum(1).max())  # rows are ordered training first: fits see only the first n_tr rows
+    if bool(train[:, :n_tr].all()):  # the same training rows in every probe: one fused reduction
+        std, mean = torch.std_mean(x[:, :n_tr], dim=1, keepdim=True, correction=0)
+    else:
+        wt = (train.float() / train.sum(1, keepdim=True).clamp_min(1))[:, None]  # [B, 1, n]
+        mean = torch.bmm(wt, x)
+        std = torch.bmm(wt, (x - mean).square_()).sqrt_()
     std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-30), std, torch.ones_like(std))
-    valid = (train | test).float()[..., None]
-    x = ((x - mean) / std * valid).contiguous()
+    x = (x - mean).div_(std)
+    valid = train | test
+    if not bool(valid.all()):
+        x *= valid[..., None]
 
-    # rows are ordered training first: fits see only the first n_tr rows
-    n_tr = int(train.sum(1).max())
     x_tr, y_tr, fold_tr, train_tr = x[:, :n_tr], y[:, :n_tr], fold[:, :n_tr], train[:, :n_tr]
     fit_w = torch.stack([(train_tr & (fold_tr != f)) for f in range(folds)], 1).float()  # [B, F, n_tr]
     held = torch.stack([fold_tr == f for f in range(folds)], 1)  # [B, F, n_tr]
-    cov = covariance(x_tr, train_tr) if method == "logistic" else None  # the solver's preconditioner
-    cv_acc, cv_loss, fold_mean = _cross_validate(x_tr, y_tr, fit_w, held, k, method, cs, max_iter, tol, cov)
+    # logistic: every fit below runs on the features rotated once onto their principal axes
+    feats = design(x_tr, train_tr) if method == "logistic" else x_tr
+    cv_acc, cv_loss, fold_mean = _cross_validate(feats, y_tr, fit_w, held, k, method, cs, max_iter, tol)
     best = torch.argmax(cv_acc - 1e-9 * cv_loss, dim=1)  # ties: the lower held-out loss
     c_best = torch.tensor(cs, dtype=torch.float64)[best]  # [B]
 
@@ -232,11 +244,11 @@ def _train_batch(
         init = torch.stack([init_w, torch.zeros_like(init_w)], 1)[:, :, None]
         c2 = c_best.float()[:, None, None].expand(-1, 2, 1)
         start = (init[..., :-1], init[..., -1])
-        fit = fit_logistic(x_tr, y2, w2, c2, k, max_iter=max_iter, tol=tol, init=start, cov=cov)
+        fit = feats.unrotate(fit_logistic(feats, y2, w2, c2, k, max_iter=max_iter, tol=tol, init=start))
     else:
         fit = fit_ridge(x_tr, y2, w2, (1.0 / c_best)[:, None, None].expand(-1, 2, 1), k)
     _mask_absent(fit, class_counts(y2, w2, k) > 0)
-    pred = fit.logits(x)[:, :, 0].argmax(2)  # [B, 2, n]
+    pred = fit.predict(x)[:, :, 0]  # [B, 2, n]
     for b, it in enumerate(items):
         g: ProbeGroup = it["group"]
         rows_test = test[b]
@@ -279,7 +291,7 @@ def _mask_absent(fit: LinearFit, present: Tensor) -> None:
 
 
 def _cross_validate(
-    x: Tensor,
+    x: Tensor | Design,
     y: Tensor,
     fit_w: Tensor,
     held: Tensor,
@@ -288,36 +300,50 @@ def _cross_validate(
     cs: list[float],
     max_iter: int,
     tol: float,
-    cov: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Held-out accuracy and loss ``[B, A]`` (fold means) per ``C``; fold-mean fits ``[B, A, K, d+1]``."""
+    """Held-out accuracy and loss ``[B, A]`` (fold means) per ``C``; fold-mean fits ``[B, A, K, d+1]``
+    (logistic: on ``x``'s rotated features)."""
     nb, nf, n = fit_w.shape
     present = class_counts(y[:, None].expand(-1, nf, -1), fit_w, k) > 0
+    all_present = bool(present.all())
+    features = x.features if isinstance(x, Design) else x
+    n_held = held.sum(-1).clamp_min(1)
     accs, losses, means = [], [], []
-    if method == "ridge":
-        fits = [fit_ridge(x, y, fit_w, torch.tensor([1.0 / c for c in cs]), k)]
-    else:
-        fits, prev = [], None
-        for c in cs:  # weak to strong C, each fit warm-started at the last
-            prev = fit_logistic(x, y, fit_w, c, k, max_iter=max_iter, tol=tol, init=prev, cov=cov)
-            fits.append(prev)
-    for fit in fits:
-        _mask_absent(fit, present)
-        logits = fit.logits(x)  # [B, F, A', K, n]
+
+    def evaluate(fit: LinearFit) -> None:
+        logits = fit.fitted_logits  # [B, F, A', K, n]: kept by the solver, else one product
+        if logits is None or logits.shape[-1] != n:
+            logits = fit.logits(features)
+        bias = fit.bias
+        if not all_present:  # a class absent from a fold's training rows is never predicted
+            logits = logits.masked_fill(~present[:, :, None, :, None], _ABSENT)
+            bias = bias.masked_fill(~present[:, :, None, :], _ABSENT)
         for a in range(logits.shape[2]):
             z = logits[:, :, a]  # [B, F, K, n]
-            correct = (z.argmax(2) == y[:, None]).float()
+            correct = (argmax_classes(z, 2) == y[:, None]).float()
             if method == "ridge":
                 target = torch.nn.functional.one_hot(y, k).mT[:, None].float()
                 loss = ((z - target) ** 2).sum(2)
             else:
                 loss = -torch.log_softmax(z, 2).gather(2, y[:, None, None].expand(-1, nf, 1, -1)).squeeze(2)
                 loss = loss.clamp_max(30.0)
-            n_held = held.sum(-1).clamp_min(1)
             accs.append(((correct * held).sum(-1) / n_held).mean(1))
             losses.append(((loss * held).sum(-1) / n_held).mean(1))
-            theta = torch.cat([fit.weight[:, :, a], fit.bias[:, :, a, :, None].clamp_min(-50.0)], -1)
+            theta = torch.cat([fit.weight[:, :, a], bias[:, :, a, :, None].clamp_min(-50.0)], -1)
             means.append(theta.mean(1))
+
+    if method == "ridge":
+        evaluate(fit_ridge(x, y, fit_w, torch.tensor([1.0 / c for c in cs]), k))
+    else:
+        # strong to weak penalty, each fit started on the line through the previous two (a warm start
+        # extrapolated along the path); their logits on x are kept and reused, so this costs no pass
+        prev = before = None
+        for c in cs:
+            fit = fit_logistic(
+                x, y, fit_w, c, k, max_iter=max_iter, tol=tol, init=prev, along=before, keep_logits=True
+            )
+            evaluate(fit)
+            before, prev = prev, fit
     return torch.stack(accs, 1), torch.stack(losses, 1), torch.stack(means, 1)
 
 

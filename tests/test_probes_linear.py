@@ -15,7 +15,7 @@ from hooks.rows import Rows
 from hooks.store import ActivationStore
 from probes.linear import probe_store, probe_tensors
 from probes.results import ProbeResults, load_directions
-from probes.solvers import fit_logistic, fit_ridge
+from probes.solvers import design, fit_logistic, fit_ridge
 from probes.splits import ProbeInputError, bootstrap_ci, leaked_groups, make_split, shuffled_labels
 
 D = 16
@@ -265,6 +265,111 @@ def test_batched_logistic_matches_sklearn_on_every_group():
         torch.testing.assert_close(
             exact.bias[i, 0, 0], torch.from_numpy(ref.intercept_), atol=1e-4, rtol=1e-3
         )
+
+
+def _objective(x, y, w, c, weight, bias):
+    """scikit-learn's scaled objective: weighted mean cross-entropy + ||W||² / (2·C·Σw)."""
+    logp = torch.log_softmax(x @ weight.T + bias, 1)
+    total = w.sum()
+    return -(w * logp[torch.arange(len(y)), y]).sum() / total + (weight**2).sum() / (2 * c * total)
+
+
+def _plain_lbfgs(x, y, w, c, k):
+    """The reference: torch's own L-BFGS (strong Wolfe line search) on the objective, float64, to 1e-10."""
+    weight = torch.zeros(k, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        max_iter=2000,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = _objective(x, y, w, c, weight, bias)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _planted(seed, n_groups, n, d, k):
+    """Correlated, unevenly scaled features with class means of growing strength; standardised."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n_groups, n), generator=g)
+    mix = torch.linalg.qr(torch.randn(d, d, generator=g))[0] * torch.logspace(0, -1.5, d)
+    means = torch.randn(n_groups, k, d, generator=g) * torch.linspace(0.05, 0.5, n_groups)[:, None, None]
+    x = torch.randn(n_groups, n, d, generator=g) @ mix.T + torch.gather(
+        means, 1, y[..., None].expand(-1, -1, d)
+    )
+    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True), y
+
+
+@pytest.mark.parametrize("rotated", [False, True])  # plain features; a Design (principal axes, diagonal)
+def test_fast_solver_reaches_the_plain_lbfgs_minimum(rotated):
+    # several strengths and training sets per group in one batch: problems finish at different
+    # iterations, so the compaction and the passes that skip finished problems are exercised
+    n_groups, n, d, k = 3, 240, 10, 3
+    x, y = _planted(5, n_groups, n, d, k)
+    w = torch.ones(n_groups, 2, n)
+    w[:, 1, :60] = 0  # the second training set holds out a block (a CV fold)
+    w[:, :, 200:] = 0  # the last rows are a test split: the solver leaves them out
+    cs = torch.tensor([0.01, 1.0, 100.0])
+
+    def solve(features, **kw):
+        if not rotated:
+            return fit_logistic(features, y, w.to(features.dtype), cs, k, **kw)
+        prepared = design(features, w[:, 0] > 0)
+        return prepared.unrotate(fit_logistic(prepared, y, w.to(features.dtype), cs, k, **kw))
+
+    fit = solve(x)  # float32, scikit-learn's tolerance: what the probes use
+    exact = solve(x.double(), tol=1e-9)
+    assert bool(fit.converged.all()) and bool(exact.converged.all())
+    pred = fit.predict(x)
+    for gi in range(n_groups):
+        for f in range(2):
+            for a, c in enumerate(cs.tolist()):
+                xd, wd = x[gi].double(), w[gi, f].double()
+                ref_w, ref_b = _plain_lbfgs(xd, y[gi], wd, c, k)
+                best = float(_objective(xd, y[gi], wd, c, ref_w, ref_b))
+                # the same objective, minimised exactly: the minimiser of the plain reference
+                reached = float(_objective(xd, y[gi], wd, c, exact.weight[gi, f, a], exact.bias[gi, f, a]))
+                assert abs(reached - best) <= 1e-9 * best, (gi, f, c, reached, best)
+                torch.testing.assert_close(exact.weight[gi, f, a], ref_w, atol=1e-4, rtol=1e-4)
+                # at the working tolerance (a gradient of at most 1e-4, as scikit-learn's): near the
+                # minimum (flat ones, at weak penalties, leave a gap of that order), the same predictions
+                near = _objective(
+                    xd, y[gi], wd, c, fit.weight[gi, f, a].double(), fit.bias[gi, f, a].double()
+                )
+                assert float(near) - best <= 1e-4, (gi, f, c, float(near), best)
+                ref_pred = (xd[200:] @ ref_w.T + ref_b).argmax(1)
+                agree = float((pred[gi, f, a, 200:] == ref_pred).float().mean())
+                assert agree >= 0.99, (gi, f, c, agree)
+
+
+def test_path_extrapolation_and_kept_logits():
+    # a path of C, each fit started on the line through the previous two with their kept logits,
+    # reaches the same minimisers as cold starts, and the kept logits are the fit's logits
+    x, y = _planted(6, 2, 200, 8, 4)
+    x = x.double()
+    w = torch.ones(2, 3, 200, dtype=torch.float64)
+    for f in range(3):
+        w[:, f, f::3] = 0  # three CV folds
+    prepared = design(x, torch.ones(2, 200, dtype=torch.bool))
+    prev = before = None
+    for c in (0.01, 0.1, 1.0, 10.0):
+        fit = fit_logistic(prepared, y, w, c, 4, init=prev, along=before, keep_logits=True, tol=1e-8)
+        cold = fit_logistic(prepared, y, w, c, 4, tol=1e-8)
+        assert bool(fit.converged.all())
+        torch.testing.assert_close(fit.weight, cold.weight, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fit.bias, cold.bias, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fit.fitted_logits, fit.logits(prepared.features), atol=1e-9, rtol=1e-9)
+        # the rotation is exact: the same classifier on the original features
+        torch.testing.assert_close(prepared.unrotate(fit).logits(x), fit.logits(prepared.features))
+        before, prev = prev, fit
 
 
 def _direct_ridge(x, y, w, alpha, k):

@@ -116,7 +116,7 @@ def single_fit(x: torch.Tensor, y: torch.Tensor, n_train: int, k: int, c: float)
 
     def ours() -> np.ndarray:
         fit = fit_logistic(x, y, w, c, k)
-        pred = fit.logits(x)[:, 0, 0].argmax(1)
+        pred = fit.predict(x)[:, 0, 0]
         return (pred[:, n_train:] == y[:, n_train:]).float().mean(1).numpy()
 
     def theirs() -> np.ndarray:
