@@ -160,8 +160,10 @@ def _prepare(g: ProbeGroup, y: Tensor, split: Split, classes: list, folds: int, 
     where = f"point {g.point!r}, role {g.role!r}"
     if not bool(keep.any()):
         raise ProbeInputError(f"no labelled examples at {where}")
-    order = torch.argsort(split.test[ex[keep]].long(), stable=True)  # training rows first
-    values, ex = values[keep][order], ex[keep][order]
+    rows = keep.nonzero().flatten()
+    rows = rows[torch.argsort(split.test[ex[rows]].long(), stable=True)]  # training rows first
+    if len(rows) < len(ex) or bool((rows != torch.arange(len(rows))).any()):  # else: in order, no copy
+        values, ex = values[rows], ex[rows]
     yg = y[ex]
     check_class_counts(yg, split.train[ex], classes, folds, where, label)
     return {"group": g, "x": values, "y": yg, "test": split.test[ex], "fold": split.fold[ex]}
@@ -185,6 +187,9 @@ def _batches(prepared: list[dict], max_bytes: int) -> list[list[int]]:
 
 
 def _pad(parts: list[Tensor], n: int, fill: float | int) -> Tensor:
+    """A new ``[len(parts), n, ...]`` tensor of the parts, each padded with ``fill``."""
+    if all(len(p) == n for p in parts):
+        return torch.stack(parts)
     out = torch.full((len(parts), n, *parts[0].shape[1:]), fill, dtype=parts[0].dtype)
     for i, p in enumerate(parts):
         out[i, : len(p)] = p
@@ -218,7 +223,7 @@ def _train_batch(
         mean = torch.bmm(wt, x)
         std = torch.bmm(wt, (x - mean).square_()).sqrt_()
     std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-30), std, torch.ones_like(std))
-    x = (x - mean).div_(std)
+    x.sub_(mean).div_(std)  # x is _pad's own copy
     valid = train | test
     if not bool(valid.all()):
         x *= valid[..., None]

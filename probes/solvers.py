@@ -115,21 +115,21 @@ class Design:
     """Features prepared once for many logistic fits on them (:func:`design`).
 
     Attributes:
-        x: ``[G, n, d+1]``: the features rotated onto the principal axes of their covariance, then a
-            column of ones (so one product gives the logits with their intercepts, another the
-            gradient with the intercepts' part).
+        xt: ``[G, d+1, n]``: the features rotated onto the principal axes of their covariance, one row
+            per feature (the faster layout for the solver's products), then a row of ones (so one
+            product gives the logits with their intercepts, another the gradient with the intercepts').
         spectrum: ``[G, d]`` the covariance's eigenvalues (its diagonal in that basis).
         basis: ``[G, d, d]`` its eigenvectors (columns): rotated features are ``features @ basis``.
     """
 
-    x: Tensor
+    xt: Tensor
     spectrum: Tensor
     basis: Tensor
 
     @property
     def features(self) -> Tensor:
         """``[G, n, d]`` rotated features (a view)."""
-        return self.x[..., :-1]
+        return self.xt[:, :-1].mT
 
     def unrotate(self, fit: LinearFit) -> LinearFit:
         """A fit on the rotated features → the same classifiers on the original ones."""
@@ -152,10 +152,10 @@ def design(x: Tensor, rows: Tensor) -> Design:
     cov = covariance(x, rows, max_rows=n).double()
     spectrum, basis = torch.linalg.eigh(cov)
     basis = basis.to(x.dtype)
-    xa = x.new_empty(ng, n, d + 1)
-    torch.bmm(x, basis, out=xa[..., :-1])
-    xa[..., -1] = 1.0
-    return Design(xa, spectrum.clamp_min(0).to(x.dtype), basis)
+    xt = x.new_empty(ng, d + 1, n)
+    torch.bmm(basis.mT, x.mT, out=xt[:, :-1])
+    xt[:, -1] = 1.0
+    return Design(xt, spectrum.clamp_min(0).to(x.dtype), basis)
 
 
 def fit_logistic(
@@ -200,18 +200,20 @@ def fit_logistic(
     """
     spectrum = None
     if isinstance(x, Design):
-        x, spectrum = x.x, x.spectrum
-    ng, n, d = x.shape[0], x.shape[1], x.shape[2] - (spectrum is not None)
-    y, weight = _sets(y, ng, n), _sets(weight.to(x.dtype), ng, n)
+        xt, spectrum = x.xt, x.spectrum
+    else:
+        xt = x.mT  # [G, d, n], a view: a transposed copy would cost more than its faster products save
+    ng, n, d = xt.shape[0], xt.shape[2], xt.shape[1] - (spectrum is not None)
+    y, weight = _sets(y, ng, n), _sets(weight.to(xt.dtype), ng, n)
     nf = max(y.shape[1], weight.shape[1])
     y, weight = y.expand(ng, nf, n), weight.expand(ng, nf, n)
-    c = _strengths(c, ng, nf, x.dtype)
+    c = _strengths(c, ng, nf, xt.dtype)
     na, k = c.shape[-1], n_classes
     present = class_counts(y, weight, k) > 0  # [G, F, K]
     # rows no problem uses at the end (a test split, padding) cost passes over x for nothing
     used = (weight > 0).any(1).any(0).nonzero()
     n_used = int(used[-1]) + 1 if len(used) else 1
-    x, y, weight = x[:, :n_used], y[..., :n_used], weight[..., :n_used]
+    xt, y, weight = xt[..., :n_used], y[..., :n_used], weight[..., :n_used]
 
     def flat(t: Tensor) -> Tensor:  # [G, F, ...] → [G, F·A, ...]
         return t[:, :, None].expand(ng, nf, na, *t.shape[2:]).reshape(ng, nf * na, *t.shape[2:])
@@ -220,10 +222,10 @@ def fit_logistic(
         if fit is None:
             return None
         w0, b0 = (fit.weight, fit.bias) if isinstance(fit, LinearFit) else fit
-        theta = torch.cat([w0, b0[..., None]], -1).to(x.dtype).reshape(ng, nf * na, k, d + 1)
+        theta = torch.cat([w0, b0[..., None]], -1).to(xt.dtype).reshape(ng, nf * na, k, d + 1)
         z = fit.fitted_logits if isinstance(fit, LinearFit) else None
         if z is not None and z.shape[-1] == n_used:
-            return theta, z.to(x.dtype).reshape(ng, nf * na, k, n_used)
+            return theta, z.to(xt.dtype).reshape(ng, nf * na, k, n_used)
         return theta, None
 
     y_p, w_p, present_p, c_p = flat(y), flat(weight), flat(present), c.reshape(ng, nf * na)
@@ -232,7 +234,7 @@ def fit_logistic(
     for s in _chunks(ng, nf * na * k * n_used, budget):
         cov_s = None if cov is None or spectrum is not None else cov[s]
         f = _Objective(
-            x[s], y_p[s], w_p[s], c_p[s], present_p[s], cov_s, None if spectrum is None else spectrum[s]
+            xt[s], y_p[s], w_p[s], c_p[s], present_p[s], cov_s, None if spectrum is None else spectrum[s]
         )
         parts.append(
             _lbfgs(f, present_p[s], _rows(start, s), _rows(line, s), max_iter, tol, history, keep_logits)
@@ -258,7 +260,7 @@ class _Objective:
 
     def __init__(
         self,
-        x: Tensor,
+        xt: Tensor,
         y: Tensor,
         w: Tensor,
         c: Tensor,
@@ -267,27 +269,27 @@ class _Objective:
         spectrum: Tensor | None,
     ) -> None:
         total = w.sum(-1).clamp_min(1e-12)  # [G, P]
-        self.x = x  # all the chunk's groups; the problems left are in groups ``self.groups``
+        self.xt = xt  # [G, D, n] all the chunk's groups; the problems left are in groups ``self.groups``
         self.aug = spectrum is not None  # x ends with a column of ones (a Design)
-        self.groups = torch.arange(len(x))
+        self.groups = torch.arange(len(xt))
         self.w = w / total[..., None]  # [G, P, n], each problem's weights sum to 1
         self.lam = 1.0 / (c * total)  # [G, P]
         self.y = y[:, :, None, :]  # [G, P, 1, n]
         absent = not bool(present.all())
-        self.off = torch.where(present, 0.0, _NEG).to(x.dtype)[..., None] if absent else None  # [G, P, K, 1]
+        self.off = torch.where(present, 0.0, _NEG).to(xt.dtype)[..., None] if absent else None  # [G, P, K, 1]
         self.k = present.shape[2]
         self.minv = self.diag = None
         if spectrum is not None:  # x in its covariance's eigenbasis: (Σ/K + λ)⁻¹ is diagonal, per problem
-            self.diag = 1.0 / (spectrum.to(x.dtype)[:, None, :] / self.k + self.lam[..., None])  # [G, P, d]
+            self.diag = 1.0 / (spectrum.to(xt.dtype)[:, None, :] / self.k + self.lam[..., None])  # [G, P, d]
         else:
             if cov is None:
-                cov = covariance(x, (w > 0).any(1))
-            self.minv = _preconditioner(cov.to(x.dtype), self.lam.mean(1), self.k)  # [G, d, d]
+                cov = covariance(xt.mT, (w > 0).any(1))
+            self.minv = _preconditioner(cov.to(xt.dtype), self.lam.mean(1), self.k)  # [G, d, d]
 
     def take(self, gi: Tensor, pi: Tensor) -> _Objective:
         """The objective of problem slots ``pi`` ``[G', P']`` of groups ``gi`` ``[G']``."""
         out = object.__new__(_Objective)
-        out.k, out.x, out.aug, out.groups = self.k, self.x, self.aug, self.groups[gi]
+        out.k, out.xt, out.aug, out.groups = self.k, self.xt, self.aug, self.groups[gi]
         out.minv = None if self.minv is None else self.minv[gi]
         for name in ("w", "lam", "y", "off", "diag"):
             t = getattr(self, name)
@@ -310,13 +312,13 @@ class _Objective:
         """``out[g, p] = a[g, p] @ xᵀ`` (``transpose``) or ``a[g, p] @ x`` for the slots ``p`` in ``live``
         ``[G, P]`` (all when None); ``a``, ``out`` ``[G, P, K, ·]``. ``x`` is read in place, never copied."""
         ng, p, k = a.shape[:3]
-        if live is None and len(self.groups) == len(self.x):
-            x = self.x.mT if transpose else self.x
+        if live is None and len(self.groups) == len(self.xt):
+            x = self.xt if transpose else self.xt.mT
             torch.bmm(a.reshape(ng, p * k, -1), x, out=out.view(ng, p * k, -1))
             return
         rows = None if live is None else live.tolist()
         for i, g in enumerate(self.groups.tolist()):
-            x = self.x[g].T if transpose else self.x[g]
+            x = self.xt[g] if transpose else self.xt[g].T
             if rows is None or all(rows[i]):
                 torch.mm(a[i].reshape(p * k, -1), x, out=out[i].view(p * k, -1))
             elif any(rows[i]):  # finished problems cost nothing
@@ -327,9 +329,9 @@ class _Objective:
         """``theta`` ``[G, P, K, d+1]`` (weights | intercept) → logits ``[G, P, K, n]`` (0 off ``live``)."""
         ng, p, k, _ = theta.shape
         out = (
-            theta.new_empty(ng, p, k, self.x.shape[1])
+            theta.new_empty(ng, p, k, self.xt.shape[2])
             if live is None
-            else theta.new_zeros(ng, p, k, self.x.shape[1])
+            else theta.new_zeros(ng, p, k, self.xt.shape[2])
         )
         if self.aug:  # the intercepts multiply x's column of ones
             self._product(theta, True, out, live)
@@ -339,9 +341,15 @@ class _Objective:
 
     def probs(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Softmax ``[G, P, K, n]`` and data loss ``[G, P]`` at logits ``z``."""
-        logp = torch.log_softmax(z if self.off is None else z + self.off, dim=2)
-        loss = logp.gather(2, self.y).squeeze(2).mul_(self.w).sum(-1).neg_()
-        return logp.exp_(), loss
+        if self.off is not None:
+            z = z + self.off
+        prob = torch.softmax(z, dim=2)  # one fused pass; the loss needs only the labels' entries
+        p_y = prob.gather(2, self.y).squeeze(2)
+        if bool((p_y < 1e-30).any()):  # far off (a long trial step): -log p_y exactly, from the logits
+            nll = torch.logsumexp(z, 2) - z.gather(2, self.y).squeeze(2)
+        else:
+            nll = p_y.log_().neg_()
+        return prob, nll.mul_(self.w).sum(-1)
 
     def grad(
         self, theta: Tensor, prob: Tensor, old: Tensor | None = None, live: Tensor | None = None
@@ -457,9 +465,9 @@ def _lbfgs(
     solutions) when given. Returns ``theta``, ``n_iter`` and ``converged`` ``[G, P]``, and the logits
     ``[G, P, K, n]`` at the solution when ``keep_logits``."""
     ng, p, k = present.shape
-    n, d1 = f.x.shape[1], f.x.shape[2] + (not f.aug)  # weights and intercept
+    n, d1 = f.xt.shape[2], f.xt.shape[1] + (not f.aug)  # weights and intercept
     if start is None:
-        theta, z = f.x.new_zeros(ng, p, k, d1), f.x.new_zeros(ng, p, k, n)  # no pass over x at zero
+        theta, z = f.xt.new_zeros(ng, p, k, d1), f.xt.new_zeros(ng, p, k, n)  # no pass over x at zero
     else:
         theta, z = start[0].clone(), start[1]
         if z is None:
@@ -489,7 +497,7 @@ def _lbfgs(
             out_z[rows, slots] = st.z[gi, pi]
         out_ok[rows, slots] = (st.g[gi, pi].abs().amax((1, 2)) <= tol) | st.stalled[gi, pi]
 
-    ftol = 4 * torch.finfo(f.x.dtype).eps  # no relative progress left at this precision: stop
+    ftol = 4 * torch.finfo(f.xt.dtype).eps  # no relative progress left at this precision: stop
     for _ in range(max_iter):
         st.active &= (st.g.abs().amax((2, 3)) > tol) & ~st.stalled
         n_active = st.active.sum(1)  # [G']
