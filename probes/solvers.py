@@ -379,8 +379,11 @@ def covariance(x: Tensor, rows: Tensor, max_rows: int = 1024) -> Tensor:
     """Feature covariance ``[G, d, d]`` (second moment; ``x`` is centred) over ``rows`` ``[G, n]`` bool,
     from a strided subsample of at most about ``max_rows`` rows (enough for a preconditioner)."""
     stride = max(1, x.shape[1] // max_rows)
-    xs, rs = x[:, ::stride], rows[:, ::stride].to(x.dtype)
-    return torch.bmm(xs.mT * rs[:, None, :], xs) / rs.sum(-1).clamp_min(1)[:, None, None]
+    xs, rs = x[:, ::stride], rows[:, ::stride]
+    count = rs.sum(-1).clamp_min(1).to(x.dtype)[:, None, None]
+    if bool(rs.all()):
+        return torch.bmm(xs.mT, xs) / count
+    return torch.bmm(xs.mT * rs.to(x.dtype)[:, None, :], xs) / count
 
 
 def _preconditioner(cov: Tensor, lam: Tensor, k: int) -> Tensor:
