@@ -345,7 +345,7 @@ def _cross_validate(
         prev = before = None
         for c in cs:
             fit = fit_logistic(
-                x, y, fit_w, c, k, max_iter=max_iter, tol=tol, init=prev, along=before, keep_logits=True
+                x, y, fit_w, c, k, max_iter=max_iter, tol=tol, init=prev, along=before, keep_state=True
             )
             evaluate(fit)
             before, prev = prev, fit

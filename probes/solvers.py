@@ -48,7 +48,9 @@ class LinearFit:
         n_iter: ``[G, F, A]`` iterations used (0 for closed-form fits).
         converged: ``[G, F, A]`` bool.
         fitted_logits: ``[G, F, A, K, n']`` the logits of the fitted rows of ``x`` (its first ``n'``,
-            up to the last row with a weight) when :func:`fit_logistic` was asked to keep them.
+            up to the last row with a weight) when :func:`fit_logistic` was asked to keep its state.
+        history: with them, the solver's last curvature pairs ``(s, y)``, each ``[m, G, F, A, K, d+1]``
+            (``y`` without the penalty's part), which start the L-BFGS memory of a fit at a nearby ``C``.
     """
 
     weight: Tensor
@@ -56,6 +58,7 @@ class LinearFit:
     n_iter: Tensor
     converged: Tensor
     fitted_logits: Tensor | None = None
+    history: tuple[Tensor, Tensor] | None = None
 
     def logits(self, x: Tensor) -> Tensor:
         """``x`` ``[G, n, d]`` → logits ``[G, F, A, K, n]``."""
@@ -171,7 +174,7 @@ def fit_logistic(
     init: LinearFit | tuple[Tensor, Tensor] | None = None,
     along: LinearFit | None = None,
     cov: Tensor | None = None,
-    keep_logits: bool = False,
+    keep_state: bool = False,
     budget: int = 1 << 24,
 ) -> LinearFit:
     """Fit ``G × F × A`` L2-regularised multinomial logistic regressions at once.
@@ -185,14 +188,16 @@ def fit_logistic(
         n_classes: ``K``. A problem predicts only the classes present (weight > 0) in its rows.
         max_iter, tol, history: L-BFGS iterations, gradient tolerance, memory.
         init: a warm start, a fit or ``(weight [G, F, A, K, d], bias [G, F, A, K])`` (e.g. at a nearby
-            ``C``). A fit's ``fitted_logits`` are taken as its logits on ``x``: keep them only for
-            fits of the same ``x`` and weights.
+            ``C``). A fit made with ``keep_state`` also lends its logits on ``x`` and its L-BFGS
+            memory (curvature pairs, corrected for the new ``C``): pass such fits only for the same
+            ``x`` and weights.
         along: with ``init``, the solution before it on a path (the fit at the previous ``C``): the
             solver starts at the best point of the line through both (a line search in logit space;
             their ``fitted_logits`` make it free), which saves iterations along a path of ``C``.
         cov: ``[G, d, d]`` feature covariance for the preconditioner (:func:`covariance`), to reuse
             across calls on the same ``x``; computed when omitted (unused with a :class:`Design`).
-        keep_logits: return the logits of the fitted rows (``fitted_logits``).
+        keep_state: return the logits of the fitted rows and the last curvature pairs
+            (``fitted_logits``, ``history``), for fits started from this one.
         budget: elements of one ``[g, F·A, K, n]`` work tensor; groups are solved in chunks under it.
 
     Returns:
@@ -218,15 +223,19 @@ def fit_logistic(
     def flat(t: Tensor) -> Tensor:  # [G, F, ...] → [G, F·A, ...]
         return t[:, :, None].expand(ng, nf, na, *t.shape[2:]).reshape(ng, nf * na, *t.shape[2:])
 
-    def point(fit: LinearFit | tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor | None] | None:
+    def point(fit: LinearFit | tuple[Tensor, Tensor] | None) -> tuple | None:
+        """(theta, its logits or None, its curvature pairs or None), as ``[G, F·A, ...]``."""
         if fit is None:
             return None
         w0, b0 = (fit.weight, fit.bias) if isinstance(fit, LinearFit) else fit
         theta = torch.cat([w0, b0[..., None]], -1).to(xt.dtype).reshape(ng, nf * na, k, d + 1)
         z = fit.fitted_logits if isinstance(fit, LinearFit) else None
-        if z is not None and z.shape[-1] == n_used:
-            return theta, z.to(xt.dtype).reshape(ng, nf * na, k, n_used)
-        return theta, None
+        if z is None or z.shape != (ng, nf, na, k, n_used):
+            return theta, None, None
+        z = z.to(xt.dtype).reshape(ng, nf * na, k, n_used)
+        if fit.history is None:
+            return theta, z, None
+        return theta, z, tuple(t.to(xt.dtype).flatten(2, 3) for t in fit.history)
 
     y_p, w_p, present_p, c_p = flat(y), flat(weight), flat(present), c.reshape(ng, nf * na)
     start, line = point(init), point(along)
@@ -237,22 +246,30 @@ def fit_logistic(
             xt[s], y_p[s], w_p[s], c_p[s], present_p[s], cov_s, None if spectrum is None else spectrum[s]
         )
         parts.append(
-            _lbfgs(f, present_p[s], _rows(start, s), _rows(line, s), max_iter, tol, history, keep_logits)
+            _lbfgs(f, present_p[s], _rows(start, s), _rows(line, s), max_iter, tol, history, keep_state)
         )
     theta, n_iter, ok = (torch.cat([p[i] for p in parts]) for i in range(3))
     theta = theta.view(ng, nf, na, k, d + 1)
-    logits = torch.cat([p[3] for p in parts]).view(ng, nf, na, k, n_used) if keep_logits else None
+    logits = pairs = None
+    if keep_state:
+        logits = torch.cat([p[3] for p in parts]).view(ng, nf, na, k, n_used)
+        pairs = tuple(torch.cat([p[4][i] for p in parts], 1).unflatten(2, (nf, na)) for i in range(2))
     return LinearFit(
         theta[..., :-1].contiguous(),
         theta[..., -1].contiguous(),
         n_iter.view(ng, nf, na),
         ok.view(ng, nf, na),
         logits,
+        pairs,
     )
 
 
-def _rows(pt: tuple[Tensor, Tensor | None] | None, s: slice) -> tuple[Tensor, Tensor | None] | None:
-    return None if pt is None else (pt[0][s], None if pt[1] is None else pt[1][s])
+def _rows(pt: tuple | None, s: slice) -> tuple | None:
+    """A chunk ``s`` of the groups of a starting point (theta, logits, curvature pairs)."""
+    if pt is None:
+        return None
+    theta, z, pairs = pt
+    return theta[s], None if z is None else z[s], None if pairs is None else tuple(t[:, s] for t in pairs)
 
 
 class _Objective:
@@ -399,7 +416,7 @@ def _preconditioner(cov: Tensor, lam: Tensor, k: int) -> Tensor:
     return torch.cholesky_inverse(chol)
 
 
-_PER_PROBLEM = ("theta", "z", "prob", "loss", "g", "active", "stalled")
+_PER_PROBLEM = ("theta", "z", "prob", "loss", "g", "gamma", "active", "stalled")
 
 
 class _State:
@@ -415,6 +432,7 @@ class _State:
         self.prob, self.loss = f.probs(z)
         self.g = None  # computed once the starting point is settled
         self.hist: list[tuple[Tensor, Tensor, Tensor]] = []  # (s, y, rho) of recent iterations
+        self.gamma = theta.new_ones(ng, p)  # scale of the initial inverse Hessian, from the newest pair
         self.active = torch.ones(ng, p, dtype=torch.bool)
         self.stalled = torch.zeros(ng, p, dtype=torch.bool)
 
@@ -426,6 +444,16 @@ class _State:
             setattr(self, name, getattr(self, name)[gi[:, None], pi])
         self.hist = [tuple(t[gi[:, None], pi] for t in h) for h in self.hist]
 
+    def remember(self, s: Tensor, yv: Tensor, m: int) -> None:
+        """Add the curvature pair ``(s, y)`` ``[G, P, K, d+1]`` where it is one (``sᵀy > 0``)."""
+        sy = _dot(s, yv)
+        ok = sy > 1e-10 * (_dot(yv, yv) * _dot(s, s)).sqrt()
+        ymy = _dot(yv, self.f.precondition(yv))
+        self.gamma = torch.where(ok, sy / ymy.clamp_min(1e-30), self.gamma)
+        self.hist.append((s * ok[..., None, None], yv * ok[..., None, None], torch.where(ok, 1 / sy, 0.0)))
+        if len(self.hist) > m:
+            self.hist.pop(0)
+
 
 def _direction(st: _State, absent: Tensor) -> tuple[Tensor, Tensor]:
     """Preconditioned L-BFGS two-loop recursion, batched: every problem has its own history scalars."""
@@ -436,10 +464,7 @@ def _direction(st: _State, absent: Tensor) -> tuple[Tensor, Tensor]:
         a = rho * _dot(s, q)
         q -= a[..., None, None] * yv
         coefs.append(a)
-    q = st.f.precondition(q)
-    if st.hist:
-        s, yv, _ = st.hist[-1]
-        q *= (_dot(s, yv) / _dot(yv, st.f.precondition(yv)).clamp_min(1e-30))[..., None, None]
+    q = st.f.precondition(q).mul_(st.gamma[..., None, None])
     for (s, yv, rho), a in zip(st.hist, reversed(coefs)):
         q += (a - rho * _dot(yv, q))[..., None, None] * s
     direction = q.neg_()
@@ -461,12 +486,13 @@ def _lbfgs(
     max_iter: int,
     tol: float,
     m: int,
-    keep_logits: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Solve one chunk from ``start`` (``(theta [G, P, K, d+1], its logits or None)``; zero when None),
-    first moved to the best point of the line through ``along`` and ``start`` (a path's previous two
-    solutions) when given. Returns ``theta``, ``n_iter`` and ``converged`` ``[G, P]``, and the logits
-    ``[G, P, K, n]`` at the solution when ``keep_logits``."""
+    keep_state: bool,
+) -> tuple:
+    """Solve one chunk from ``start`` (``(theta [G, P, K, d+1], its logits, its curvature pairs)``, the
+    last two possibly None; zero when None), first moved to the best point of the line through
+    ``along`` and ``start`` (a path's previous two solutions) when given. Returns ``theta``, ``n_iter``
+    and ``converged`` ``[G, P]``, and with ``keep_state`` the logits ``[G, P, K, n]`` at the solution
+    and the last curvature pairs ``(s, y)`` ``[m, G, P, K, d+1]`` (``y`` without the penalty's part)."""
     ng, p, k = present.shape
     n, d1 = f.xt.shape[2], f.xt.shape[1] + (not f.aug)  # weights and intercept
     if start is None:
@@ -476,6 +502,11 @@ def _lbfgs(
         if z is None:
             z = f.linear(theta)
     st = _State(f, theta, z)
+    if start is not None and start[2] is not None:  # the memory of a fit at another C: same data part
+        for s, y_data in zip(*start[2]):
+            yv = y_data.clone()
+            yv[..., :-1] += f.lam[..., None, None] * s[..., :-1]
+            st.remember(s, yv, m)
     absent = ~present
     if along is not None and start is not None:
         # extrapolate the path: a line search along start - along, in logit space
@@ -488,7 +519,8 @@ def _lbfgs(
         st.theta = theta + alpha[..., None, None] * direction
     st.g = f.grad(st.theta, st.prob)
     out_theta = st.theta.clone()
-    out_z = st.z.clone() if keep_logits else None
+    out_z = st.z.clone() if keep_state else None
+    out_pairs = st.theta.new_zeros(2, m, *st.theta.shape) if keep_state else None
     out_iter = torch.zeros(ng, p, dtype=torch.long)
     out_ok = torch.zeros(ng, p, dtype=torch.bool)
 
@@ -498,6 +530,11 @@ def _lbfgs(
         out_theta[rows, slots] = st.theta[gi, pi]
         if out_z is not None:
             out_z[rows, slots] = st.z[gi, pi]
+            for j, (s, yv, _) in enumerate(st.hist, start=m - len(st.hist)):
+                out_pairs[0, j, rows, slots] = s[gi, pi]
+                penalty = torch.zeros_like(s[gi, pi])
+                penalty[..., :-1] = st.f.lam[gi, pi, None, None] * s[gi, pi, :, :-1]
+                out_pairs[1, j, rows, slots] = yv[gi, pi] - penalty
         out_ok[rows, slots] = (st.g[gi, pi].abs().amax((1, 2)) <= tol) | st.stalled[gi, pi]
 
     ftol = 4 * torch.finfo(f.xt.dtype).eps  # no relative progress left at this precision: stop
@@ -524,13 +561,9 @@ def _lbfgs(
         g_new = st.f.grad(st.theta, st.prob, st.g, live)
         yv = g_new - st.g
         st.g = g_new
-        sy = _dot(step, yv)
-        ok = sy > 1e-10 * (_dot(yv, yv) * _dot(step, step)).sqrt()
-        st.hist.append((step * ok[..., None, None], yv * ok[..., None, None], torch.where(ok, 1 / sy, 0.0)))
-        if len(st.hist) > m:
-            st.hist.pop(0)
+        st.remember(step, yv, m)
     retire(torch.ones_like(st.active))
-    return out_theta, out_iter, out_ok, out_z
+    return out_theta, out_iter, out_ok, out_z, out_pairs
 
 
 def _line_search(st: _State, direction: Tensor, zd: Tensor, slope: Tensor, tries: int = 4) -> tuple:

@@ -361,7 +361,7 @@ def test_path_extrapolation_and_kept_logits():
     prepared = design(x, torch.ones(2, 200, dtype=torch.bool))
     prev = before = None
     for c in (0.01, 0.1, 1.0, 10.0):
-        fit = fit_logistic(prepared, y, w, c, 4, init=prev, along=before, keep_logits=True, tol=1e-8)
+        fit = fit_logistic(prepared, y, w, c, 4, init=prev, along=before, keep_state=True, tol=1e-8)
         cold = fit_logistic(prepared, y, w, c, 4, tol=1e-8)
         assert bool(fit.converged.all())
         torch.testing.assert_close(fit.weight, cold.weight, atol=1e-5, rtol=1e-4)
