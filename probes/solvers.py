@@ -325,31 +325,32 @@ class _Objective:
         torch.mul(v[..., -1], self.k, out=out[..., -1])
         return out
 
-    def _product(self, a: Tensor, transpose: bool, out: Tensor, live: Tensor | None) -> None:
-        """``out[g, p] = a[g, p] @ xᵀ`` (``transpose``) or ``a[g, p] @ x`` for the slots ``p`` in ``live``
-        ``[G, P]`` (all when None); ``a``, ``out`` ``[G, P, K, ·]``. ``x`` is read in place, never copied."""
+    def _product(self, a: Tensor, transpose: bool, out: Tensor, live: Tensor | None) -> Tensor | None:
+        """``out[g, p] = a[g, p] @ xᵀ`` (``transpose``) or ``a[g, p] @ x`` (``a``, ``out`` ``[G, P, K, ·]``)
+        for every slot, or with ``live`` ``[G, P]`` for the slots of each group from its first live one
+        to its last (no copies; finished problems between them cost a little). Returns the slots
+        written then (``None``: all). ``x`` is read in place, never copied."""
         ng, p, k = a.shape[:3]
         if live is None and len(self.groups) == len(self.xt):
             x = self.xt if transpose else self.xt.mT
             torch.bmm(a.reshape(ng, p * k, -1), x, out=out.view(ng, p * k, -1))
-            return
-        rows = None if live is None else live.tolist()
+            return None
+        flags = [[True] * p] * ng if live is None else live.tolist()
+        written = torch.zeros(ng, p, dtype=torch.bool)
         for i, g in enumerate(self.groups.tolist()):
+            if not any(flags[i]):  # a group whose problems are all finished costs nothing
+                continue
+            lo, hi = flags[i].index(True), p - flags[i][::-1].index(True)
             x = self.xt[g] if transpose else self.xt[g].T
-            if rows is None or all(rows[i]):
-                torch.mm(a[i].reshape(p * k, -1), x, out=out[i].view(p * k, -1))
-            elif any(rows[i]):  # finished problems cost nothing
-                idx = live[i].nonzero().flatten()
-                out[i, idx] = (a[i, idx].reshape(len(idx) * k, -1) @ x).view(len(idx), k, -1)
+            torch.mm(a[i, lo:hi].reshape((hi - lo) * k, -1), x, out=out[i, lo:hi].view((hi - lo) * k, -1))
+            written[i, lo:hi] = True
+        return None if bool(written.all()) else written
 
     def linear(self, theta: Tensor, live: Tensor | None = None) -> Tensor:
         """``theta`` ``[G, P, K, d+1]`` (weights | intercept) → logits ``[G, P, K, n]`` (0 off ``live``)."""
         ng, p, k, _ = theta.shape
-        out = (
-            theta.new_empty(ng, p, k, self.xt.shape[2])
-            if live is None
-            else theta.new_zeros(ng, p, k, self.xt.shape[2])
-        )
+        new = theta.new_empty if live is None else theta.new_zeros
+        out = new(ng, p, k, self.xt.shape[2])
         if self.aug:  # the intercepts multiply x's column of ones
             self._product(theta, True, out, live)
             return out
@@ -371,21 +372,18 @@ class _Objective:
     def grad(
         self, theta: Tensor, prob: Tensor, old: Tensor | None = None, live: Tensor | None = None
     ) -> Tensor:
-        """Gradient ``[G, P, K, d+1]`` of ``f`` at ``theta`` whose softmax is ``prob``; ``old`` outside
-        ``live``."""
+        """Gradient ``[G, P, K, d+1]`` of ``f`` at ``theta`` whose softmax is ``prob``; with ``live``
+        ``[G, P]``, only where it may have changed (``old`` elsewhere)."""
         w = self.w[:, :, None, :]
         resid = (prob * w).scatter_add_(2, self.y, w.neg())  # w · (softmax - onehot)
-        out = torch.empty_like(theta) if live is None else old.clone()
-        penalty = theta[..., :-1] * self.lam[..., None, None]
-        if live is not None:
-            penalty *= live[..., None, None]
+        out = torch.empty_like(theta)
         if self.aug:  # x's column of ones gives the intercepts' gradient in the same product
-            self._product(resid, False, out, live)
+            written = self._product(resid, False, out, live)
         else:
-            self._product(resid, False, out[..., :-1], live)
+            written = self._product(resid, False, out[..., :-1], live)
             torch.sum(resid, -1, out=out[..., -1])
-        out[..., :-1] += penalty
-        return out
+        out[..., :-1] += theta[..., :-1] * self.lam[..., None, None]
+        return out if written is None else torch.where(written[..., None, None], out, old)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
