@@ -214,25 +214,30 @@ def _train_batch(
     fold = _pad([it["fold"] for it in items], n, -1)
     test = _pad([it["test"] for it in items], n, False)
     train = fold >= 0
-    # standardise with training-split statistics; padding rows stay zero
+    # standardise with training-split statistics (the fits see x / std; x is only centred, in place)
     n_tr = int(train.sum(1).max())  # rows are ordered training first: fits see only the first n_tr rows
-    if bool(train[:, :n_tr].all()):  # the same training rows in every probe: one fused reduction
-        std, mean = torch.std_mean(x[:, :n_tr], dim=1, keepdim=True, correction=0)
+    if bool(train[:, :n_tr].all()):  # the same training rows in every probe
+        mean = x[:, :n_tr].mean(1, keepdim=True)
     else:
         wt = (train.float() / train.sum(1, keepdim=True).clamp_min(1))[:, None]  # [B, 1, n]
         mean = torch.bmm(wt, x)
-        std = torch.bmm(wt, (x - mean).square_()).sqrt_()
-    std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-30), std, torch.ones_like(std))
-    x.sub_(mean).div_(std)  # x is _pad's own copy
+    x.sub_(mean)  # x is _pad's own copy
     valid = train | test
     if not bool(valid.all()):
-        x *= valid[..., None]
+        x *= valid[..., None]  # padding rows stay zero
 
     x_tr, y_tr, fold_tr, train_tr = x[:, :n_tr], y[:, :n_tr], fold[:, :n_tr], train[:, :n_tr]
     fit_w = torch.stack([(train_tr & (fold_tr != f)) for f in range(folds)], 1).float()  # [B, F, n_tr]
     held = torch.stack([fold_tr == f for f in range(folds)], 1)  # [B, F, n_tr]
-    # logistic: every fit below runs on the features rotated once onto their principal axes
-    feats = design(x_tr, train_tr) if method == "logistic" else x_tr
+    if method == "logistic":
+        # every fit below runs on the standardised features rotated once onto their principal axes
+        feats = design(x_tr, train_tr, standardise=True)
+        std = feats.scale
+    else:
+        count = train_tr.sum(1, keepdim=True).clamp_min(1)
+        std = (x_tr.square() * train_tr[..., None]).sum(1).div_(count).sqrt_()
+        std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-30), std, 1.0)
+        feats = x_tr / std[:, None, :]
     cv_acc, cv_loss, fold_mean = _cross_validate(feats, y_tr, fit_w, held, k, method, cs, max_iter, tol)
     best = torch.argmax(cv_acc - 1e-9 * cv_loss, dim=1)  # ties: the lower held-out loss
     c_best = torch.tensor(cs, dtype=torch.float64)[best]  # [B]
@@ -251,9 +256,10 @@ def _train_batch(
         start = (init[..., :-1], init[..., -1])
         fit = feats.unrotate(fit_logistic(feats, y2, w2, c2, k, max_iter=max_iter, tol=tol, init=start))
     else:
-        fit = fit_ridge(x_tr, y2, w2, (1.0 / c_best)[:, None, None].expand(-1, 2, 1), k)
+        fit = fit_ridge(feats, y2, w2, (1.0 / c_best)[:, None, None].expand(-1, 2, 1), k)
     _mask_absent(fit, class_counts(y2, w2, k) > 0)
-    pred = fit.predict(x)[:, :, 0]  # [B, 2, n]
+    on_centred = LinearFit(fit.weight / std[:, None, None, None, :], fit.bias, fit.n_iter, fit.converged)
+    pred = on_centred.predict(x)[:, :, 0]  # [B, 2, n]
     for b, it in enumerate(items):
         g: ProbeGroup = it["group"]
         rows_test = test[b]
@@ -282,9 +288,8 @@ def _train_batch(
             "converged": bool(fit.converged[b, 0, 0]),
             "n_iter": int(fit.n_iter[b, 0, 0]),
         }
-        coef = fit.weight[b, 0, 0]  # [K, d] on standardised features
-        s, m = std[b, 0], mean[b, 0]
-        weight = coef / s
+        s, m = std[b], mean[b, 0]
+        weight = on_centred.weight[b, 0, 0]  # [K, d]: the fit on standardised features, on raw ones
         bias = fit.bias[b, 0, 0] - weight @ m
         parts = {"weight": weight, "bias": bias, "mean": m, "std": s}
         yield index[b], row, {name: t.float().contiguous() for name, t in parts.items()}

@@ -123,11 +123,13 @@ class Design:
             product gives the logits with their intercepts, another the gradient with the intercepts').
         spectrum: ``[G, d]`` the covariance's eigenvalues (its diagonal in that basis).
         basis: ``[G, d, d]`` its eigenvectors (columns): rotated features are ``features @ basis``.
+        scale: ``[G, d]`` with ``standardise``: the features' std, which they were divided by first.
     """
 
     xt: Tensor
     spectrum: Tensor
     basis: Tensor
+    scale: Tensor | None = None
 
     @property
     def features(self) -> Tensor:
@@ -138,12 +140,15 @@ class Design:
         """A fit on the rotated features → the same classifiers on the original ones."""
         ng, d = fit.weight.shape[0], fit.weight.shape[-1]
         weight = torch.bmm(fit.weight.reshape(ng, -1, d), self.basis.mT).view(fit.weight.shape)
-        return LinearFit(weight, fit.bias, fit.n_iter, fit.converged)
+        return LinearFit(weight, fit.bias, fit.n_iter, fit.converged)  # on x / scale
 
 
-def design(x: Tensor, rows: Tensor) -> Design:
+def design(x: Tensor, rows: Tensor, *, standardise: bool = False) -> Design:
     """Prepare ``x`` ``[G, n, d]`` (standardised) for many fits: rotate it onto the eigenvectors of its
-    covariance over ``rows`` ``[G, n]`` bool and append a column of ones.
+    covariance over ``rows`` ``[G, n]`` bool and append a column of ones. With ``standardise``, ``x``
+    need only be centred: its features are divided by their std over ``rows`` (read off the
+    covariance, so no extra pass over ``x``; a feature without variance keeps scale 1), kept in
+    ``Design.scale``.
 
     The rotation is orthogonal, so a fit on the rotated features minimises the same objective (the L2
     penalty is rotation-invariant) and maps back exactly (:meth:`Design.unrotate`). In that basis the
@@ -153,12 +158,19 @@ def design(x: Tensor, rows: Tensor) -> Design:
     """
     ng, n, d = x.shape
     cov = covariance(x, rows, max_rows=n).double()
+    scale = None
+    if standardise:
+        std = cov.diagonal(0, 1, 2).sqrt()
+        std = torch.where(std > 1e-6 * std.amax(-1, keepdim=True).clamp_min(1e-30), std, 1.0)
+        cov = cov / (std[:, :, None] * std[:, None, :])
+        scale = std.to(x.dtype)
     spectrum, basis = torch.linalg.eigh(cov)
     basis = basis.to(x.dtype)
+    rotate = basis if scale is None else basis / scale[:, :, None]  # (x / std) @ basis
     xt = x.new_empty(ng, d + 1, n)
-    torch.bmm(basis.mT, x.mT, out=xt[:, :-1])
+    torch.bmm(rotate.mT, x.mT, out=xt[:, :-1])
     xt[:, -1] = 1.0
-    return Design(xt, spectrum.clamp_min(0).to(x.dtype), basis)
+    return Design(xt, spectrum.clamp_min(0).to(x.dtype), basis, scale)
 
 
 def fit_logistic(
