@@ -530,7 +530,8 @@ def _lbfgs(
     st.g = f.grad(st.theta, st.prob)
     out_theta = st.theta.clone()
     out_z = st.z.clone() if keep_state else None
-    out_pairs = st.theta.new_zeros(2, m, *st.theta.shape) if keep_state else None
+    kept = m  # the whole memory: fewer pairs cost the next fit on a path more iterations
+    out_pairs = st.theta.new_zeros(2, kept, *st.theta.shape) if keep_state else None
     out_iter = torch.zeros(ng, p, dtype=torch.long)
     out_ok = torch.zeros(ng, p, dtype=torch.bool)
 
@@ -540,11 +541,12 @@ def _lbfgs(
         out_theta[rows, slots] = st.theta[gi, pi]
         if out_z is not None:
             out_z[rows, slots] = st.z[gi, pi]
-            for j, (s, yv, _) in enumerate(st.hist, start=m - len(st.hist)):
-                out_pairs[0, j, rows, slots] = s[gi, pi]
-                penalty = torch.zeros_like(s[gi, pi])
-                penalty[..., :-1] = st.f.lam[gi, pi, None, None] * s[gi, pi, :, :-1]
-                out_pairs[1, j, rows, slots] = yv[gi, pi] - penalty
+            recent = st.hist[-kept:]
+            if recent:  # the newest pairs, y without the penalty's part
+                s_kept = torch.stack([h[0][gi, pi] for h in recent])  # [L, R, K, d+1]
+                y_kept = torch.stack([h[1][gi, pi] for h in recent])
+                y_kept[..., :-1] -= st.f.lam[gi, pi][:, None, None] * s_kept[..., :-1]
+                out_pairs[:, kept - len(recent) :, rows, slots] = torch.stack([s_kept, y_kept])
         out_ok[rows, slots] = (st.g[gi, pi].abs().amax((1, 2)) <= tol) | st.stalled[gi, pi]
 
     ftol = 4 * torch.finfo(f.xt.dtype).eps  # no relative progress left at this precision: stop
