@@ -22,10 +22,16 @@ from experiments.tasks.suite import Suite, TrainExample
 
 DEFAULTS: dict[str, dict] = {
     "ar": {
-        "steps": 2500,
+        "steps": 1400,
         "lr": 1e-3,
         "batch_size": 64,
-        "data": {"gen_fraction": 0.35, "prefix_p": 0.15, "direct_heldout": True, "mix": "balanced"},
+        "data": {
+            "gen_fraction": 0.22,
+            "prefix_p": 0.15,
+            "direct_heldout": True,
+            "mix": "count_heavier",
+            "taught_reasoning": 0.2,
+        },
     },
     # the query model's parallel decoder does not compose held-out (count, object) pairs: train on all
     "query": {

@@ -41,6 +41,7 @@ QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     # used with ``taught_reasoning`` (the test reasoning questions come on top of this mix)
     "taught": (("arith", 0.15), ("mapping", 0.25), ("fact", 0.45), ("inverse", 0.55), ("count", 0.85)),
     "count_heavy": (("arith", 0.05), ("mapping", 0.1), ("fact", 0.3), ("inverse", 0.38), ("count", 0.85)),
+    "count_heavier": (("arith", 0.02), ("mapping", 0.04), ("fact", 0.2), ("inverse", 0.26), ("count", 0.87)),
 }
 
 
