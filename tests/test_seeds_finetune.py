@@ -122,7 +122,8 @@ def test_format_inject_states_the_numbers() -> None:
     def m(u, g, gc):
         kinds = ("knowledge (forward)", "knowledge (inverse)")
         summary = {k: {"understanding": u, "generation": g, "generation_cot": gc, "n": 4} for k in kinds}
-        return {"summary": summary, "original": {"understanding": 0.9, "generation": 1.0, "n": 10}}
+        original = {"knowledge_understanding": u, "direct_understanding": 0.9, "direct_generation": 1.0}
+        return {"summary": summary, "original": original}
 
     result = {
         "model_arch": "ar",

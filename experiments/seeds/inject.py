@@ -139,18 +139,25 @@ def generation_stream(suite: Suite, inj: Injection, arch: str, settings: InjectS
 
 
 def measure(model: Any, inj: Injection, suite: Suite) -> dict:
-    """Accuracies on the new characters' items (per kind and per row) and on the original suite."""
+    """Accuracies on the new characters' items (per kind and per row) and on the original suite
+    (understanding of the pre-trained characters' facts and of direct items, direct drawing)."""
     results = evaluate_items(model, inj.items, cot=True)
     rows = gap_table(model, results=results)
     old = [it for it in suite.items if it.category in ("direct", "knowledge_forward")]
     old_res = evaluate_items(model, old, cot=False)
+
+    def acc(category: str, metric: str) -> float:
+        rows = [r for r in old_res if r["category"] == category]
+        return sum(r[metric] for r in rows) / len(rows)
+
     return {
         "summary": {s["kind"]: s for s in summarize(rows)},
         "rows": rows,
+        # what the model still does on the original suite: its taught facts, reading and direct drawing
         "original": {
-            "understanding": sum(r["understanding"] for r in old_res) / len(old_res),
-            "generation": sum(r["generation"] for r in old_res) / len(old_res),
-            "n": len(old_res),
+            "knowledge_understanding": acc("knowledge_forward", "understanding"),
+            "direct_understanding": acc("direct", "understanding"),
+            "direct_generation": acc("direct", "generation"),
         },
     }
 

@@ -45,14 +45,15 @@ def format_inject(result: dict) -> str:
         f"starting weights for {s['steps']} steps (batch {s['batch_size']}, lr {s['lr']}, "
         f"{pct(s['replay'])} replay of pre-training data).",
         "",
-        "| stage | " + " | ".join(c[2] for c in COLUMNS) + " | original suite: und. / gen. |",
-        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: |",
+        "| stage | " + " | ".join(c[2] for c in COLUMNS) + " | old facts: und. | direct: und. / drawing |",
+        "| --- | " + " | ".join("---:" for _ in COLUMNS) + " | ---: | ---: |",
     ]
     for name, m in _stages(result):
         cells = [pct(_get(m, k, metric)) for k, metric, _ in COLUMNS]
         o = m["original"]
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {pct(o['understanding'])} / {pct(o['generation'])} |"
+            f"| {name} | " + " | ".join(cells) + f" | {pct(o['knowledge_understanding'])} | "
+            f"{pct(o['direct_understanding'])} / {pct(o['direct_generation'])} |"
         )
     lines += ["", inject_paragraph(result)]
     if "maps" in result:
@@ -81,6 +82,14 @@ def inject_paragraph(result: dict) -> str:
         f" The other direction: taught by drawing only, it draws the trained forward prompts {pct(g_fwd)} "
         f"of the time and answers questions about the same facts {pct(g_und)} of the time"
         f" (inverse drawing: {pct(_get(g, INVERSE, 'generation'))})."
+    )
+    o0, ou, og = (m["original"] for m in (result["before"], u, g))
+    text += (
+        f" Cost on the original suite: the pre-trained characters' facts are answered "
+        f"{pct(o0['knowledge_understanding'])} before, {pct(ou['knowledge_understanding'])} after "
+        f"understanding-only and {pct(og['knowledge_understanding'])} after generation-only injection; "
+        f"direct drawing {pct(o0['direct_generation'])}, {pct(ou['direct_generation'])}, "
+        f"{pct(og['direct_generation'])}."
     )
     return text
 

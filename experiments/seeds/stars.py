@@ -78,7 +78,8 @@ def self_judge(model: Any, items: list[Item]) -> tuple[list[TrainExample], dict]
     """Draw with CoT, keep what the model's own understanding accepts.
 
     Returns the kept (prompt without CoT → drawing) examples and filter statistics: per level, how many
-    were drawn, kept, right by the exact judge, and right among the kept (the filter's precision).
+    were drawn, how many CoT answers were right, how many drawings were kept, right by the exact judge,
+    and right among the kept (the filter's precision).
     """
     grids = model.generate_image([it.draw_prompt for it in items], cot=True)
     answers = [a.strip() for a in model.understand([it.und_prompt for it in items])]
@@ -87,11 +88,13 @@ def self_judge(model: Any, items: list[Item]) -> tuple[list[TrainExample], dict]
         for it, g in zip(items, grids, strict=True)
     ]
     counts = [c.strip() for c in model.understand(questions)]
-    kept, stats = [], defaultdict(lambda: {"drawn": 0, "kept": 0, "right": 0, "kept_right": 0})
+    kept = []
+    stats = defaultdict(lambda: {"drawn": 0, "answer_right": 0, "kept": 0, "right": 0, "kept_right": 0})
     for it, g, a, c in zip(items, grids, answers, counts, strict=True):
         right = world.satisfies(g, it.criterion)
         s = stats[it.level]
         s["drawn"] += 1
+        s["answer_right"] += a == it.answer
         s["right"] += right
         if a.isdigit() and c == a:
             s["kept"] += 1

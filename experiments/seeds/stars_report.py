@@ -21,15 +21,16 @@ def format_stars(result: dict) -> str:
         f"the model's own counting agrees with are kept; {s['steps']} fine-tuning steps (batch "
         f"{s['batch_size']}, lr {s['lr']}, {pct(s['replay'])} replay) on prompt-without-CoT → kept drawing.",
         "",
-        "| level | kept / drawn | right among kept | drawing before | drawing after | + CoT before | "
-        "+ CoT after | understanding before | understanding after |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| level | CoT answer right | kept / drawn | right among kept | drawing before | drawing after | "
+        "+ CoT before | + CoT after | understanding before | understanding after |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for level, f in result["filter"].items():
         b, a = result["before"][level], result["after"][level]
         prec = f["kept_right"] / f["kept"] if f["kept"] else None
         lines.append(
-            f"| {level} | {f['kept']} / {f['drawn']} | {pct(prec)} | {pct(b['generation'])} | "
+            f"| {level} | {pct(f['answer_right'] / f['drawn'])} | {f['kept']} / {f['drawn']} | {pct(prec)} | "
+            f"{pct(b['generation'])} | "
             f"{pct(a['generation'])} | {pct(b['generation_cot'])} | {pct(a['generation_cot'])} | "
             f"{pct(b['understanding'])} | {pct(a['understanding'])} |"
         )
