@@ -17,12 +17,21 @@ batched over groups and problems (every problem keeps its own history, step and 
 
 - preconditioned by ``(Σ/K + λ·I)⁻¹``, the inverse Hessian at zero for uniform classes (``Σ`` the
   features' covariance): correlated features, the rule in residual streams, then cost a few dozen
-  iterations instead of hundreds;
+  iterations instead of hundreds. When many fits share ``x`` (the probes' cross-validation),
+  :func:`design` rotates it once onto ``Σ``'s eigenvectors (an orthogonal change of basis: the same
+  objective, the weights map back exactly); there the preconditioner is diagonal, so each problem
+  has its own ``λ`` and an iteration needs no ``d × d`` product;
 - with a Newton line search done in logit space: the logits along a direction ``D`` are
-  ``Z + α·(D xᵀ)``, so choosing ``α`` costs no pass over ``x``;
+  ``Z + α·(D xᵀ)``, so choosing ``α`` costs no pass over ``x``; an iteration costs two passes
+  (``D xᵀ`` and the gradient's ``Rᵀ x``), which is where the time goes;
+- along a path of ``C`` (strong to weak penalty) a fit starts at the best point of the line through
+  the previous two solutions and with the previous fit's L-BFGS memory (its curvature pairs, the
+  penalty's part corrected), both free when the previous fits kept their logits (``keep_state``);
 - a problem stops when its largest gradient entry is at most ``tol`` (scikit-learn's ``gtol`` on the
   same scaled objective) or when the objective stops decreasing at the working precision; solved
-  problems leave the batch (the remaining ones are packed), so stragglers do not cost the rest.
+  problems cost no more passes over ``x`` and leave the batch when enough have (the remaining ones
+  are packed), so stragglers do not cost the rest; rows no problem weighs at the end of ``x`` (a test
+  split) are never read.
 
 Ridge: one-hot targets, ``min Σ_i w_i ||onehot(y_i) - W x_i - b||² + alpha·||W||²`` in closed form
 (normal equations, or the kernel form when ``d > n``) for every alpha of a training set at once.

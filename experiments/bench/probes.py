@@ -1,6 +1,7 @@
 """Benchmark: the batched probe trainer against scikit-learn's LogisticRegression fitted group by group.
 
     python experiments/bench/probes.py [--groups 24 --n 4000 --d 256 --classes 5] [--no-protocol]
+                                       [--torch-threads N]
 
 Synthetic, seeded data: ``groups`` probes (think layer × role), each ``n`` examples of ``d`` correlated
 features and ``classes`` classes whose separability grows from group to group (test accuracies from
@@ -14,8 +15,9 @@ near chance to near perfect). Both sides get the same standardised float32 featu
    vs the same protocol with ``LogisticRegression`` group by group.
 
 Each side runs under the thread setting it is fastest with on this machine (torch: 1 or the default
-number of threads; scikit-learn: BLAS limited to 1 thread or not), picked by a short trial of each
-setting in the single fit and kept for the protocol; the batched timings are the median of 3 runs.
+number of threads, or ``--torch-threads``; scikit-learn: BLAS limited to 1 thread or not), picked by a
+short trial of each setting in the single fit and kept for the protocol; the batched timings are the
+median of 3 runs.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ def fastest(label: str, trial: Callable[[], object], configs: dict[str, Callable
     return min(times, key=times.get)
 
 
-def single_fit(x: torch.Tensor, y: torch.Tensor, n_train: int, k: int, c: float) -> tuple[Callable, Callable]:
+def single_fit(
+    x: torch.Tensor, y: torch.Tensor, n_train: int, k: int, c: float, threads: int | None
+) -> tuple[Callable, Callable]:
     from sklearn.linear_model import LogisticRegression
 
     w = torch.zeros(x.shape[:2])
@@ -129,12 +133,12 @@ def single_fit(x: torch.Tensor, y: torch.Tensor, n_train: int, k: int, c: float)
         return np.array(accs)
 
     n_threads = torch.get_num_threads()
-    torch_configs = {
-        "torch 1 thread": torch_threads(1),
-        f"torch {n_threads} threads": torch_threads(n_threads),
-    }
+    counts = [1, n_threads] if threads is None else [threads]
+    torch_configs = {f"torch {t} thread{'s' * (t > 1)}": torch_threads(t) for t in dict.fromkeys(counts)}
     sk_configs = {"BLAS 1 thread": blas_threads(1), "BLAS default": blas_threads(None)}
-    mine = fastest("batched, 4 groups", lambda: ours(4), torch_configs)
+    mine = next(iter(torch_configs))
+    if len(torch_configs) > 1:
+        mine = fastest("batched, 4 groups", lambda: ours(4), torch_configs)
     t_ours, acc_ours, runs = timed(torch_configs[mine](ours), repeat=3)
     print(f"    batched [{mine}]: " + ", ".join(f"{t:.2f}" for t in runs) + " s (median of 3)")
     theirs_cfg = fastest("sklearn, 2 groups", lambda: theirs(2), sk_configs)
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-protocol", action="store_true")
+    p.add_argument(
+        "--torch-threads", type=int, help="run the batched trainer on this many threads (default: pick)"
+    )
     args = p.parse_args(argv)
     try:
         import sklearn
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     n_train = int(0.8 * args.n)
     x = standardise(x, n_train)
     print(f"\n== one fit per group (80/20 split, C={args.c:g}, tol 1e-4 on the same scaled objective) ==")
-    threads = single_fit(x, y, n_train, args.classes, args.c)
+    threads = single_fit(x, y, n_train, args.classes, args.c, args.torch_threads)
     if not args.no_protocol:
         protocol(x, y, n_train, args.classes, args.folds, args.seed, threads)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
