@@ -35,10 +35,16 @@ DEFAULTS: dict[str, dict] = {
     },
     # the query model's parallel decoder does not compose held-out (count, object) pairs: train on all
     "query": {
-        "steps": 2000,
-        "lr": 2e-3,
+        "steps": 1400,
+        "lr": 1e-3,
         "batch_size": 64,
-        "data": {"gen_fraction": 0.2, "prefix_p": 0.12, "direct_heldout": False, "mix": "reasoning_heavy"},
+        "data": {
+            "gen_fraction": 0.15,
+            "prefix_p": 0.12,
+            "direct_heldout": False,
+            "mix": "count_heavier",
+            "taught_reasoning": 0.2,
+        },
     },
 }
 
