@@ -469,7 +469,9 @@ class _State:
         ok = sy > 1e-10 * (_dot(yv, yv) * _dot(s, s)).sqrt()
         ymy = _dot(yv, self.f.precondition(yv))
         self.gamma = torch.where(ok, sy / ymy.clamp_min(1e-30), self.gamma)
-        self.hist.append((s * ok[..., None, None], yv * ok[..., None, None], torch.where(ok, 1 / sy, 0.0)))
+        self.hist.append(
+            (s * ok[..., None, None], yv * ok[..., None, None], torch.where(ok, sy.reciprocal(), 0.0))
+        )
         if len(self.hist) > m:
             self.hist.pop(0)
 
