@@ -321,7 +321,8 @@ class _Objective:
             self.diag = 1.0 / (spectrum.to(xt.dtype)[:, None, :] / self.k + self.lam[..., None])  # [G, P, d]
         else:
             if cov is None:
-                cov = covariance(xt.mT, (w > 0).any(1))
+                # rows for a decent estimate grow with d: 6·d of them (sampling is cheaper than passes)
+                cov = covariance(xt.mT, (w > 0).any(1), max_rows=max(1024, 6 * xt.shape[1]))
             self.minv = _preconditioner(cov.to(xt.dtype), self.lam.mean(1), self.k)  # [G, d, d]
 
     def take(self, gi: Tensor, pi: Tensor) -> _Objective:
