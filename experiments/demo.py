@@ -240,7 +240,7 @@ def run_demo(out: str | Path = "artifacts/demo", stars_steps: int | None = None)
             "",
             "**STARS self-training.** " + stars_paragraph(stars),
             "",
-            format_stars(stars).split("\n", 2)[2],
+            format_stars(stars, paragraph=False).split("\n", 2)[2],  # without its title
             "",
             f"![STARS](stars-{name}/stars.png)",
             "",

@@ -19,7 +19,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p = subparsers.add_parser("train-sandbox", help="train a sandbox model on CPU (a few minutes)")
     p.add_argument("--arch", choices=("ar", "query"), required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--steps", type=int, default=None, help="default: 1400 (see experiments/sandbox/train.py DEFAULTS)")
+    p.add_argument("--steps", type=int, default=None, help="default: 1400 (train.py DEFAULTS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds (schedule follows time)"

@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from experiments.seeds.inject_report import pct  # noqa: E402
 
 
-def format_stars(result: dict) -> str:
+def format_stars(result: dict, paragraph: bool = True) -> str:
+    """Title, settings line and the per-level table; then (``paragraph``) :func:`stars_paragraph`."""
     s = result["settings"]
     lines = [
         f"### STARS self-training (sandbox-{result['model_arch']})",
@@ -34,7 +35,8 @@ def format_stars(result: dict) -> str:
             f"{pct(a['generation'])} | {pct(b['generation_cot'])} | {pct(a['generation_cot'])} | "
             f"{pct(b['understanding'])} | {pct(a['understanding'])} |"
         )
-    lines += ["", stars_paragraph(result)]
+    if paragraph:
+        lines += ["", stars_paragraph(result)]
     return "\n".join(lines)
 
 
