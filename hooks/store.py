@@ -190,7 +190,9 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so readers see the old file or the whole new one, never a part (tmp + fsync +
+    rename, then the directory is synced)."""
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -914,7 +916,7 @@ class ActivationStore:
     def _write_manifest(self) -> None:
         self._m["shards"] = [self._records[i] for i in sorted(self._records)]
         self._m["n_examples"] = len(self._m["examples"])
-        _atomic_write_text(self.path / MANIFEST, _dumps_manifest(self._m))
+        atomic_write_text(self.path / MANIFEST, _dumps_manifest(self._m))
 
     # -- metadata ---------------------------------------------------------------------------------
     @property

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from hooks.store import atomic_write_text
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"
@@ -24,12 +25,7 @@ INDEX_COLUMNS = ("id", "model", "task", "status", "seconds", "error", "dir")
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def write_json(path: Path, obj: Any) -> None:
