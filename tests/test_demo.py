@@ -50,7 +50,7 @@ def test_demo_writes_report_with_every_section(tmp_path):
         stars = json.loads((tmp_path / f"stars-{name}" / "stars.json").read_text())
         assert set(stars["before"]) == {"1", "2", "3"} and stars["weight_change"]
     # each model's part answers the questions in order: gap, readable, used, what CoT/STARS/R3 change
-    for part in report.split("## sandbox-")[1:]:
+    for part in report.split("\n## sandbox-")[1:]:
         heads = [part.index(h) for h in ("### 1. The gap", "### 2. Where", "### 3. Where", "### 4. What")]
         assert heads == sorted(heads)
     page = (tmp_path / "report.html").read_text()
