@@ -79,7 +79,7 @@ def test_seeds_gapeval_command_on_the_query_sandbox(tmp_path, capsys):
     assert "GapEval gap score" in capsys.readouterr().out
 
 
-def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements():
+def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements(tmp_path):
     from experiments.sandbox.checkpoint import load_sandbox
     from experiments.seeds.r3 import eligible, format_r3, r3_loop
     from experiments.tasks.suite import Suite
@@ -96,3 +96,7 @@ def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements():
     # round 2 only redraws what round 1 still judged wrong
     assert res.rounds[2].regenerated <= res.rounds[1].regenerated
     assert "| round | accuracy | improved" in format_r3(res)
+    from experiments.seeds.r3 import plot_r3
+
+    plot_r3(res, str(tmp_path / "r3.png"))
+    assert (tmp_path / "r3.png").stat().st_size > 1000

@@ -48,12 +48,13 @@ def run_seeds(args: argparse.Namespace) -> int:
     if args.protocol in ("inject", "stars"):
         return _run_finetuning(args, model, out)
     if args.protocol == "r3":
-        from experiments.seeds.r3 import format_r3, r3_loop
+        from experiments.seeds.r3 import format_r3, plot_r3, r3_loop
 
         r3 = r3_loop(model, Suite(args.seed).items, rounds=args.rounds)
         md = format_r3(r3, title=f"{args.model}: R3 generate → understand → regenerate")
         (out / "r3.json").write_text(json.dumps(asdict(r3), indent=1))
         (out / "r3.md").write_text(md + "\n")
+        plot_r3(r3, str(out / "r3.png"), title=f"{args.model}: R3")
         print(md)
         return 0
     results = evaluate_items(model, Suite(args.seed).items, cot=False)

@@ -118,3 +118,31 @@ def format_r3(result: R3Result, title: str = "") -> str:
             f"| {pct(r.regenerated)} |"
         )
     return "\n".join(lines)
+
+
+def plot_r3(result: R3Result, path: str, title: str = "") -> None:
+    """Accuracy per round (line) over the fractions improved / worse in that round (bars); writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in result.rounds]
+    fig, ax = plt.subplots(figsize=(4.8, 3))
+    ax.bar(
+        [x - 0.2 for x in rounds],
+        [r.improved for r in result.rounds],
+        0.4,
+        label="improved",
+        color="tab:green",
+    )
+    ax.bar([x + 0.2 for x in rounds], [r.worse for r in result.rounds], 0.4, label="worse", color="tab:red")
+    ax.plot(rounds, [r.accuracy for r in result.rounds], marker="o", color="black", label="accuracy")
+    ax.set_xticks(rounds)
+    ax.set_xlabel("round (0: first drawing)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "R3: generate → understand → regenerate", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
