@@ -20,7 +20,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--arch", choices=("ar", "query"), required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, default=None, help="default: 1400 (train.py DEFAULTS)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: the shipped checkpoint's (ar 0, query 2)")
     p.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds (schedule follows time)"
     )
