@@ -20,10 +20,12 @@ ridge), with for every probe:
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,7 @@ def train_probes(
     max_iter: int = 300,
     tol: float = 1e-4,
     max_bytes: int = 1 << 29,
+    workers: int | None = None,
 ) -> ProbeResults:
     """Train, select, control and score one probe per group.
 
@@ -115,6 +118,9 @@ def train_probes(
         cs: the grid of inverse strengths ``C`` (ridge: ``alpha = 1/C``) searched by ``folds``-fold CV.
         n_boot: bootstrap resamples for the test-accuracy interval.
         max_bytes: probes are trained in batches whose ``[B, n, d]`` float32 features fit in this.
+        workers: split each batch over this many threads, each running torch on one thread (default:
+            ``torch.get_num_threads()``). The probes are independent problems, so this parallelises
+            the whole solver, not only its large products; 1 runs each batch on torch's own threads.
 
     Returns:
         :class:`ProbeResults` (rows in the order of ``groups``).
@@ -127,14 +133,18 @@ def train_probes(
     prepared = [_prepare(g, y, split, classes, folds, label) for g in groups]
     rows: list[dict | None] = [None] * len(groups)
     directions: dict[str, Tensor] = {}
-    for batch in _batches(prepared, max_bytes):
-        for i, row, parts in _train_batch(
-            [prepared[i] for i in batch], batch, len(classes), method, cs, folds, seed, n_boot, max_iter, tol
-        ):
-            row["grouping"] = split.grouping
-            rows[i] = row
-            key = probe_key(row["point"], row["role"])
-            directions.update({f"{key}/{name}": t for name, t in parts.items()})
+    workers = torch.get_num_threads() if workers is None else max(1, int(workers))
+
+    def train(batch: list[int]) -> list:
+        items = [prepared[i] for i in batch]
+        return list(_train_batch(items, batch, len(classes), method, cs, folds, seed, n_boot, max_iter, tol))
+
+    parts_of = [part for batch in _batches(prepared, max_bytes) for part in _split(batch, workers)]
+    for i, row, parts in itertools.chain.from_iterable(_in_threads(train, parts_of, workers)):
+        row["grouping"] = split.grouping
+        rows[i] = row
+        key = probe_key(row["point"], row["role"])
+        directions.update({f"{key}/{name}": t for name, t in parts.items()})
     meta = {
         "label": label,
         "classes": classes,
@@ -151,6 +161,34 @@ def train_probes(
         "control": "same probe and C, labels permuted within the training and within the test split",
     }
     return ProbeResults([r for r in rows if r is not None], meta, directions)
+
+
+def _split(batch: list[int], parts: int) -> list[list[int]]:
+    """``batch`` dealt into ``parts`` nearly equal pieces (fewer if it is shorter); dealt, not cut, so
+    neighbouring probes (adjacent layers, alike in difficulty) spread over the pieces."""
+    return [batch[j :: min(parts, len(batch))] for j in range(min(parts, len(batch)))]
+
+
+def _in_threads(fn: Callable[[list[int]], list], jobs: list[list[int]], workers: int) -> list[list]:
+    """``[fn(job) for job in jobs]``, on ``workers`` threads that each run torch on one thread.
+
+    Torch releases the GIL inside its kernels, so independent probe batches use separate cores; the
+    calling thread's torch thread count is restored afterwards (``set_num_threads`` also sets the
+    default that new threads start from).
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(job) for job in jobs]
+    before = torch.get_num_threads()
+
+    def one_thread(job: list[int]) -> list:
+        torch.set_num_threads(1)
+        return fn(job)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one_thread, jobs))
+    finally:
+        torch.set_num_threads(before)
 
 
 def _prepare(g: ProbeGroup, y: Tensor, split: Split, classes: list, folds: int, label: str) -> dict:
@@ -422,6 +460,7 @@ def probe_store(
     n_boot: int = 1000,
     max_iter: int = 300,
     max_bytes: int = 1 << 30,
+    workers: int | None = None,
 ) -> ProbeResults:
     """One probe per (point, role selection) of ``store``, predicting label ``label``.
 
@@ -477,6 +516,7 @@ def probe_store(
                 n_boot=n_boot,
                 max_iter=max_iter,
                 max_bytes=max_bytes,
+                workers=workers,
             )  # fmt: skip
         )
     res = ProbeResults(

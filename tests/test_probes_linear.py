@@ -78,7 +78,8 @@ def store(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(store):
-    return probe_store(store, "answer", roles=["text", "query"], group_by="template", n_boot=300)
+    # workers=1: the serial reference (module fixtures start before the one-thread fixture)
+    return probe_store(store, "answer", roles=["text", "query"], group_by="template", n_boot=300, workers=1)
 
 
 def test_planted_signal_is_found_there_and_nowhere_else(results):
@@ -109,6 +110,22 @@ def test_reading_the_store_in_slices_gives_the_same_probes(results, store):
         full = results.row(r["point"], r["role"])
         assert r["C"] == full["C"] and r["control"] == full["control"]
         assert abs(r["accuracy"] - full["accuracy"]) <= 0.02
+
+
+def test_probes_split_over_threads_equal_the_serial_run(results, store):
+    """``workers=2``: the probes are dealt to two threads (one torch thread each); every probe is the
+    same problem as in the serial run, so the same C, accuracy and control, and the same weights up to
+    float rounding. The calling thread's torch thread count is restored."""
+    kw = {"roles": ["text", "query"], "group_by": "template", "n_boot": 300}
+    threaded = probe_store(store, "answer", workers=2, **kw)
+    assert torch.get_num_threads() == 1  # this module's fixture set 1
+    assert [(r["point"], r["role"]) for r in threaded.rows] == [(r["point"], r["role"]) for r in results.rows]
+    for r in threaded.rows:
+        serial = results.row(r["point"], r["role"])
+        for key in ("C", "accuracy", "control", "ci_low", "ci_high", "cv_accuracy"):
+            assert r[key] == pytest.approx(serial[key], abs=1e-6), (key, r, serial)
+    for name, t in threaded.directions.items():
+        torch.testing.assert_close(t, results.directions[name], rtol=1e-3, atol=1e-4)
 
 
 def test_generation_positions_by_step_and_branch(tmp_path):
