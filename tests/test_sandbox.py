@@ -107,6 +107,7 @@ def test_few_steps_make_the_loss_fall(arch: str, tmp_path) -> None:
         time_budget_s=None,
         log_every=1,
         progress=False,
+        seed=0,  # not the arch's default: the few-step threshold below was set on seed 0
     )
     losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(losses) == 40
