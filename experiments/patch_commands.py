@@ -192,6 +192,8 @@ def run_patch(args: argparse.Namespace) -> int:
         f"{args.method} patching of {len(result.sites)} sites in {seconds:.2f}s; baselines clean "
         f"{result.clean:.4f}, corrupted {result.corrupted:.4f} (logit {args.target} − {args.foil})"
     )
+    for note in result.info.get("notes", []):
+        print(f"note: {note}")
     if result.clean == result.corrupted:
         print(
             "warning: the clean and corrupted baselines are equal, so normalised values are undefined (null)"

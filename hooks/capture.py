@@ -5,9 +5,12 @@
     cap["blocks.3.resid_post"]        # [batch, pos, d] when every position was kept
     cap.rows("blocks.3.resid_post")   # Rows: values [n, d] + example / pos / role / step / branch
 
-Protocol. On enter, one forward pre-hook goes on the first block (the *call tracker*): each
-backbone call reports its column offset (the KV cache's length, 0 for a fresh sequence) and
-its length, and counts as generation step 0 when the offset is 0, else the next step. Then
+Protocol. On enter, one forward pre-hook goes on the first block (the *call tracker*,
+:mod:`hooks.calls`): each backbone call reports its column offset (the length of the
+``transformers.Cache`` it was handed, found by type, 0 for a fresh sequence) and its length, and
+counts as generation step 0 when the offset is 0, else the next step; calls that break the
+expected pattern (``expect="generation"``: one prompt pass, then single continuing steps) raise
+:class:`hooks.calls.CallPatternError` instead of mislabelling rows. Then
 one hook per requested point; each hook turns its tensor into :class:`Rows`, keeping only the
 positions whose role (from the layout) was asked for, detached and moved to the requested
 dtype/device at once, so memory holds only the selection. With classifier-free guidance the
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from hooks.adapters.base import Adapter, Site, get_module
+from hooks.calls import Call, CallLog, track_calls
 from hooks.layout import ROLE_ID, TokenLayout, role_ids
 from hooks.rows import Rows
 
@@ -66,6 +70,7 @@ class Captured:
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         cfg_batch: int | None = None,
+        log: CallLog | None = None,
     ) -> None:
         self.points = list(points)
         self.layout = layout
@@ -77,17 +82,21 @@ class Captured:
         self.device = torch.device(device)
         self.cfg_batch = cfg_batch
         self.records: dict[str, list[Rows]] = {p: [] for p in self.points}
-        self.calls: list[tuple[int, int, int]] = []  # (step, offset, length)
+        self.log = log or CallLog()
         self.generated: torch.Tensor | None = None  # image tokens, when the capture ran a generation
 
     # -- bookkeeping ------------------------------------------------------------------------
+    @property
+    def calls(self) -> list[Call]:
+        """Every backbone call so far: ``(step, offset, length)``."""
+        return self.log.calls
+
     def begin_call(self, offset: int, length: int) -> None:
-        """Called once per backbone forward (by the tracker)."""
-        step = 0 if offset == 0 or not self.calls else self.calls[-1][0] + 1
-        self.calls.append((step, offset, length))
+        """Called once per backbone forward (by the tracker, or a backend that ran one call)."""
+        self.log.begin(offset, length)
 
     def _call(self) -> tuple[int, int, int | None]:
-        return self.calls[-1] if self.calls else (0, 0, None)
+        return self.log.calls[-1] if self.log.calls else (0, 0, None)
 
     def add(self, point: str, tensor: torch.Tensor) -> None:
         """Record ``tensor`` (``[rows, k, *feature]``, or ``[rows, d]`` for one position) at ``point``.
@@ -195,6 +204,8 @@ class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
         roles: keep only positions with these roles; ``positions``: only these positions.
         dtype, device: where captured tensors go (default: same dtype, CPU).
         cfg_batch: conditional batch size when classifier-free guidance doubles the batch.
+        expect: the pattern of backbone calls (``"any"``, or ``"generation"``: one prompt pass then
+            single steps); a call that breaks it raises :class:`hooks.calls.CallPatternError`.
     """
 
     def __init__(
@@ -209,19 +220,20 @@ class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         cfg_batch: int | None = None,
+        expect: str = "any",
     ) -> None:
         from hooks.adapters import adapter_for
 
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.points = self.adapter.expand(model, points)
-        self.result = Captured(self.points, layout, roles, positions, dtype, device, cfg_batch)
+        log = CallLog(model, expect)
+        self.result = Captured(self.points, layout, roles, positions, dtype, device, cfg_batch, log)
         self._handles: list[Any] = []
 
     def __enter__(self) -> Captured:
         try:
-            first_block = get_module(self.model, f"{self.adapter.blocks}.0")
-            self._handles.append(first_block.register_forward_pre_hook(self._track, with_kwargs=True))
+            self._handles.append(track_calls(self.model, self.adapter.blocks, self.result.log))
             for point in self.points:
                 self._register(point, self.adapter.site(self.model, point))
         except BaseException:
@@ -236,12 +248,6 @@ class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-    def _track(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = input_tensor(args, kwargs)
-        cache = kwargs.get("past_key_values")
-        offset = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self.result.begin_call(offset, hidden.shape[1] if hidden.dim() == 3 else 1)
 
     def _register(self, point: str, site: Site) -> None:
         module = get_module(self.model, site.module)

@@ -84,7 +84,14 @@ def greedy_image_tokens(
     """
     from transformers import DynamicCache
 
+    from hooks.calls import cache_kwarg
+
     cache = DynamicCache()
+    key = cache_kwarg(backbone)  # the keyword moved between transformers versions
+    if key is None:
+        raise TypeError(
+            f"{type(backbone).__name__}.forward takes no key/value cache; cannot decode step by step"
+        )
     mask = attention_mask.clone()
     # positions count real tokens only, so left-padded rows match their unpadded runs
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -92,8 +99,8 @@ def greedy_image_tokens(
         inputs_embeds=embed(input_ids),
         attention_mask=mask,
         position_ids=pos,
-        past_key_values=cache,
         use_cache=True,
+        **{key: cache},
     )
     tokens = []
     for step in range(n_tokens):
@@ -112,7 +119,7 @@ def greedy_image_tokens(
             inputs_embeds=embed(nxt[:, None]),
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=cache,
             use_cache=True,
+            **{key: cache},
         )
     return torch.stack(tokens, dim=1)

@@ -75,7 +75,13 @@ def run_capture(
         with (
             torch.no_grad(),
             capture(
-                model, points, adapter=adapter, layout=inputs.layout, cfg_batch=cfg_batch, **selection
+                model,
+                points,
+                adapter=adapter,
+                layout=inputs.layout,
+                cfg_batch=cfg_batch,
+                expect="generation",
+                **selection,
             ) as cap,
         ):
             cap.generated = adapter.generate(model, inputs)

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from hooks.adapters.base import Adapter, ModelInputs
+from hooks.calls import CallPatternError, cache_kwarg, find_cache, output_cache, transformers_version
 from hooks.layout import TokenLayout
 from probes.patching.hooking import Plan, overwrite, record, stagger
 from probes.patching.sites import PatchSite
@@ -309,7 +310,12 @@ def _run_chunk(
         stagger(model, adapter, active, n * b, carry, tr.block_outputs),
         overwrite(model, adapter, plans, force) as ow,
     ):
-        out = fwd(model, repeat_inputs(target, n)) if p0 == 0 else model(**_suffix_kwargs(tr, n, p0, active))
+        if p0 == 0:
+            out = fwd(model, repeat_inputs(target, n))
+        else:
+            kwargs = _suffix_kwargs(model, tr, n, p0, active)
+            out = model(**kwargs)
+            check_suffix_run(model, out, kwargs, tr.length)
         ow.check_fired(1 if tr.resumable else None)
     return evaluate(metric, out, n * b).view(n, b).mean(1)
 
@@ -318,10 +324,11 @@ def _first(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _suffix_kwargs(tr: Trace, n: int, p0: int, active: list[int]) -> dict[str, Any]:
+def _suffix_kwargs(model: nn.Module, tr: Trace, n: int, p0: int, active: list[int]) -> dict[str, Any]:
     """Model kwargs running positions ``p0..`` of ``n`` copies of the target over its cached prefix.
 
-    Block ``j``'s cache holds the prefix keys/values of the ``active[j]`` rows it computes.
+    Block ``j``'s cache holds the prefix keys/values of the ``active[j]`` rows it computes. The
+    cache goes under the keyword the model's forward names today (it moved in transformers 5.24).
     """
     from transformers import DynamicCache
 
@@ -336,9 +343,28 @@ def _suffix_kwargs(tr: Trace, n: int, p0: int, active: list[int]) -> dict[str, A
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "past_key_values": DynamicCache(ddp_cache_data=layers),
+        cache_kwarg(model) or "cache": DynamicCache(ddp_cache_data=layers),
         "use_cache": True,
     }
+
+
+def check_suffix_run(model: nn.Module, out: Any, kwargs: dict[str, Any], length: int) -> None:
+    """Raise unless the model ran over the prefix cache it was handed (else the grid would be wrong).
+
+    The cache must come back in the outputs, its last block holding all ``length`` positions (the
+    last block always runs; earlier ones may be skipped): a model that ignored the cache (a renamed
+    keyword swallowed by ``**kwargs``) would have run the suffix alone.
+    """
+    handed = find_cache(kwargs.values())
+    back = output_cache(out)
+    got = back.get_seq_length(len(back.layers) - 1) if back is handed else None
+    if back is None or back is not handed or got != length:
+        raise CallPatternError(
+            f"{type(model).__name__} (transformers {transformers_version()}) did not run over the "
+            f"prefix key/value cache it was handed (it returned {type(back).__name__} holding {got} "
+            f"positions; expected that cache with {length}); pass suffix=False to patch with full "
+            "forwards, and report the model class and transformers version"
+        )
 
 
 @torch.no_grad()

@@ -115,6 +115,8 @@ def patch_sweep(
         skip_noops=skip_noops, force=force,
     )  # fmt: skip
     notes = [] if run.strategy == "resume" else [f"full forward per chunk: {run.reason}"]
+    if suffix and run.strategy == "resume" and not run.suffix:
+        notes.append(f"every position recomputed (the faster suffix path is off): {run.suffix_reason}")
     return PatchResult(
         values=run.values,
         clean=clean_v,

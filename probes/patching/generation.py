@@ -28,6 +28,7 @@ from torch import nn
 
 from hooks.adapters import adapter_for
 from hooks.adapters.base import Adapter, ModelInputs, get_module
+from hooks.calls import Call, CallLog, track_calls
 from hooks.capture import input_tensor, pick
 from hooks.layout import TokenLayout
 from probes.patching.cross_prompt import Alignment
@@ -94,17 +95,24 @@ class _StepPatcher:
     """Hooks that track the generation step and apply :class:`StepPatch` es (removed on exit)."""
 
     def __init__(
-        self, model: nn.Module, adapter: Adapter, patches: Sequence[StepPatch], cond_rows: int | None
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        patches: Sequence[StepPatch],
+        cond_rows: int | None,
+        expect: str = "generation",
     ):
         self.model, self.adapter, self.patches, self.cond_rows = model, adapter, list(patches), cond_rows
-        self.step, self.offset, self.length = -1, 0, 0
-        self.calls: list[tuple[int, int, int]] = []
+        self.log = CallLog(model, expect)
         self._handles: list[Any] = []
+
+    @property
+    def calls(self) -> list[Call]:
+        return self.log.calls
 
     def __enter__(self) -> _StepPatcher:
         try:
-            first = get_module(self.model, f"{self.adapter.blocks}.0")
-            self._handles.append(first.register_forward_pre_hook(self._track, with_kwargs=True))
+            self._handles.append(track_calls(self.model, self.adapter.blocks, self.log))
             for point in dict.fromkeys(p.point for p in self.patches):
                 self._register(point, [p for p in self.patches if p.point == point])
         except BaseException:
@@ -117,25 +125,19 @@ class _StepPatcher:
             h.remove()
         self._handles.clear()
 
-    def _track(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = input_tensor(args, kwargs)
-        cache = kwargs.get("past_key_values")
-        offset = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self.step = 0 if offset == 0 or self.step < 0 else self.step + 1
-        self.offset, self.length = offset, hidden.shape[1]
-        self.calls.append((self.step, offset, self.length))
-
     def _apply(self, t: torch.Tensor, patches: list[StepPatch]) -> torch.Tensor:
-        todo = [p for p in patches if p.step == self.step]
+        call = self.log.last
+        step, offset = (call.step, call.offset) if call else (-1, 0)
+        todo = [p for p in patches if p.step == step]
         if not todo:
             return t
         out = t.clone()
         for p in todo:
-            local = [q - self.offset for q in p.positions]
+            local = [q - offset for q in p.positions]
             if any(not 0 <= q < t.shape[1] for q in local):
                 raise ValueError(
                     f"patch at {p.point!r} step {p.step}: positions {list(p.positions)} are outside this "
-                    f"step's positions {self.offset}..{self.offset + t.shape[1] - 1}"
+                    f"step's positions {offset}..{offset + t.shape[1] - 1}"
                 )
             rows = list(p.rows) if p.rows is not None else list(range(self.cond_rows or t.shape[0]))
             vals = p.values.to(out.dtype)
@@ -183,7 +185,10 @@ def patched_generation(
     for p in patches:
         p.applied = 0
     cond = inputs.kwargs["input_ids"].shape[0] if adapter.generation_cfg else None
-    with _StepPatcher(model, adapter, patches, cond) as patcher:
+    # the adapter's own loop is one prompt pass then single steps; a custom one is only checked
+    # for continuity
+    expect = "generation" if generate is None else "any"
+    with _StepPatcher(model, adapter, patches, cond, expect) as patcher:
         tokens = gen(model, inputs, **generate_kwargs)
     missed = [p for p in patches if p.applied == 0]
     if missed:

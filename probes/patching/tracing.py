@@ -10,7 +10,6 @@ to the blocks, an estimate of the activation bytes of one batch row, and — for
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from hooks.adapters.base import Adapter, ModelInputs, get_module
+from hooks.calls import cache_kwarg, output_cache, transformers_version
 from hooks.capture import input_tensor
 from probes.patching.hooking import record
 
@@ -70,8 +70,10 @@ def suffix_blocker(model: nn.Module, adapter: Adapter, inputs: ModelInputs, forw
     mask = inputs.kwargs.get("attention_mask")
     if mask is not None and not bool(mask.bool().all()):
         return "padded inputs"
-    if "past_key_values" not in inspect.signature(model.forward).parameters:
-        return f"{type(model).__name__}.forward takes no past_key_values"
+    if cache_kwarg(model) is None:
+        return (
+            f"{type(model).__name__}.forward takes no key/value cache (transformers {transformers_version()})"
+        )
     return ""
 
 
@@ -81,7 +83,7 @@ def _kv_of(
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    cache = getattr(outputs, "past_key_values", None)
+    cache = output_cache(outputs)  # found by type: the output field's name moved in transformers 5.24
     if not isinstance(cache, DynamicCache) or len(cache.layers) != n_layers:
         return None, "the model returned no per-layer key/value cache"
     if any(type(layer) is not DynamicLayer for layer in cache.layers):

@@ -1,0 +1,202 @@
+"""Backbone calls: where each forward of the decoder stack starts, found and checked.
+
+A capture or a patch during generation must know, for every forward of the decoder stack, its
+*offset* (how many positions the key/value cache already holds) and *length* (positions it runs),
+to tag rows with their stream position and generation step. Both come from what the model owns,
+never from keyword names (transformers 5.24 renamed the cache keyword ``past_key_values`` →
+``cache``; a tracker that read the name tagged every step 0):
+
+- the cache is the one argument of block 0 that *is* a ``transformers.Cache``, whatever its name;
+  its ``get_seq_length()`` before block 0 runs is the offset;
+- the length is the sequence axis of the hidden states block 0 receives.
+
+:class:`CallLog` checks every call against the pattern it was told to expect and raises
+:class:`CallPatternError` (model class, transformers version, the calls seen) instead of tagging
+rows wrongly:
+
+- ``"any"``: a call at offset 0 starts a new sequence (step 0); a call at offset ``o > 0`` must
+  continue the previous one (``o`` = previous offset + previous length), and is its next step;
+- ``"generation"`` (one prompt pass, then single steps — Janus, Emu3, Chameleon and every
+  ``greedy_image_tokens`` loop): additionally, only the first call may start at offset 0 and
+  every later call runs exactly one position.
+
+The same module says how to hand a cache to a model and where to find it in its outputs
+(:func:`cache_kwarg`, :func:`output_cache`), for the patching engine's suffix path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+PATTERNS = ("any", "generation")
+# the names transformers has used for the cache keyword, newest first (checked in cache_kwarg)
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+class CallPatternError(RuntimeError):
+    """Backbone calls that do not follow the expected pattern (rows would be mislabelled)."""
+
+
+def transformers_version() -> str:
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cache_type() -> type | None:
+    try:
+        from transformers import Cache
+    except ImportError:
+        return None
+    return Cache
+
+
+def find_cache(values: Iterable[Any]) -> Any | None:
+    """The first ``transformers.Cache`` among ``values`` (a call's args and kwargs values), or None."""
+    cls = _cache_type()
+    if cls is None:
+        return None
+    for v in values:
+        if isinstance(v, cls):
+            return v
+    return None
+
+
+def cache_length(cache: Any) -> int:
+    """Positions a cache holds (``get_seq_length()``); raises if the cache lacks that method."""
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        raise CallPatternError(
+            f"{type(cache).__name__} (transformers {transformers_version()}) has no get_seq_length(); "
+            "cannot tell where a backbone call starts"
+        )
+    return int(get())
+
+
+def output_cache(outputs: Any) -> Any | None:
+    """The ``transformers.Cache`` a model returned (any field of its output), or None."""
+    if isinstance(outputs, dict):  # ModelOutput is a dict
+        return find_cache(outputs.values())
+    if isinstance(outputs, (tuple, list)):
+        return find_cache(outputs)
+    return None
+
+
+def cache_kwarg(module: nn.Module) -> str | None:
+    """The name under which ``module.forward`` takes a key/value cache, or None if it takes none.
+
+    A parameter annotated with ``Cache`` wins; else the first of the names transformers has used.
+    """
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name, p in params.items():
+        ann = p.annotation
+        text = ann if isinstance(ann, str) else getattr(ann, "__name__", "") or repr(ann)
+        if "Cache" in text and name not in ("use_cache", "cache_position"):
+            return name
+    return next((n for n in _CACHE_NAMES if n in params), None)
+
+
+def call_extent(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[int, int, bool]:
+    """``(offset, length, has_cache)`` of a block-0 call from its arguments and input ``hidden``."""
+    cache = find_cache((*args, *kwargs.values()))
+    offset = cache_length(cache) if cache is not None else 0
+    length = int(hidden.shape[1]) if hidden.dim() == 3 else 1
+    return offset, length, cache is not None
+
+
+class Call(NamedTuple):
+    """One backbone call: generation ``step``, stream ``offset`` it starts at, ``length`` it runs."""
+
+    step: int
+    offset: int
+    length: int
+
+
+class CallLog:
+    """The backbone calls of one capture or patched generation, checked as they arrive.
+
+    Args:
+        model: the model (named in errors).
+        expect: ``"any"`` or ``"generation"`` (see the module docstring).
+    """
+
+    def __init__(self, model: nn.Module | None = None, expect: str = "any") -> None:
+        if expect not in PATTERNS:
+            raise ValueError(f"expect must be one of {PATTERNS}, got {expect!r}")
+        self.model_name = type(model).__name__ if model is not None else "model"
+        self.expect = expect
+        self.calls: list[Call] = []
+
+    def begin(self, offset: int, length: int, has_cache: bool = True) -> Call:
+        """Record one call; raises :class:`CallPatternError` if it breaks the expected pattern."""
+        prev = self.calls[-1] if self.calls else None
+        if offset == 0:
+            if self.expect == "generation" and prev is not None:
+                why = (
+                    "no key/value cache (a transformers.Cache) reached block 0"
+                    if not has_cache
+                    else "its cache was empty"
+                )
+                self._fail(
+                    f"call {len(self.calls)} starts a new sequence at offset 0 ({why})", offset, length
+                )
+            step = 0
+        elif prev is None:
+            step = 0  # a call over a cache filled before the capture began
+        else:
+            if offset != prev.offset + prev.length:
+                self._fail(
+                    f"call {len(self.calls)} starts at offset {offset}, but the previous call ended at "
+                    f"{prev.offset + prev.length}",
+                    offset,
+                    length,
+                )
+            if self.expect == "generation" and length != 1:
+                self._fail(
+                    f"generation step call {len(self.calls)} runs {length} positions, not 1", offset, length
+                )
+            step = prev.step + 1
+        call = Call(step, offset, length)
+        self.calls.append(call)
+        return call
+
+    @property
+    def last(self) -> Call | None:
+        return self.calls[-1] if self.calls else None
+
+    def _fail(self, what: str, offset: int, length: int) -> None:
+        seen = [(c.offset, c.length) for c in self.calls[-4:]] + [(offset, length)]
+        raise CallPatternError(
+            f"{self.model_name} (transformers {transformers_version()}): {what}; expected pattern "
+            f"{self.expect!r} ({_PATTERN_TEXT[self.expect]}); last calls as (offset, length): {seen}. "
+            "Rows would be tagged with wrong steps/positions, so the capture stopped. If this model's "
+            "generation loop works differently, capture it with a forward of your own (teacher-forced), "
+            "or report the model class and transformers version"
+        )
+
+
+_PATTERN_TEXT = {
+    "any": "each call starts a new sequence at offset 0 or continues the previous one",
+    "generation": "one prompt pass at offset 0, then one position per call, each continuing the last",
+}
+
+
+def track_calls(model: nn.Module, blocks: str, log: CallLog) -> Any:
+    """Register the call tracker on block 0 of ``blocks`` (a module path); returns the hook handle."""
+    from hooks.adapters.base import get_module
+    from hooks.capture import input_tensor
+
+    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        log.begin(*call_extent(args, kwargs, input_tensor(args, kwargs)))
+
+    return get_module(model, f"{blocks}.0").register_forward_pre_hook(pre_hook, with_kwargs=True)
