@@ -5,15 +5,16 @@
     uniprobe inspect DIR
     uniprobe demo
 
-Every command exits non-zero with a one-paragraph message on bad input (unknown point, model
-family without an adapter, malformed prompt line, existing store); set ``UNIPROBE_DEBUG=1`` to
-see the full traceback instead.
+Every command exits with status 2 and a one-line ``uniprobe CMD: error: ...`` message on bad input
+(unknown point, model family without an adapter, malformed prompt line, existing store); inputs
+are checked before anything is written. Set ``UNIPROBE_DEBUG=1`` to see the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -22,6 +23,17 @@ import torch
 from hooks.layout import ROLES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a batch size of 0 would fail only after the store is made)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too small; give 1 or more")
+    return value
 
 
 def cmd_points(args: argparse.Namespace) -> int:
@@ -44,7 +56,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     from hooks.pipeline import capture_dataset
 
     loaded = load_model(args.model, args.adapter, device_map=args.device_map)
-    examples = read_prompts(args.prompts, loaded)
+    examples = read_prompts(args.prompts, loaded)  # every line checked before the store is created
     store = capture_dataset(
         loaded.model,
         examples,
@@ -105,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device-map",
         help="model folder only: transformers device_map ('auto', 'cpu', 'cuda:0', ...); needs accelerate",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", required=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted capture")
@@ -156,21 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except (
-        ValueError,
-        KeyError,
-        TypeError,
-        FileNotFoundError,
-        FileExistsError,
-        AttributeError,
-        ImportError,
-        RuntimeError,
-    ) as err:
+    except (ValueError, KeyError, TypeError, OSError, AttributeError, ImportError, RuntimeError) as err:
         if os.environ.get("UNIPROBE_DEBUG"):
             raise
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"uniprobe {args.command}: error: {msg}", file=sys.stderr)
+        print(f"uniprobe {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's without the quotes ``str`` adds)."""
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    return re.sub(r"\s*\n\s*", " ", str(msg)).strip()
 
 
 if __name__ == "__main__":

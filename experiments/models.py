@@ -232,6 +232,64 @@ def _tiny_tokenizer(info: dict[str, Any]) -> WordTokenizer:
     return WordTokenizer(int(info.get("vocab_size", 64)))
 
 
+@dataclass(frozen=True)
+class TokenLimits:
+    """What token ids a model takes: ids ``0 .. vocab_size - 1``, at most ``max_positions`` of them.
+
+    ``None`` where the model does not say (a custom module without a transformers config)."""
+
+    vocab_size: int | None
+    max_positions: int | None
+
+
+# names transformers configs give the longest sequence the position embeddings cover
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")
+
+
+def token_limits(loaded: LoadedModel) -> TokenLimits:
+    """The vocabulary size and position limit of ``loaded``'s text backbone.
+
+    The vocabulary is the input embedding's row count (an id past it cannot be embedded, whatever
+    the config says); the position limit is the backbone config's ``max_position_embeddings``.
+    Wrappers that have neither (sandbox and query models) are searched for the first sub-module
+    that has them (their ``lm``).
+    """
+    vocab = positions = None
+    for module in loaded.model.modules():
+        if vocab is None:
+            vocab = _embedding_rows(module)
+        if positions is None:
+            positions = _max_positions(getattr(module, "config", None))
+        if vocab is not None and positions is not None:
+            break
+    if vocab is None and isinstance(loaded.info.get("vocab_size"), int):
+        vocab = loaded.info["vocab_size"]
+    return TokenLimits(vocab, positions)
+
+
+def _embedding_rows(module: nn.Module) -> int | None:
+    get = getattr(module, "get_input_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        emb = get()
+    except (NotImplementedError, AttributeError):  # a PreTrainedModel that does not define it
+        return None
+    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+
+
+def _max_positions(config: Any) -> int | None:
+    if config is None or isinstance(config, dict):
+        return None
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    for cfg in (text, config):
+        for key in _POSITION_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
 def encode(loaded: LoadedModel, text: str) -> list[int]:
     """Token ids of ``text`` with the model's tokenizer (error when the model has none)."""
     tok = loaded.tokenizer
