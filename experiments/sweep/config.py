@@ -15,7 +15,10 @@ Top-level keys (only these; anything else is an error naming the key and the all
 Runs are the product models × tasks, in that order, with ids ``{model name}__{task name}``.
 A task may override ``analyses`` and any key of the analysis sections for its runs.
 Relative file paths (``prompts``, ``adapter``, a ``loader`` ``.py`` file) are read from the config
-file's folder; ``models[].path`` is a built-in model name or a folder, as ``uniprobe --model`` takes.
+file's folder. A ``loader`` runs code: it is ``FILE.py:function`` (the file must exist), and
+``package.module:function`` only when the caller allows it (``uniprobe sweep --allow-module-loaders``,
+``load_config(..., allow_module_loaders=True)``), never by the YAML alone. ``models[].path`` is a
+built-in model name or a folder, as ``uniprobe --model`` takes.
 ``--set KEY=VALUE`` (e.g. ``--set models[0].path=/data/Janus-Pro-1B``) edits the file's values
 before validation; VALUE is read as YAML (``4``, ``[text, query]``, ``null``).
 """
@@ -168,6 +171,8 @@ class SweepConfig:
         settings: the normalised config without ``out`` — what a sweep directory is checked against.
         runs: one resolved dict per run (``id``, ``model``, ``task``, ``analyses``, sections).
         source: the YAML file.
+        allow_module_loaders: whether ``package.module:function`` loaders may be imported (the
+            caller's choice, not the config's: it is not part of ``settings``).
     """
 
     name: str
@@ -175,14 +180,25 @@ class SweepConfig:
     settings: dict
     runs: list[dict]
     source: Path
+    allow_module_loaders: bool = False
 
     @property
     def sweep(self) -> dict:
         return self.settings["sweep"]
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, out: str | None = None) -> SweepConfig:
-    """Read, override (``KEY=VALUE`` strings), validate and resolve a sweep config file."""
+def load_config(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    *,
+    allow_module_loaders: bool = False,
+) -> SweepConfig:
+    """Read, override (``KEY=VALUE`` strings), validate and resolve a sweep config file.
+
+    ``allow_module_loaders``: accept ``loader: package.module:function`` (it imports that module);
+    by default only ``FILE.py:function`` loaders are accepted.
+    """
     import yaml
 
     path = Path(path)
@@ -194,7 +210,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, out: str |
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     for item in overrides or []:
         raw = apply_override(raw, item)
-    return resolve(raw, path, out)
+    return resolve(raw, path, out, allow_module_loaders=allow_module_loaders)
 
 
 def apply_override(raw: Any, item: str) -> Any:
@@ -231,13 +247,15 @@ def apply_override(raw: Any, item: str) -> Any:
     return raw
 
 
-def resolve(raw: Any, source: Path, out: str | None = None) -> SweepConfig:
-    """Validate the parsed YAML ``raw`` and build every run's config."""
+def resolve(
+    raw: Any, source: Path, out: str | None = None, *, allow_module_loaders: bool = False
+) -> SweepConfig:
+    """Validate the parsed YAML ``raw`` and build every run's config (see :func:`load_config`)."""
     top = section(TOP, raw, "")
     base = source.parent.resolve()
     name = top["name"] or source.stem
     sections = {k: section(spec, top[k], k) for k, spec in SECTIONS.items()}
-    models = [_model(m, f"models[{i}]", base) for i, m in enumerate(top["models"])]
+    models = [_model(m, f"models[{i}]", base, allow_module_loaders) for i, m in enumerate(top["models"])]
     tasks = [_task(t, f"tasks[{i}]", base, top, sections) for i, t in enumerate(top["tasks"])]
     settings = {  # top-level settings before the tasks that copy them: differences show there first
         "name": name,
@@ -260,7 +278,7 @@ def resolve(raw: Any, source: Path, out: str | None = None) -> SweepConfig:
             seen[run["id"]] = f"models[{i}] × tasks[{j}]"
             runs.append(run)
     where = Path(out or top["out"] or Path("artifacts") / "sweeps" / name)
-    return SweepConfig(name, where, settings, runs, source)
+    return SweepConfig(name, where, settings, runs, source, allow_module_loaders)
 
 
 def missing_files(cfg: SweepConfig) -> list[str]:
@@ -276,18 +294,39 @@ def missing_files(cfg: SweepConfig) -> list[str]:
                 f"nor an existing folder; set it with --set models[{i}].path=DIR"
             )
         loader_file = (m["loader"] or "").rpartition(":")[0]
-        for key, file in (
-            ("adapter", m["adapter"]),
-            ("loader", loader_file if loader_file.endswith(".py") else None),
+        for key, file, form in (
+            ("adapter", m["adapter"], "SPEC.yaml"),
+            ("loader", loader_file if loader_file.endswith(".py") else None, "FILE.py:function"),
         ):
-            if file and not Path(file).exists():
+            if file and not Path(file).is_file():
                 problems.append(
-                    f"models[{i}].{key}: {file} does not exist; set it with --set models[{i}].{key}=..."
+                    f"models[{i}].{key}: {file} does not exist; set it with --set models[{i}].{key}={form}"
                 )
     for j, t in enumerate(cfg.settings["tasks"]):
         if t["prompts"] and not Path(t["prompts"]).exists():
             problems.append(f"tasks[{j}].prompts: {t['prompts']} does not exist")
     return problems
+
+
+def prompt_problems(cfg: SweepConfig) -> list[str]:
+    """The first malformed line of each prompts file, found without loading a model (not UTF-8 or
+    JSON, unknown keys or roles, ids that are not whole numbers); token ids are checked against
+    each model's vocabulary and positions when its run starts."""
+    from experiments.prompts_file import PromptFileError, parse_prompts
+
+    problems = []
+    for j, t in enumerate(cfg.settings["tasks"]):
+        if t["prompts"] and Path(t["prompts"]).is_file():
+            try:
+                parse_prompts(t["prompts"])
+            except PromptFileError as err:
+                problems.append(f"tasks[{j}].prompts: {err}")
+    return problems
+
+
+def preflight(cfg: SweepConfig) -> list[str]:
+    """Everything that would fail before a run starts: :func:`missing_files`, :func:`prompt_problems`."""
+    return missing_files(cfg) + prompt_problems(cfg)
 
 
 def _ordered(analyses: list[str], path: str) -> list[str]:
@@ -308,22 +347,37 @@ def _local_file(value: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _model(raw: Any, path: str, base: Path) -> dict:
+def _model(raw: Any, path: str, base: Path, allow_module_loaders: bool) -> dict:
     from experiments.models import builtin_names
 
     m = section(MODEL, raw, path)
     m["adapter"] = _local_file(m["adapter"], base)
     if m["loader"]:
-        target, sep, func = m["loader"].partition(":")
-        if not sep or not target or not func.isidentifier():
-            raise ConfigError(
-                f"{path}.loader: {m['loader']!r} is not 'package.module:function' or 'file.py:function'"
-            )
-        if target.endswith(".py"):
-            m["loader"] = f"{_local_file(target, base)}:{func}"
+        m["loader"] = _loader(m["loader"], f"{path}.loader", base, allow_module_loaders)
     builtin = m["path"] in builtin_names()
     m["name"] = _safe_name(m["name"] or (m["path"] if builtin else Path(m["path"]).name))
     return m
+
+
+def _loader(value: str, path: str, base: Path, allow_modules: bool) -> str:
+    """``FILE.py:function`` with FILE made absolute; ``package.module:function`` only if allowed."""
+    target, sep, func = value.rpartition(":")  # the last colon: a Windows path has one of its own
+    if not sep or not target or not func.isidentifier():
+        raise ConfigError(
+            f"{path}: {value!r} is not 'FILE.py:function' (a Python file, relative to the config's "
+            "folder or absolute, and the function in it that loads the model)"
+        )
+    if target.endswith(".py"):
+        return f"{_local_file(target, base)}:{func}"
+    if not allow_modules:
+        raise ConfigError(
+            f"{path}: {value!r} would import the module {target!r}, running its code; a loader must be "
+            "FILE.py:function (relative to the config's folder, or absolute). To import an installed "
+            "module, pass --allow-module-loaders (Python: load_config(..., allow_module_loaders=True))"
+        )
+    if not all(part.isidentifier() for part in target.split(".")):
+        raise ConfigError(f"{path}: {target!r} is not a module name like package.module")
+    return value
 
 
 def _task(raw: Any, path: str, base: Path, top: dict, sections: dict[str, dict]) -> dict:
@@ -410,4 +464,14 @@ def _run(model: dict, task: dict, mpath: str, tpath: str, seed: int) -> dict:
     return run
 
 
-__all__ = ["ANALYSES", "ConfigError", "SweepConfig", "apply_override", "load_config", "resolve"]
+__all__ = [
+    "ANALYSES",
+    "ConfigError",
+    "SweepConfig",
+    "apply_override",
+    "load_config",
+    "missing_files",
+    "preflight",
+    "prompt_problems",
+    "resolve",
+]

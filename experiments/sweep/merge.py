@@ -5,10 +5,16 @@ single process makes, so every batch, its padding and its activations are the sa
 ``store.parts/rank{r}-of{w}``. :func:`merge_parts` writes the parts' shards in rank order as shards
 ``0, 1, ...`` of one store, renumbering the global example indices. The merged store is resumable
 like any capture: shards it already holds are skipped.
+
+``store.parts`` carries a marker file (``PARTS.json``) from :func:`make_parts_dir`;
+:func:`remove_parts` deletes only a folder with that marker, and in it only the part stores.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,9 +22,12 @@ from safetensors import safe_open
 
 from hooks.layout import ROLES
 from hooks.rows import Rows
-from hooks.store import INDEX_COLUMNS, ActivationStore
+from hooks.store import INDEX_COLUMNS, ActivationStore, atomic_write_text
 
 EXAMPLE_KEYS = ("id", "labels", "meta", "layout")
+PARTS_MARKER = "PARTS.json"
+PARTS_FORMAT = "uniprobe-sweep-parts"
+PART_NAME = re.compile(r"rank\d+-of\d+")  # what part_path names a rank's store
 
 
 def batch_slice(n_batches: int, rank: int, world: int) -> range:
@@ -30,6 +39,16 @@ def batch_slice(n_batches: int, rank: int, world: int) -> range:
 
 def parts_dir(store: Path) -> Path:
     return store.parent / f"{store.name}.parts"
+
+
+def make_parts_dir(store: Path) -> Path:
+    """Create ``store``'s parts folder with its marker (every rank may call it; it is idempotent)."""
+    folder = parts_dir(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / PARTS_MARKER
+    if not marker.exists():
+        atomic_write_text(marker, json.dumps({"format": PARTS_FORMAT, "store": store.name}) + "\n")
+    return folder
 
 
 def part_path(store: Path, rank: int, world: int) -> Path:
@@ -84,6 +103,24 @@ def _shard_rows(file: Path, points: list[str], first: int) -> dict[str, Rows]:
     return out
 
 
-def remove_parts(store: Path) -> None:
-    """Delete the part stores of ``store`` (after the merged store is complete)."""
-    shutil.rmtree(parts_dir(store), ignore_errors=True)
+def remove_parts(store: Path) -> bool:
+    """Delete the part stores of ``store`` (after the merged store is complete); returns whether the
+    parts folder is gone. A folder without the marker of :func:`make_parts_dir` is left as it is, and
+    in a marked one only the ``rank{r}-of{w}`` stores, the marker and then the folder (if empty) go."""
+    folder = parts_dir(store)
+    if folder.is_symlink() or not _marked(folder):
+        return False
+    for path in folder.iterdir():
+        if PART_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+    (folder / PARTS_MARKER).unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty: anything else in it is not the sweep's
+    return not folder.exists()
+
+
+def _marked(folder: Path) -> bool:
+    try:
+        return json.loads((folder / PARTS_MARKER).read_text(encoding="utf-8")).get("format") == PARTS_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

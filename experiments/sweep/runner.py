@@ -2,7 +2,8 @@
 
 Layout of a sweep directory::
 
-    OUT/sweep.json            the validated config; a re-run must match it (else: new --out or --restart)
+    OUT/sweep.json            the validated config; a re-run must match it (else: new --out or --restart);
+                              also the mark that uniprobe made OUT ("format": "uniprobe-sweep")
     OUT/index.json, index.csv every run with status, error, paths and headline numbers (atomic)
     OUT/runs/ID/config.json   the run's resolved config
     OUT/runs/ID/store/        its activation store (capture)
@@ -11,6 +12,10 @@ Layout of a sweep directory::
     OUT/runs/ID/results.csv   the same as analysis,key,value rows
     OUT/runs/ID/log.txt       what the analyses printed
     OUT/runs/ID/DONE.json     written last: the run is finished (FAILED.json: the last attempt failed)
+
+``--restart`` deletes only what a sweep writes — the run folders its ``sweep.json`` lists, the
+index and ``sweep.json`` — and only when that ``sweep.json`` is uniprobe's; anything else in OUT
+(files put in ``runs/`` included) stays, and a directory without it is refused untouched.
 
 Resume: a run with DONE.json is skipped; a started run keeps its finished store shards (capture
 resumes) and its finished analyses (listed in results.json); failed runs are retried.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import time
 import traceback
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.sweep.analyses import ANALYSIS_FUNCTIONS, RunContext
-from experiments.sweep.config import ConfigError, SweepConfig, missing_files
+from experiments.sweep.config import ConfigError, SweepConfig, preflight
 from experiments.sweep.dist import Ranks, ranks_from_env
 from experiments.sweep.index import (
     DONE,
@@ -47,10 +53,14 @@ from experiments.sweep.index import (
     write_index,
     write_json,
 )
-from experiments.sweep.merge import batch_slice, merge_parts, part_path, remove_parts
+from experiments.sweep.merge import batch_slice, make_parts_dir, merge_parts, part_path, remove_parts
 from experiments.sweep.tasks import capture_mode, run_examples
 
 Echo = Callable[[str], None]
+SWEEP_FILE = "sweep.json"
+SWEEP_FORMAT = "uniprobe-sweep"  # sweep.json's "format": the mark that uniprobe made the directory
+LEGACY_KEYS = {"settings", "runs", "source", "created"}  # a sweep.json written before "format" existed
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # what config._safe_name makes; never a path
 
 
 class FailFastError(RuntimeError):
@@ -63,11 +73,13 @@ def run_sweep(
     """Run every unfinished run of ``cfg``; returns the index entries (on every rank).
 
     Raises:
-        ConfigError: a model folder or file of the config is missing, or the sweep directory holds a
-            sweep made with a different config.
+        ConfigError: a model folder or file of the config is missing, a prompts file is malformed, or
+            the sweep directory holds a sweep made with a different config.
+        FileExistsError: the sweep directory holds files but no sweep of uniprobe's (with or
+            without ``restart``: nothing in it is deleted).
         FailFastError: with ``fail_fast``, after the first failed run (the index is written first).
     """
-    problems = missing_files(cfg)
+    problems = preflight(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
     ranks = ranks_from_env(cfg.sweep["timeout_minutes"])
@@ -115,28 +127,99 @@ def distribution(cfg: SweepConfig, ranks: Ranks) -> str:
 
 
 def prepare_root(cfg: SweepConfig, restart: bool) -> None:
-    """Create or check the sweep directory: its ``sweep.json`` must hold the same config."""
+    """Create or check the sweep directory: its ``sweep.json`` must hold the same config.
+
+    Nothing is deleted unless ``restart`` and the directory's ``sweep.json`` is uniprobe's; then
+    only what the sweep wrote goes (:func:`clear_sweep`).
+    """
     root = cfg.out
-    saved = root / "sweep.json"
-    if restart:
-        shutil.rmtree(root / "runs", ignore_errors=True)
-        for name in ("sweep.json", "index.json", "index.csv"):
-            (root / name).unlink(missing_ok=True)
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} is a file; --out takes a directory")
+    marker = sweep_marker(root)
+    if marker is None and _holds_files(root):
+        raise FileExistsError(_not_a_sweep(root, restart))
+    if restart and marker is not None:
+        clear_sweep(root, marker)
+        marker = None
     settings = json.loads(json.dumps(cfg.settings))
-    if saved.exists():
-        old = read_json(saved).get("settings")
+    if marker is not None:
+        old = marker["settings"]
         if old != settings:
             raise ConfigError(
                 f"{root} holds a sweep made with a different config ({first_difference(old, settings)}); "
                 "to keep it, run into a new directory (--out), or pass --restart to delete its runs and "
                 "start again"
             )
-    elif root.exists() and any(p.name != ".gitkeep" for p in root.iterdir()):
-        raise FileExistsError(f"{root} exists but holds no sweep (no sweep.json); choose another --out")
     else:
         runs = [r["id"] for r in cfg.runs]
-        write_json(saved, {"settings": settings, "runs": runs, "source": str(cfg.source), "created": _now()})
+        write_json(
+            root / SWEEP_FILE,
+            {"format": SWEEP_FORMAT, "version": 1, "settings": settings, "runs": runs,
+             "source": str(cfg.source), "created": _now()},
+        )  # fmt: skip
     write_index(root, cfg.name, cfg.runs)
+
+
+def sweep_marker(root: Path) -> dict | None:
+    """``root``'s ``sweep.json`` when uniprobe wrote it, else None (absent, unreadable, someone else's).
+
+    Valid: a JSON object with ``"format": "uniprobe-sweep"`` (or the exact keys of the older format),
+    ``settings`` an object and ``runs`` a list of run ids (plain names, never paths).
+    """
+    file = root / SWEEP_FILE
+    if file.is_symlink() or not file.is_file():
+        return None
+    try:
+        data = read_json(file)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or (data.get("format") != SWEEP_FORMAT and set(data) != LEGACY_KEYS):
+        return None
+    runs = data.get("runs")
+    if not isinstance(data.get("settings"), dict) or not isinstance(runs, list):
+        return None
+    if not all(isinstance(r, str) and RUN_ID.fullmatch(r) and r not in (".", "..") for r in runs):
+        return None
+    return data
+
+
+def clear_sweep(root: Path, marker: dict) -> None:
+    """Delete what the sweep of ``marker`` wrote in ``root``: the run folders it lists, ``runs/``
+    if that leaves it empty, the index and ``sweep.json`` (last, so an interrupted clear can be redone).
+    """
+    runs = root / "runs"
+    doomed = [runs / run_id for run_id in marker["runs"]]
+    links = [p for p in (runs, *doomed) if p.is_symlink()]
+    if links:  # uniprobe never makes links; deleting through one would reach outside the sweep
+        raise FileExistsError(
+            f"--restart: {links[0]} is a link, which uniprobe does not make; nothing was deleted. "
+            "Remove the link yourself, or run into a new directory (--out)"
+        )
+    for path in doomed:
+        if path.exists():
+            shutil.rmtree(path)
+    with contextlib.suppress(OSError):
+        runs.rmdir()  # only when empty: what else is in runs/ is not the sweep's
+    for name in ("index.json", "index.csv", SWEEP_FILE):
+        (root / name).unlink(missing_ok=True)
+
+
+def _holds_files(root: Path) -> bool:
+    return root.is_dir() and any(p.name != ".gitkeep" for p in root.iterdir())
+
+
+def _not_a_sweep(root: Path, restart: bool) -> str:
+    what = (
+        "has a sweep.json uniprobe did not write (or a damaged one)"
+        if (root / SWEEP_FILE).exists()
+        else "holds no sweep (no sweep.json)"
+    )
+    if restart:
+        return (
+            f"--restart: {root} {what}, so nothing in it was deleted: uniprobe deletes only in "
+            "directories it made. Run into a new directory (--out NEW), or empty this one yourself"
+        )
+    return f"{root} exists but {what}; choose another --out (an empty or new directory)"
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> str:
@@ -155,7 +238,7 @@ def first_difference(old: Any, new: Any, path: str = "") -> str:
 # -- the two loops ------------------------------------------------------------------------------------
 def _share_examples(cfg: SweepConfig, ranks: Ranks, fail_fast: bool, say: Echo) -> str | None:
     """Every rank takes part in every run (rank 0 decides what each run needs)."""
-    models = ModelCache()
+    models = ModelCache(cfg.allow_module_loaders)
     stop = None
     for k, run in enumerate(cfg.runs):
         run_dir = cfg.out / "runs" / run["id"]
@@ -184,7 +267,7 @@ def _share_examples(cfg: SweepConfig, ranks: Ranks, fail_fast: bool, say: Echo) 
 
 def _share_runs(cfg: SweepConfig, ranks: Ranks, fail_fast: bool, echo: Echo) -> str | None:
     """Rank ``r`` takes runs ``r, r + world, ...``, each in full, alone."""
-    models = ModelCache()
+    models = ModelCache(cfg.allow_module_loaders)
     tag = f"[rank {ranks.rank}] " if ranks.world > 1 else ""
     for k, run in enumerate(cfg.runs):
         if k % ranks.world != ranks.rank:
@@ -206,9 +289,10 @@ def _share_runs(cfg: SweepConfig, ranks: Ranks, fail_fast: bool, echo: Echo) -> 
 class ModelCache:
     """Holds the last model loaded, so consecutive runs of one model load it once."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow_module_loaders: bool = False) -> None:
         self.key: str | None = None
         self.loaded: Any = None
+        self.allow_module_loaders = allow_module_loaders
 
     def get(self, spec: dict) -> Any:
         from experiments.sweep.models import load_run_model
@@ -216,7 +300,7 @@ class ModelCache:
         key = json.dumps(spec, sort_keys=True)
         if key != self.key:
             self.key, self.loaded = None, None  # free the previous model first
-            self.loaded = load_run_model(spec)
+            self.loaded = load_run_model(spec, allow_module_loaders=self.allow_module_loaders)
             self.key = key
         return self.loaded
 
@@ -288,6 +372,7 @@ def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
         if not mine:
             return
         examples = examples[mine.start * size : mine.stop * size]
+        make_parts_dir(ctx.store)  # marked, so that remove_parts may delete it after the merge
         target = part_path(ctx.store, ranks.rank, ranks.world)
     capture_dataset(
         ctx.loaded.model, examples, cfg["points"], target, adapter=ctx.loaded.adapter, roles=cfg["roles"],
