@@ -5,18 +5,26 @@ A store is a directory::
     DIR/manifest.json             what the store holds; rewritten atomically after every shard
     DIR/shard-00000.safetensors   one shard per captured batch
     DIR/shard-00001.safetensors   ...
+    DIR/.uniprobe-writer.lock     only while a writer is open (not data; see below)
 
 A shard holds, for every hook point ``P``, the columns of a :class:`~hooks.rows.Rows` table:
 ``P/values`` ``[n, *feature]`` and the int64 ``[n]`` columns ``P/example`` (*global* example index),
 ``P/pos``, ``P/role``, ``P/step`` and ``P/branch``. Its safetensors header also carries the shard's own
-record (index, first global example, the example dicts, model, points), so a lost or damaged manifest
-can be rebuilt by a resumed capture.
+record (index, first global example, the example dicts, model, points, dtype, row counts and, from
+schema 2 on, the roles list and the capture identity), so a lost or damaged manifest can be rebuilt by
+a resumed capture, and a manifest edited afterwards is caught.
 
 The manifest records ``schema_version``, ``toolkit_version``, ``model`` (the caller's dict), ``points``,
 ``feature_shapes``, ``dtype``, ``roles``, ``n_examples``, ``examples`` (``id``, ``labels``, ``meta``,
 ``layout`` as role ids, ``shard``), ``shards`` (``file``, ``index``, ``sha256``, ``bytes``,
 ``n_examples``, ``examples`` = ``[first, last + 1]``, ``rows`` and ``role_rows`` per point),
-``complete``, ``created`` and free ``attrs``.
+``complete``, ``created``, free ``attrs`` and, from schema 2 on, ``identity`` (the capture's settings,
+or null) and ``manifest_digest``.
+
+**Schema versions.** This toolkit writes schema 2 and reads 1 and 2. Schema 1 stores (no identity,
+no digest, shard headers without roles list and identity) open and read as before, with the checks
+their files allow; resuming one upgrades its manifest to schema 2 (with a warning that the capture
+identity of its finished shards cannot be checked).
 
 **Global example indices** are cumulative over shard indices: the examples of shard ``i`` are numbered
 from the number of examples in shards ``0..i-1``. Shards are therefore written in index order. A resumed
@@ -24,14 +32,37 @@ capture skips finished shards (:meth:`ActivationStore.has_shard`) and writes the
 file that went bad can be deleted and rewritten by a resumed capture; its examples keep their global
 indices, so the rewritten batch must hold the same example ids (capture must batch deterministically).
 
+**Resume continues exactly the capture that was started.** ``create(..., identity=...)`` records the
+capture's identity (:mod:`hooks.store_identity`: digest of the prompts, batch size, roles, positions,
+mode, dtype, adapter, backend); ``resume=True`` refuses another model, other points or another identity
+with :class:`ResumeMismatchError` naming every differing field (old vs new). Stores made through the API
+without an identity resume as before.
+
+**One writer at a time.** ``create`` (new, ``overwrite`` or ``resume``) takes the writer lock
+``DIR/.uniprobe-writer.lock`` (an ``O_EXCL`` lock file: :mod:`hooks.store_lock` says why not ``flock``);
+a second writer gets :class:`StoreLockedError` naming the holder's pid and host. The lock is released by
+:meth:`ActivationStore.finalize`, :meth:`ActivationStore.close` (also ``with ActivationStore.create(...)
+as store:``), garbage collection, and errors inside ``create``; a stale lock of a dead process on this
+host is recovered with a warning. Readers (:meth:`ActivationStore.open`) take no lock.
+
 **Writes are atomic**: a shard goes to a temp file in DIR, is fsynced and ``os.replace``-d into place,
-then the manifest is rewritten the same way. An interrupted capture keeps every finished shard, and the
-manifest lists only shards whose file is complete, with its byte size and sha256.
+then the manifest is rewritten the same way (:mod:`hooks.store_files`). Files get the mode the user's
+umask gives (as the manifest always had; shards were private ``0600`` before). An interrupted capture
+keeps every finished shard, and the manifest lists only shards whose file is complete, with its byte
+size and sha256. A full disk (``ENOSPC``/``EDQUOT``) raises :class:`StoreDiskFullError` naming the
+store, the bytes needed and the free space, and leaves no temp file behind.
 
 **Reads are lazy**: ``safetensors.safe_open`` memory-maps a shard and only requested tensors are read.
-At open every shard must exist with its recorded size; the sha256 is checked on the first read of each
-shard (``verify="lazy"``), for every shard at open (``"full"``) or never (``"none"``). Damage raises
-:class:`StoreCorruptError` naming the file, what differs, and the fix.
+At open every shard must exist with its recorded size, inside DIR (a shard path or symbolic link that
+leads outside the store directory is refused), and the manifest must match its ``manifest_digest``
+(not with ``verify="none"``). On the first read of each shard its header is compared with the manifest
+(:mod:`hooks.store_integrity`); the sha256 is checked on that first read (``verify="lazy"``), for every
+shard at open (``"full"``) or never (``"none"``). Damage raises :class:`StoreCorruptError` naming the
+file, what differs, and the fix.
+
+**Labels** of one key must share one JSON type across the store (``0`` and ``"0"`` would become two
+classes): :meth:`ActivationStore.write_shard` raises :class:`MixedLabelTypesError` naming the key and
+example ids of each type.
 """
 
 from __future__ import annotations
@@ -44,6 +75,7 @@ import json
 import os
 import re
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,13 +89,39 @@ from safetensors.torch import save_file
 
 from hooks.layout import ROLE_ID, ROLES, role_ids
 from hooks.rows import BRANCHES, Rows
+from hooks.store_errors import (
+    IncompleteStoreWarning,
+    MixedLabelTypesError,
+    ResumeMismatchError,
+    StoreCorruptError,
+    StoreDiskFullError,
+    StoreExistsError,
+    StoreLockedError,
+)
+from hooks.store_files import atomic_write, atomic_write_text, human_bytes, inside, is_temp_name
+from hooks.store_identity import identity_differences
+from hooks.store_integrity import DIGEST_KEY, LabelTypes, header_problems, manifest_digest
+from hooks.store_lock import LOCK_NAME, StoreLock, is_lock_name
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "SCHEMA_VERSION",
+    "ActivationStore",
+    "IncompleteStoreWarning",
+    "Matrix",
+    "MixedLabelTypesError",
+    "ResumeMismatchError",
+    "StoreCorruptError",
+    "StoreDiskFullError",
+    "StoreExistsError",
+    "StoreLockedError",
+    "atomic_write_text",
+]
+
+SCHEMA_VERSION = 2  # written; 1 is still read (see the module docstring)
 MANIFEST = "manifest.json"
 INDEX_COLUMNS: tuple[str, ...] = ("example", "pos", "role", "step", "branch")
 VERIFY_MODES: tuple[str, ...] = ("lazy", "full", "none")
 _SHARD_RE = re.compile(r"^shard-(\d+)\.safetensors$")
-_TMP_MARK = ".tmp."
 _META_KEY = "uniprobe.shard"
 _EXAMPLE_KEYS = ("id", "labels", "meta", "layout")
 _REQUIRED_KEYS = (
@@ -78,6 +136,7 @@ _REQUIRED_KEYS = (
     "shards",
     "complete",
 )
+_REQUIRED_V2 = ("identity", DIGEST_KEY)
 # safetensors header dtype codes, to check a shard's dtypes without reading its data
 _ST_DTYPE = {
     torch.float64: "F64",
@@ -92,14 +151,10 @@ _ST_DTYPE = {
     torch.bool: "BOOL",
 }
 _FIX = "delete that shard file and re-run capture with --resume (resume=True) to rewrite it"
-
-
-class StoreExistsError(FileExistsError):
-    """A store already exists where a new one was to be created."""
-
-
-class StoreCorruptError(ValueError):
-    """A store's manifest or shards are damaged or disagree with each other."""
+_FIX_MANIFEST = (
+    "restore the original manifest.json, or re-run capture with --resume (resume=True) to rebuild it "
+    "from the shard headers"
+)
 
 
 @dataclass
@@ -118,6 +173,10 @@ class Matrix:
 
     def __len__(self) -> int:
         return self.values.shape[0]
+
+
+class _ManifestProblem(str):
+    """A shard header that disagrees with the manifest (the fix is the manifest's, not the shard's)."""
 
 
 # -- small helpers ----------------------------------------------------------------------------------
@@ -181,27 +240,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so readers see the old file or the whole new one, never a part (tmp + fsync +
-    rename, then the directory is synced)."""
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _dumps_manifest(manifest: dict) -> str:
     """Readable JSON: one top-level key per line, one example / shard per line."""
     lines = []
@@ -212,15 +250,6 @@ def _dumps_manifest(manifest: dict) -> str:
         else:
             lines.append(f"  {json.dumps(key)}: {json.dumps(value)}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _near(name: str, choices: Sequence[str]) -> str:
@@ -256,6 +285,11 @@ def _read_manifest_json(path: Path) -> dict:
                 "(resume=True) to rebuild the manifest from the shard headers"
             )
         raise FileNotFoundError(f"no activation store at {path} (no {MANIFEST}); run capture to create one")
+    if not inside(path, file):
+        raise StoreCorruptError(
+            f"{file} is a symbolic link to {os.path.realpath(file)}, outside the store directory; a store "
+            f"reads only its own files: replace the link with the manifest file itself"
+        )
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
@@ -268,7 +302,7 @@ def _read_manifest_json(path: Path) -> dict:
     return manifest
 
 
-def _new_manifest(model: dict, points: list[str], attrs: dict) -> dict:
+def _new_manifest(model: dict, points: list[str], attrs: dict, identity: dict | None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "toolkit_version": _toolkit_version(),
@@ -283,6 +317,7 @@ def _new_manifest(model: dict, points: list[str], attrs: dict) -> dict:
         "complete": False,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "attrs": attrs,
+        "identity": identity,
     }
 
 
@@ -303,6 +338,9 @@ class ActivationStore:
         self._m = manifest
         self._writable = writable
         self._verify = verify
+        self._lock: StoreLock | None = None
+        self._release: weakref.finalize | None = None
+        self._label_types: LabelTypes | None = None  # built on the first write
         self._checked: set[int] = set()  # shards whose header matched the manifest
         self._hashed: set[int] = set()  # shards whose sha256 matched the manifest
         self._validate_manifest(allow_holes)
@@ -330,8 +368,12 @@ class ActivationStore:
         attrs: dict | None = None,
         overwrite: bool = False,
         resume: bool = False,
+        identity: dict | None = None,
     ) -> ActivationStore:
-        """A store at ``path`` to write shards into.
+        """A store at ``path`` to write shards into, holding the store's writer lock.
+
+        The lock is released by :meth:`finalize`, :meth:`close` (or leaving ``with ... as store:``)
+        and garbage collection.
 
         Args:
             path: the store directory (created if needed).
@@ -339,13 +381,19 @@ class ActivationStore:
             points: hook points every shard holds.
             attrs: free JSON attributes kept in the manifest (merged into existing ones on resume).
             overwrite: delete an existing store's manifest and shards first.
-            resume: reopen an existing store (same ``model`` and ``points``) to add the missing shards.
-                Shards whose file is missing or has the wrong size are dropped so they can be rewritten;
-                a missing or unreadable manifest is rebuilt from the shard headers.
+            resume: reopen an existing store (same ``model``, ``points`` and ``identity``) to add the
+                missing shards. Shards whose file is missing or has the wrong size are dropped so they
+                can be rewritten; a missing, unreadable or edited manifest is rebuilt from the shard
+                headers.
+            identity: JSON description of the capture that fills the store (see
+                :func:`hooks.store_identity.capture_identity`), or None for a store written through
+                the API; a resume must pass the same.
 
         Raises:
             StoreExistsError: a store exists at ``path`` and neither ``resume`` nor ``overwrite`` was given.
-            ValueError: ``resume`` with a different ``model`` or ``points`` than the store's.
+            StoreLockedError: another writer holds the store.
+            ResumeMismatchError: ``resume`` with another ``model``, ``points`` or ``identity`` than the
+                store's (a ``ValueError``).
         """
         if overwrite and resume:
             raise ValueError("pass resume=True or overwrite=True, not both")
@@ -362,31 +410,57 @@ class ActivationStore:
         if dupes:
             raise ValueError(f"points are listed more than once: {dupes}")
         attrs = _json_value(attrs or {}, "attrs")
+        identity = _json_value(identity, "identity")
+        if identity is not None and not isinstance(identity, dict):
+            raise TypeError(f"identity must be a dict or None, got {type(identity).__name__}")
 
+        path.mkdir(parents=True, exist_ok=True)
+        lock = StoreLock.acquire(path)  # before looking: nobody changes the store while we decide
+        try:
+            store = cls._create_locked(path, model, points, attrs, identity, overwrite, resume)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        store._release = weakref.finalize(store, lock.release)
+        return store
+
+    @classmethod
+    def _create_locked(
+        cls,
+        path: Path,
+        model: dict,
+        points: list[str],
+        attrs: dict,
+        identity: dict | None,
+        overwrite: bool,
+        resume: bool,
+    ) -> ActivationStore:
         shard_files = _shard_files(path)
         if (path / MANIFEST).exists() or shard_files:
             if resume:
-                return cls._resume(path, model, points, attrs)
+                return cls._resume(path, model, points, attrs, identity)
             if not overwrite:
                 raise StoreExistsError(cls._exists_message(path, shard_files))
             cls._wipe(path)
-        path.mkdir(parents=True, exist_ok=True)
-        store = cls(path, _new_manifest(model, points, attrs), writable=True, verify="lazy", allow_holes=True)
+        manifest = _new_manifest(model, points, attrs, identity)
+        store = cls(path, manifest, writable=True, verify="lazy", allow_holes=True)
         store._write_manifest()
         return store
 
     @classmethod
     def open(cls, path: str | os.PathLike, verify: str = "lazy") -> ActivationStore:
-        """Open the store at ``path`` read-only.
+        """Open the store at ``path`` read-only (no lock: reading beside a writer is safe).
 
         Args:
             verify: when to check shard sha256s: ``"lazy"`` (first read of each shard), ``"full"``
-                (all at open), ``"none"``. File presence and sizes are always checked at open.
+                (all at open, with every shard header), ``"none"``. File presence, sizes and places are
+                always checked at open; the manifest digest unless ``"none"``.
 
         Raises:
             FileNotFoundError: nothing at ``path``.
-            StoreCorruptError: unreadable manifest, missing/truncated/altered shard, or shards that
-                disagree with the manifest.
+            StoreCorruptError: unreadable or edited manifest, missing/truncated/altered shard, a shard
+                outside the store directory, or shards that disagree with the manifest.
         """
         path = Path(path)
         if verify not in VERIFY_MODES:
@@ -397,6 +471,8 @@ class ActivationStore:
             problems += store._file_problems(store._records[index])
         if problems:
             raise StoreCorruptError(store._corrupt_message(problems))
+        if verify != "none":
+            store._check_digest()
         if verify == "full":
             store.verify()
         return store
@@ -416,23 +492,31 @@ class ActivationStore:
         )
 
     @staticmethod
-    def _wipe(path: Path) -> None:
-        """Delete the store's own files (manifest, shards, temp files); anything else in DIR stays."""
+    def _is_own_file(name: str) -> bool:
+        """Whether ``name`` is one of a store's own files: manifest, shards, temp files, lock files."""
+        return name == MANIFEST or bool(_SHARD_RE.match(name)) or is_temp_name(name) or is_lock_name(name)
+
+    @classmethod
+    def _wipe(cls, path: Path) -> None:
+        """Delete the store's own files (manifest, shards, temp files, stale lock files), never the
+        writer lock held while wiping; anything else in DIR stays."""
         for p in path.iterdir():
-            if (
-                p.name == MANIFEST
-                or _SHARD_RE.match(p.name)
-                or (p.name.startswith(".") and _TMP_MARK in p.name)
-            ):
+            if cls._is_own_file(p.name) and p.name != LOCK_NAME:
                 p.unlink()
 
     @classmethod
-    def _resume(cls, path: Path, model: dict, points: list[str], attrs: dict) -> ActivationStore:
-        try:
-            manifest = _read_manifest_json(path)
-        except StoreCorruptError as e:
-            warnings.warn(f"{e}; rebuilding it", stacklevel=3)
-            manifest = cls._rebuild_manifest(path, model, points, attrs)
+    def _resume(
+        cls, path: Path, model: dict, points: list[str], attrs: dict, identity: dict | None
+    ) -> ActivationStore:
+        manifest = cls._resumable_manifest(path, model, points, attrs, identity)
+        if manifest.get("schema_version") == 1:
+            warnings.warn(
+                f"{path} was written by an older uniprobe (store schema 1, no capture identity): this "
+                "resume cannot check that its finished shards were captured with the same prompts and "
+                f"settings; its manifest is upgraded to schema {SCHEMA_VERSION}",
+                stacklevel=4,
+            )
+            manifest.update(schema_version=SCHEMA_VERSION, identity=identity)
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(
                 f"cannot resume {path}: it has schema_version {manifest.get('schema_version')!r}, "
@@ -445,10 +529,14 @@ class ActivationStore:
             problems.append(f"model differs ({_diff_dicts(manifest.get('model', {}), model)})")
         if manifest.get("roles") != list(ROLES):
             problems.append(f"roles differ (store {manifest.get('roles')}, toolkit {list(ROLES)})")
+        problems += identity_differences(manifest.get("identity") or {}, identity or {})
         if problems:
-            raise ValueError(
-                f"cannot resume the store at {path}: {'; '.join(problems)}. Pass the same model and points, "
-                "overwrite=True (--overwrite) to start again, or a new directory"
+            raise ResumeMismatchError(
+                f"cannot resume the store at {path}: this run differs from the capture that started it — "
+                f"{'; '.join(problems)}. A resumed capture must continue exactly the capture that was "
+                "started: re-run with the same model, points, prompts file and settings (batch size, "
+                "roles, positions, mode, dtype, adapter, backend), pass overwrite=True (--overwrite) to "
+                "start again, or capture into a new directory"
             )
         manifest.setdefault("attrs", {}).update(attrs)
         store = cls(path, manifest, writable=True, verify="lazy", allow_holes=True)
@@ -456,42 +544,72 @@ class ActivationStore:
             bad = store._file_problems(store._records[index])
             if bad:
                 warnings.warn(
-                    f"{'; '.join(bad)}; shard {index} will be rewritten by this capture", stacklevel=3
+                    f"{'; '.join(bad)}; shard {index} will be rewritten by this capture", stacklevel=4
                 )
                 del store._records[index]
                 store._m["complete"] = False
-        for p in path.iterdir():  # temp files of an interrupted write
-            if p.name.startswith(".") and _TMP_MARK in p.name:
+        for p in path.iterdir():  # temp files of an interrupted write (we hold the lock: none is live)
+            if is_temp_name(p.name):
                 p.unlink()
         return store
 
+    @classmethod
+    def _resumable_manifest(
+        cls, path: Path, model: dict, points: list[str], attrs: dict, identity: dict | None
+    ) -> dict:
+        """The manifest to resume from: as written, or rebuilt from the shard headers when it is
+        missing, unreadable or was edited after it was written."""
+        try:
+            manifest = _read_manifest_json(path)
+            edited = manifest.get(DIGEST_KEY) != manifest_digest(manifest)
+            if manifest.get("schema_version", 0) >= 2 and edited:
+                raise StoreCorruptError(f"{path / MANIFEST} was edited after it was written (digest differs)")
+        except StoreCorruptError as e:
+            warnings.warn(f"{e}; rebuilding it from the shard headers", stacklevel=5)
+            manifest = cls._rebuild_manifest(path, model, points, attrs, identity)
+        return manifest
+
     @staticmethod
-    def _rebuild_manifest(path: Path, model: dict, points: list[str], attrs: dict) -> dict:
-        """A manifest from the shard headers: shards 0, 1, ... up to the first gap or unreadable one."""
-        manifest = _new_manifest(model, points, attrs)
+    def _rebuild_manifest(
+        path: Path, model: dict, points: list[str], attrs: dict, identity: dict | None
+    ) -> dict:
+        """A manifest from the shard headers: shards 0, 1, ... up to the first gap or unreadable one.
+
+        The roles list and identity come from the headers (schema 2), else from this toolkit / the
+        caller; the resume then compares them with what the caller asks for.
+        """
+        manifest = _new_manifest(model, points, attrs, identity)
         files = _shard_files(path)
         for index in sorted(files):
             file = files[index]
+            if not inside(path, file):
+                warnings.warn(
+                    f"{file} leads outside {path}; it and later shards will be rewritten", stacklevel=6
+                )
+                break
             try:
                 with safe_open(str(file), framework="pt") as f:
                     meta = json.loads((f.metadata() or {})[_META_KEY])
                     shapes = {p: f.get_slice(f"{p}/values").get_shape()[1:] for p in meta["points"]}
             except (SafetensorError, KeyError, ValueError, OSError) as e:
                 warnings.warn(
-                    f"cannot read {file} ({e}); it and later shards will be rewritten", stacklevel=4
+                    f"cannot read {file} ({e}); it and later shards will be rewritten", stacklevel=6
                 )
                 break
             if index != len(manifest["shards"]) or meta["first"] != manifest["n_examples"]:
                 warnings.warn(
-                    f"shard {index} follows a gap; it and later shards will be rewritten", stacklevel=4
+                    f"shard {index} follows a gap; it and later shards will be rewritten", stacklevel=6
                 )
                 break
             if meta["points"] != points or meta["model"] != model:
-                raise ValueError(
+                raise ResumeMismatchError(
                     f"cannot resume {path}: {file} was captured with model {meta['model']} and points "
                     f"{meta['points']}, not the requested {model} and {points}; pass overwrite=True "
                     "(--overwrite) to start again"
                 )
+            if index == 0:  # schema 2 headers carry what only the manifest carried before
+                manifest["roles"] = meta.get("roles", manifest["roles"])
+                manifest["identity"] = meta.get("identity", identity)
             n = len(meta["examples"])
             first = manifest["n_examples"]
             manifest["examples"] += [{**ex, "shard": index} for ex in meta["examples"]]
@@ -517,6 +635,8 @@ class ActivationStore:
     def _validate_manifest(self, allow_holes: bool) -> None:
         m, file = self._m, self.path / MANIFEST
         missing = [k for k in _REQUIRED_KEYS if k not in m]
+        if m.get("schema_version", 1) != 1 and "identity" not in m:
+            missing.append("identity")
         if missing:
             raise StoreCorruptError(
                 f"{file} lacks keys {missing}; re-run capture with --resume to rebuild it"
@@ -537,6 +657,7 @@ class ActivationStore:
         spans = self._spans_from_examples()
         seen = set()
         for r in m["shards"]:
+            self._check_record_file(r)
             try:
                 index = int(r["index"])
                 ok = (
@@ -565,6 +686,52 @@ class ActivationStore:
                 f"{file} lists examples of {where} but no finished shard for them; "
                 "re-run capture with --resume"
             )
+
+    def _check_record_file(self, record: Any) -> None:
+        """A shard record may only name a file directly inside the store directory."""
+        name = record.get("file") if isinstance(record, dict) else None
+        outside = isinstance(name, str) and (os.path.isabs(name) or Path(name).name != name)
+        if outside or name in ("", ".", ".."):
+            raise StoreCorruptError(
+                f"{self.path / MANIFEST}: shard record {record.get('index')!r} names the file {name!r}, "
+                f"which is not inside the store directory {self.path}; a store reads only its own files. "
+                f"To fix: {_FIX_MANIFEST}"
+            )
+
+    def _check_digest(self) -> None:
+        """Schema 2: the manifest must match its ``manifest_digest`` (else it was edited afterwards)."""
+        if self._m["schema_version"] < 2:
+            return
+        recorded = self._m.get(DIGEST_KEY)
+        if recorded == manifest_digest(self._m):
+            return
+        file = self.path / MANIFEST
+        what = "has no manifest_digest" if recorded is None else "no longer matches its manifest_digest"
+        differences = []
+        for index in sorted(self._records):
+            header = self._header(index)
+            if header is not None:
+                differences += header_problems(
+                    self._records[index]["file"], header, self._records[index], self._m
+                )
+        if differences:
+            where = "; compared with the shard headers: " + "; ".join(differences[:8])
+        else:
+            where = (
+                " (the shard headers agree with it, so the change is in what only the manifest carries: "
+                "attrs, identity, the roles list, shard records or status)"
+            )
+        raise StoreCorruptError(
+            f"{file} was changed after it was written: its content {what}{where}. To fix: {_FIX_MANIFEST}"
+        )
+
+    def _header(self, index: int) -> dict | None:
+        """The ``uniprobe.shard`` header of shard ``index`` (None if it cannot be read)."""
+        try:
+            with safe_open(str(self.path / self._records[index]["file"]), framework="pt") as f:
+                return json.loads((f.metadata() or {})[_META_KEY])
+        except (SafetensorError, KeyError, ValueError, OSError):
+            return None
 
     def _spans_from_examples(self) -> list[tuple[int, int]]:
         """``[first, last + 1)`` global example range of every shard index, from the examples' ``shard``."""
@@ -596,13 +763,19 @@ class ActivationStore:
         file = self.path / record["file"]
         if not file.exists():
             return [f"{file} is missing (manifest lists it as shard {record['index']})"]
+        if not inside(self.path, file):
+            return [
+                f"{file} leads to {os.path.realpath(file)}, outside the store directory {self.path} "
+                "(a symbolic link?); a store reads only its own files"
+            ]
         size = file.stat().st_size
         if size != record["bytes"]:
             return [f"{file} has {size} bytes, manifest records {record['bytes']} (truncated or replaced?)"]
         return []
 
     def _shard_problems(self, record: dict, sha: bool) -> list[str]:
-        """What is wrong with one shard: file, size, sha256 (if ``sha``), tensors vs the manifest."""
+        """What is wrong with one shard: file, place, size, sha256 (if ``sha``), then its tensors and
+        header against the manifest (header disagreements are :class:`_ManifestProblem`)."""
         problems = self._file_problems(record)
         if problems:
             return problems
@@ -641,12 +814,26 @@ class ActivationStore:
                             )
                 if absent:
                     problems.insert(0, f"{file} has no tensor {', '.join(repr(k) for k in absent)}")
+                problems += self._header_problems(file, f.metadata(), record)
         except SafetensorError as e:
             problems.append(f"{file} is not a readable safetensors file ({e})")
         return problems
 
+    def _header_problems(self, file: Path, metadata: dict | None, record: dict) -> list[str]:
+        try:
+            header = json.loads((metadata or {})[_META_KEY])
+        except (KeyError, ValueError):
+            return [f"{file} has no readable {_META_KEY!r} header"]
+        return [_ManifestProblem(p) for p in header_problems(file.name, header, record, self._m)]
+
     def _corrupt_message(self, problems: list[str]) -> str:
-        return f"corrupt activation store {self.path}: " + "; ".join(problems) + f". To fix: {_FIX}."
+        fixes = []
+        if any(not isinstance(p, _ManifestProblem) for p in problems):
+            fixes.append(_FIX)
+        if any(isinstance(p, _ManifestProblem) for p in problems):
+            fixes.append(f"if the manifest was edited, {_FIX_MANIFEST}")
+        what = "; ".join(problems)
+        return f"corrupt activation store {self.path}: {what}. To fix: {'; '.join(fixes)}."
 
     def _check_shard(self, index: int, sha: bool) -> None:
         if index in self._checked and (not sha or index in self._hashed):
@@ -706,14 +893,12 @@ class ActivationStore:
 
         Raises:
             StoreExistsError: shard ``index`` is already finished.
+            MixedLabelTypesError: a label key gets values of another type than before (``0``, ``"0"``).
+            StoreDiskFullError: out of disk space or quota; the store is unchanged.
             ValueError: out-of-order index, missing/extra points, feature shape or dtype different from
                 earlier shards, bad columns or examples.
         """
-        if not self._writable:
-            raise PermissionError(
-                f"store {self.path} was opened read-only; "
-                "use ActivationStore.create(..., resume=True) to add shards"
-            )
+        self._require_writable()
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise ValueError(f"shard index must be a non-negative int, got {index!r}")
         if index in self._records:
@@ -744,6 +929,9 @@ class ActivationStore:
                 "cumulative over shard indices"
             )
         tensors, counts, role_counts, shapes, dtype = self._validate_rows(index, rows, n, first)
+        if self._label_types is None:
+            self._label_types = LabelTypes(self._m["examples"])
+        self._label_types.add(exs)
 
         meta = {
             "schema_version": SCHEMA_VERSION,
@@ -754,21 +942,26 @@ class ActivationStore:
             "dtype": _dtype_name(dtype),
             "rows": counts,
             "role_rows": role_counts,
+            "roles": self._m["roles"],
+            "identity": self._m.get("identity"),
             "examples": [{k: ex[k] for k in _EXAMPLE_KEYS} for ex in exs],
         }
+        header = json.dumps(meta)
+        digest, size = atomic_write(
+            self.path / _shard_name(index),
+            lambda tmp: save_file(tensors, str(tmp), metadata={_META_KEY: header}),
+            what=f"shard {index} of the activation store {self.path}",
+            needed=sum(t.numel() * t.element_size() for t in tensors.values()) + len(header),
+            fix="re-run capture with --resume (resume=True) to continue",
+            inspect=lambda tmp: (_sha256(tmp), tmp.stat().st_size),
+        )
         file = self.path / _shard_name(index)
-        tmp = self.path / f".{file.name}{_TMP_MARK}{os.getpid()}"
-        try:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            digest, size = _sha256(tmp), tmp.stat().st_size
-            os.replace(tmp, file)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        _fsync_dir(self.path)
-
+        undo = (
+            self._m["examples"][first : first + n] if index < len(self._spans) else None,
+            self._m["feature_shapes"],
+            self._m["dtype"],
+            self._m["complete"],
+        )
         self._records[index] = {
             "file": file.name,
             "index": index,
@@ -789,7 +982,27 @@ class ActivationStore:
         self._m["feature_shapes"] = shapes
         self._m["dtype"] = _dtype_name(dtype)
         self._m["complete"] = False
-        self._write_manifest()
+        try:
+            self._write_manifest()
+        except BaseException:
+            self._undo_shard(index, first, n, undo)
+            raise
+
+    def _undo_shard(self, index: int, first: int, n: int, undo: tuple) -> None:
+        """Forget shard ``index`` after its manifest could not be written (disk full, ...): memory
+        matches the manifest on disk again, and the unlisted file goes (a resume rewrites it)."""
+        old_examples, self._m["feature_shapes"], self._m["dtype"], self._m["complete"] = undo
+        del self._records[index]
+        self._checked.discard(index)
+        self._hashed.discard(index)
+        if old_examples is None:
+            del self._m["examples"][first:]
+            self._spans.pop()
+        else:
+            self._m["examples"][first : first + n] = old_examples
+        self._m["shards"] = [self._records[i] for i in sorted(self._records)]
+        self._m["n_examples"] = len(self._m["examples"])
+        (self.path / _shard_name(index)).unlink(missing_ok=True)
 
     def _normalize_examples(self, index: int, examples: list[dict]) -> list[dict]:
         out = []
@@ -904,19 +1117,46 @@ class ActivationStore:
         return tensors, counts, role_counts, shapes, dtype
 
     def finalize(self) -> None:
-        """Mark the store complete (every batch captured) in the manifest."""
-        if not self._writable:
-            raise PermissionError(f"store {self.path} was opened read-only")
+        """Mark the store complete (every batch captured) in the manifest and release the writer lock."""
+        self._require_writable()
         holes = [i for i in range(len(self._spans)) if i not in self._records]
         if holes:
             raise ValueError(f"cannot finalize {self.path}: shards {holes} are not written yet")
         self._m["complete"] = True
         self._write_manifest()
+        self.close()
+
+    def close(self) -> None:
+        """Stop writing: release the writer lock (idempotent). The store stays readable; an unfinished
+        one stays incomplete and can be continued with ``create(..., resume=True)``."""
+        self._writable = False
+        if self._release is not None:
+            self._release()  # runs StoreLock.release once, and never again at garbage collection
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_writable(self) -> None:
+        if self._writable:
+            return
+        state = "was finalized or closed" if self._lock is not None else "was opened read-only"
+        raise PermissionError(
+            f"store {self.path} {state}; use ActivationStore.create(..., resume=True) to add shards"
+        )
 
     def _write_manifest(self) -> None:
         self._m["shards"] = [self._records[i] for i in sorted(self._records)]
         self._m["n_examples"] = len(self._m["examples"])
-        atomic_write_text(self.path / MANIFEST, _dumps_manifest(self._m))
+        self._m[DIGEST_KEY] = manifest_digest(self._m)
+        atomic_write_text(
+            self.path / MANIFEST,
+            _dumps_manifest(self._m),
+            what=f"the manifest of the activation store {self.path}",
+            fix="re-run capture with --resume (resume=True) to continue",
+        )
 
     # -- metadata ---------------------------------------------------------------------------------
     @property
@@ -947,6 +1187,27 @@ class ActivationStore:
     @property
     def attrs(self) -> dict:
         return dict(self._m.get("attrs", {}))
+
+    @property
+    def identity(self) -> dict | None:
+        """The capture identity the store was made with (None: made through the API, or schema 1)."""
+        identity = self._m.get("identity")
+        return None if identity is None else dict(identity)
+
+    @property
+    def expected_examples(self) -> int | None:
+        """How many examples the capture that fills the store was given (None if unknown: no identity)."""
+        prompts = (self._m.get("identity") or {}).get("prompts") or {}
+        n = prompts.get("n_examples")
+        return n if isinstance(n, int) else None
+
+    def role_rows(self, point: str) -> dict[str, int]:
+        """Rows per role name at ``point`` over the finished shards (from the manifest; reads no shard)."""
+        self._check_point(point)
+        counts: Counter = Counter()
+        for rec in self._records.values():
+            counts.update(rec["role_rows"][point])
+        return {r: counts[r] for r in ROLES if counts[r]}
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -1151,7 +1412,7 @@ class ActivationStore:
     def summary(self) -> str:
         """A human-readable description: model, status, examples, shards, points, labels, size."""
         m = self._m
-        size = _human_bytes(self.size_on_disk())
+        size = human_bytes(self.size_on_disk())
         status = "complete" if m["complete"] else "INCOMPLETE (capture unfinished; continue it with --resume)"
         lines = [
             f"ActivationStore at {self.path}",

@@ -16,6 +16,8 @@ import hooks.store as store_module
 from hooks.layout import ROLES, role_ids
 from hooks.rows import Rows
 from hooks.store import ActivationStore, Matrix, StoreCorruptError, StoreExistsError
+from hooks.store_integrity import DIGEST_KEY, manifest_digest
+from hooks.store_lock import LOCK_NAME
 
 POINTS = ["blocks.0.resid_post", "blocks.1.resid_post", "queries"]
 SHAPES = {"blocks.0.resid_post": (8,), "blocks.1.resid_post": (8,), "queries": (2, 4)}
@@ -124,6 +126,31 @@ def reference_matrix(batches, point, roles, reduce, step, branch):
     if not kept:
         return None, None
     return torch.tensor(kept), torch.stack(values)
+
+
+def rewrite_manifest(store_dir: Path, manifest: dict) -> None:
+    """Write an edited manifest *with a recomputed digest* (a careful editor), so the checks behind
+    the digest (shard headers, tensors) are what catches the edit."""
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def as_schema_1(store_dir: Path) -> dict:
+    """Turn a store into what uniprobe wrote before schema 2 (no identity, no manifest digest, shard
+    headers without roles list and identity); returns its manifest."""
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    for rec in manifest["shards"]:
+        file = store_dir / rec["file"]
+        with safe_open(str(file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            header = json.loads(f.metadata()["uniprobe.shard"])
+        header = {k: v for k, v in header.items() if k not in ("roles", "identity")} | {"schema_version": 1}
+        save_file(tensors, str(file), metadata={"uniprobe.shard": json.dumps(header)})
+        rec.update(bytes=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest())
+    manifest = {k: v for k, v in manifest.items() if k not in ("identity", DIGEST_KEY)}
+    manifest["schema_version"] = 1
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
 
 
 def flip_byte(file: Path, offset_from_end: int = 3) -> None:
@@ -245,7 +272,9 @@ def test_dtype_preserved(tmp_path, dtype):
 def test_manifest_contents(tmp_path):
     _, batches = build(tmp_path / "s", n_shards=2)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
+    assert manifest["identity"] is None  # made through the API, not by a capture
+    assert manifest[DIGEST_KEY] == manifest_digest(manifest)
     assert isinstance(manifest["toolkit_version"], str) and manifest["toolkit_version"]
     assert manifest["model"] == MODEL
     assert manifest["points"] == POINTS
@@ -268,6 +297,7 @@ def test_manifest_contents(tmp_path):
             # example indices on disk are global
             assert f.get_tensor("queries/example").min() == i * BATCH
     assert not list((tmp_path / "s").glob(".*tmp*"))
+    assert not (tmp_path / "s" / LOCK_NAME).exists()  # finalize released the writer lock
 
 
 def test_labels_examples_layout(tmp_path):
@@ -420,7 +450,8 @@ def test_failed_write_leaves_store_unchanged(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         store.write_shard(1, *make_batch(1))
     assert (tmp_path / "s" / "manifest.json").read_bytes() == manifest
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != LOCK_NAME)
+    assert names == ["manifest.json", "shard-00000.safetensors"]
     assert ActivationStore.open(tmp_path / "s", verify="full").finished_shards == {0}
 
 
@@ -469,7 +500,8 @@ def test_missing_shard_file_is_corrupt(tmp_path):
 
 
 def test_corrupt_manifest_json_is_clear_and_resume_rebuilds(tmp_path):
-    _, batches = build(tmp_path / "s", n_shards=2, finalize=False)
+    store, batches = build(tmp_path / "s", n_shards=2, finalize=False)
+    store.close()  # "interrupted": the writer is gone
     manifest = tmp_path / "s" / "manifest.json"
     manifest.write_text(manifest.read_text()[:200])
     with pytest.raises(StoreCorruptError) as err:
@@ -510,7 +542,7 @@ def test_shard_missing_a_point_is_corrupt(tmp_path):
     manifest["shards"][0].update(
         bytes=file.stat().st_size, sha256=hashlib.sha256(file.read_bytes()).hexdigest()
     )
-    manifest_file.write_text(json.dumps(manifest))
+    rewrite_manifest(tmp_path / "s", manifest)
     store = ActivationStore.open(tmp_path / "s")  # sizes and hashes agree with the manifest
     # the shard is checked as a whole against the manifest on its first read, whatever the point
     with pytest.raises(
@@ -529,7 +561,7 @@ def test_manifest_row_count_mismatch_is_corrupt(tmp_path):
     manifest_file = tmp_path / "s" / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
     manifest["shards"][0]["rows"]["queries"] += 1
-    manifest_file.write_text(json.dumps(manifest))
+    rewrite_manifest(tmp_path / "s", manifest)
     with pytest.raises(StoreCorruptError, match="'queries/values' has shape .* manifest implies"):
         ActivationStore.open(tmp_path / "s").rows("queries")
 
@@ -593,7 +625,7 @@ def test_store_with_other_role_numbering_is_remapped(tmp_path):
     """A store written by a toolkit that numbered roles differently reads back in today's numbering."""
     _, batches = build(tmp_path / "s", n_shards=1)
     manifest_file = tmp_path / "s" / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
+    manifest = as_schema_1(tmp_path / "s")  # schema 1: the roles list was only in the manifest
     old_roles = list(reversed(ROLES))  # pretend id 0 meant "pad", id 4 meant "image_und", ...
     manifest["roles"] = old_roles
     manifest_file.write_text(json.dumps(manifest))
