@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
+
+from hooks.store_files import save_safetensors
 
 COLUMNS: tuple[str, ...] = (
     "point",
@@ -180,7 +182,8 @@ def save_directions(results: ProbeResults, path: str | os.PathLike) -> None:
         for r in results.rows
     }
     meta = {"classes": json.dumps(results.meta.get("classes", [])), "label": str(results.meta.get("label"))}
-    save_file(tensors, str(path), metadata=meta)
+    # through a temp file: atomic, and the umask's mode (save_file alone leaves it 0600)
+    save_safetensors(path, tensors, metadata=meta, what="probe directions")
     doc = {
         "format": "logits = x @ weight.T + bias for a raw activation x [d]; rows of weight follow classes",
         "label": results.meta.get("label"),

@@ -20,12 +20,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hooks.adapters import Adapter, ModelInputs, adapter_for
 from hooks.rows import Rows
 from hooks.store import ActivationStore
+from hooks.store_files import save_safetensors
 from probes.lens import DEFAULT_ROLES, Readout, capture_states, last_block, point_layer, readout, row_index
 
 
@@ -54,7 +55,8 @@ class TunedLens(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """safetensors with ``weight`` ``[L, d, d]``, ``bias`` ``[L, d]``; the points in its metadata."""
         tensors = {"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()}
-        save_file(tensors, str(path), metadata={"points": json.dumps(self.points)})
+        # through a temp file: atomic, and the umask's mode (save_file alone leaves it 0600)
+        save_safetensors(Path(path), tensors, metadata={"points": json.dumps(self.points)}, what="tuned lens")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TunedLens:
