@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from hooks.layout import ROLES
@@ -53,11 +54,45 @@ def _reduce(value: str) -> str | int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from probes.linear import probe_store
+    import warnings
 
+    from hooks.store import ActivationStore
+    from hooks.store_errors import IncompleteStoreWarning
+    from probes.linear import incomplete_message, probe_store
+
+    store = ActivationStore.open(args.store)
+    if not store.complete:  # said plainly on stderr, before the work, not as a Python warning
+        print(f"uniprobe probe: warning: {incomplete_message(store)}", file=sys.stderr)
     roles = None if args.roles is None else [r.split("+") for r in args.roles]
-    res = probe_store(
-        args.store,
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteStoreWarning)
+        res = _probe(probe_store, store, args, roles)
+    files = res.save(args.out)
+    meta = res.meta
+    print(
+        f"{len(res)} probes of {meta['label']!r} ({len(meta['classes'])} classes, {meta['method']}, "
+        f"split by {meta['grouping']}: {meta['n_train']} train / {meta['n_test']} test)"
+    )
+    if not meta["store_complete"]:
+        expected = meta["store_examples_expected"]
+        of = f" of {expected}" if expected is not None else ""
+        present, used = meta["store_examples"], meta["examples_used"]
+        print(f"  INCOMPLETE store: {present}{of} examples present, {used} used")
+    print(f"  {'point':<26} {'role':<12} {'acc':>6} {'95% CI':>13} {'control':>8} {'select':>7} {'C':>7}")
+    for r in res.rows:
+        ci = f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
+        print(
+            f"  {r['point']:<26} {r['role']:<12} {_f(r['accuracy']):>6} {ci:>13} {_f(r['control']):>8} "
+            f"{_f(r['selectivity']):>7} {r['C']:>7g}"
+        )
+    for name, path in files.items():
+        print(f"  wrote {name}: {path}")
+    return 0
+
+
+def _probe(probe_store: Any, store: Any, args: argparse.Namespace, roles: list[list[str]] | None) -> Any:
+    return probe_store(
+        store,
         args.label,
         points=args.points,
         roles=roles,
@@ -70,22 +105,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
         step=args.step,
         branch=args.branch,
     )
-    files = res.save(args.out)
-    meta = res.meta
-    print(
-        f"{len(res)} probes of {meta['label']!r} ({len(meta['classes'])} classes, {meta['method']}, "
-        f"split by {meta['grouping']}: {meta['n_train']} train / {meta['n_test']} test)"
-    )
-    print(f"  {'point':<26} {'role':<12} {'acc':>6} {'95% CI':>13} {'control':>8} {'select':>7} {'C':>7}")
-    for r in res.rows:
-        ci = f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
-        print(
-            f"  {r['point']:<26} {r['role']:<12} {_f(r['accuracy']):>6} {ci:>13} {_f(r['control']):>8} "
-            f"{_f(r['selectivity']):>7} {r['C']:>7g}"
-        )
-    for name, path in files.items():
-        print(f"  wrote {name}: {path}")
-    return 0
 
 
 def _f(v: float | None) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from torch import Tensor
 from hooks.layout import ROLES
 from hooks.points import expand, layer_of
 from hooks.store import ActivationStore
+from hooks.store_errors import IncompleteStoreWarning
 from probes.results import ProbeResults, nan_to_none, probe_key
 from probes.solvers import (
     Design,
@@ -484,6 +486,8 @@ def probe_store(
     """
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)
+    if not store.complete:
+        warnings.warn(incomplete_message(store), IncompleteStoreWarning, stacklevel=2)
     keys = store.label_keys
     for what, key in (("label", label), ("group_by", group_by)):
         if key is not None and key not in keys:
@@ -497,11 +501,14 @@ def probe_store(
     per_point = store.n_examples * max(math.prod(store.feature_shape(p)) for p in names) * 4
     chunk = max(1, max_bytes // max(per_point * max(len(selections[p]) for p in names), 1))
     parts = []
+    used: set[int] = set()  # examples with the label that some probe read
     for start in range(0, len(names), chunk):
         groups = []
         for point in names[start : start + chunk]:
             for sel in selections[point]:
                 groups.append(_read_group(store, point, sel, reduce, step, branch))
+        for g in groups:
+            used.update(g.example[y[g.example] >= 0].tolist())
         parts.append(
             train_probes(
                 groups,
@@ -527,7 +534,27 @@ def probe_store(
     res.meta.update(
         {"store": str(store.path), "reduce": reduce, "points": names, "step": step, "branch": branch}
     )
+    # how much of the capture these probes saw: an unfinished store gives results on fewer examples
+    res.meta.update(
+        {
+            "store_complete": store.complete,
+            "store_examples": store.n_examples,
+            "store_examples_expected": store.expected_examples,
+            "examples_used": len(used),
+        }
+    )
     return res
+
+
+def incomplete_message(store: ActivationStore) -> str:
+    """The warning for probing a store whose capture is unfinished."""
+    expected = store.expected_examples
+    of = f" of the {expected} the capture was given" if expected is not None else ""
+    return (
+        f"the store {store.path} is incomplete (its capture did not finish): probing only the "
+        f"{store.n_examples} examples present{of}; finish it with `uniprobe capture ... --resume` "
+        "(the same command plus --resume) for results on every example"
+    )
 
 
 def _read_group(
