@@ -43,8 +43,7 @@ def read_prompts(path: str | Path, loaded: LoadedModel) -> list[dict[str, Any]]:
     ``roles`` must name one known role per token. Raises :class:`PromptFileError` naming the line.
     """
     limits = token_limits(loaded)
-    examples = [_for_model(item, where, loaded, limits) for where, item in parse_prompts(path)]
-    return examples
+    return [_for_model(item, where, loaded, limits) for where, item in parse_prompts(path)]
 
 
 def parse_prompts(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
