@@ -19,7 +19,7 @@ import hashlib
 import json
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +138,13 @@ def capture_dataset(
 
 
 def _label_view(examples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``id`` and ``labels`` of every example, the ids as :func:`_example_records` will give them."""
-    return [{"id": str(ex.get("id", i)), "labels": ex.get("labels", {})} for i, ex in enumerate(examples)]
+    """``id`` and ``labels`` of every example, the ids as :func:`_example_records` will give them
+    (labels that are not a dict are left to the store's own error)."""
+    return [
+        {"id": str(ex.get("id", i)), "labels": labels if isinstance(labels, Mapping) else {}}
+        for i, ex in enumerate(examples)
+        for labels in [ex.get("labels") or {}]
+    ]
 
 
 def check_rows_stored(store: ActivationStore, roles: list[str] | None, mode: str) -> None:
