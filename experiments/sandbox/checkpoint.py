@@ -11,12 +11,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from experiments.sandbox.base import SandboxModel
 from experiments.sandbox.query import SandboxQuery
 from experiments.tasks.vocab import WordTokenizer
+from hooks.store_files import save_safetensors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED: dict[str, Path] = {
@@ -71,7 +72,7 @@ def save_sandbox(model: SandboxModel, out_dir: str | Path, dtype: torch.dtype = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"arch": model.arch})
+    save_safetensors(out / "model.safetensors", state, {"arch": model.arch})  # umask mode, atomic
     (out / "config.json").write_text(json.dumps(model_config(model), indent=1))
     model.tokenizer.save(out / "tokenizer.json")
     lines = [f"{sha256_file(out / name)}  {name}" for name in CHECKED_FILES]
