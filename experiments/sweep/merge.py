@@ -56,11 +56,13 @@ def part_path(store: Path, rank: int, world: int) -> Path:
     return parts_dir(store) / f"rank{rank}-of{world}"
 
 
-def merge_parts(parts: list[Path], out: Path) -> ActivationStore:
+def merge_parts(parts: list[Path], out: Path, identity: dict | None = None) -> ActivationStore:
     """Merge complete part stores (in order) into one store at ``out``; returns it opened.
 
-    Each part's shards are checked (sha256) before they are copied. Raises ``ValueError`` when a
-    part is incomplete or was captured with another model or other points than the first.
+    ``identity``: the capture identity of the whole capture (``hooks.store_identity.capture_identity``
+    over every example), recorded in the merged store as a single process would. Each part's shards
+    are checked (sha256) before they are copied. Raises ``ValueError`` when a part is incomplete, or
+    was captured with another model, other points or other settings than the first.
     """
     opened = []
     for p in parts:
@@ -76,8 +78,10 @@ def merge_parts(parts: list[Path], out: Path) -> ActivationStore:
     for store in opened[1:]:
         if store.model != first.model or store.points != first.points:
             raise ValueError(f"cannot merge {store.path} with {first.path}: model or points differ")
+        if _settings(store) != _settings(first):
+            raise ValueError(f"cannot merge {store.path} with {first.path}: capture settings differ")
     merged = ActivationStore.create(
-        out, model=first.model, points=first.points, attrs=first.attrs, resume=True
+        out, model=first.model, points=first.points, attrs=first.attrs, resume=True, identity=identity
     )
     index = 0
     for store in opened:
@@ -90,6 +94,12 @@ def merge_parts(parts: list[Path], out: Path) -> ActivationStore:
             index += 1
     merged.finalize()
     return ActivationStore.open(out)
+
+
+def _settings(store: ActivationStore) -> dict:
+    """A part's capture identity without its prompts digest (each part holds other prompts)."""
+    identity = store.manifest.get("identity") or {}
+    return {k: v for k, v in identity.items() if k != "prompts"}
 
 
 def _shard_rows(file: Path, points: list[str], first: int) -> dict[str, Rows]:

@@ -359,9 +359,23 @@ def execute_run(
     return "done"
 
 
+def capture_settings(ctx: RunContext) -> dict[str, Any]:
+    """The run's capture settings, as ``capture_dataset`` / ``capture_identity`` take them."""
+    from experiments.cli import DTYPES
+
+    cfg = ctx.run["capture"]
+    return {
+        "batch_size": cfg["batch_size"],
+        "roles": cfg["roles"],
+        "mode": capture_mode(ctx.run["task"], cfg["mode"]),
+        "dtype": DTYPES[cfg["dtype"]] if cfg["dtype"] else None,
+        "adapter": ctx.loaded.adapter,
+        "backend": cfg["backend"],
+    }
+
+
 def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
     """Capture this rank's batches of the run's examples (all of them in a single process)."""
-    from experiments.cli import DTYPES
     from hooks.pipeline import capture_dataset
 
     cfg = ctx.run["capture"]
@@ -375,9 +389,7 @@ def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
         make_parts_dir(ctx.store)  # marked, so that remove_parts may delete it after the merge
         target = part_path(ctx.store, ranks.rank, ranks.world)
     capture_dataset(
-        ctx.loaded.model, examples, cfg["points"], target, adapter=ctx.loaded.adapter, roles=cfg["roles"],
-        mode=capture_mode(ctx.run["task"], cfg["mode"]), batch_size=size, backend=cfg["backend"],
-        dtype=DTYPES[cfg["dtype"]] if cfg["dtype"] else None, resume=True,
+        ctx.loaded.model, examples, cfg["points"], target, **capture_settings(ctx), resume=True,
         model_info={"spec": ctx.run["model"]["path"]}, progress=False,
     )  # fmt: skip
 
@@ -385,6 +397,7 @@ def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
 def finish_analyses(ctx: RunContext, ranks: Ranks, captured_now: bool, say: Echo, where: str) -> None:
     """Rank 0: merge the ranks' captures, then every analysis not finished before (results.json)."""
     from hooks.store import ActivationStore
+    from hooks.store_identity import capture_identity
 
     file = ctx.dir / RESULTS
     results = read_json(file) if file.exists() else {"id": ctx.run["id"], "analyses": {}}
@@ -397,7 +410,9 @@ def finish_analyses(ctx: RunContext, ranks: Ranks, captured_now: bool, say: Echo
                 for r in range(ranks.world)
                 if batch_slice(n_batches, r, ranks.world)
             ]
-            merge_parts(parts, ctx.store)
+            # the merged store carries the identity of the whole capture, as one process writes it
+            identity = capture_identity(ctx.examples, positions=None, **capture_settings(ctx))
+            merge_parts(parts, ctx.store, identity=identity)
         remove_parts(ctx.store)
         store = ActivationStore.open(ctx.store)
         done["capture"] = {
