@@ -57,7 +57,7 @@ lock:
 	{ echo "# The lock: exact versions of every package make test / make demo install (make lock)."; \
 	  echo "# torch is installed first as $(TORCH); regenerated $$(date -u +%F) with $$(.venv-lock/bin/python -V)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -iv '^uniprobe' | sed 's/+cpu$$//'; } > $(LOCK)
-	rm -rf .venv-lock
+	rm -rf .venv-lock build
 	@echo "wrote $(LOCK); run 'make test' before committing it"
 
 test-latest:
