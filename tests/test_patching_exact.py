@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hooks.adapters import ModelInputs, adapter_for
+from hooks.adapters.base import get_module
 from hooks.tiny import build_tiny
 from probes.patching import (
     KINDS,
@@ -178,6 +179,43 @@ def test_blocks_that_run_twice_fall_back_to_full_forwards(case: Callable) -> Non
     _, states = collect_states(c.model, c.adapter, c.clean, [s.point for s in sites.sites], twice)
     ref = run_sites_reference(c.model, c.adapter, c.corrupted, sites.sites, states, c.metric, forward=twice)
     assert float((res.values - ref).abs().max()) <= ATOL
+
+
+def test_suffix_forwards_run_final_mlp_and_head_on_the_last_position_only(case: Callable) -> None:
+    c = case("tiny-llama")
+    mlp = get_module(c.model, f"{c.adapter.blocks}.1.{c.adapter.mlp}")
+    seen_mlp: list[int] = []
+    seen_head: list[int] = []
+
+    def mlp_hook(m: Any, a: tuple) -> None:
+        seen_mlp.append(a[0].shape[1])
+
+    handles = [child.register_forward_pre_hook(mlp_hook) for child in mlp.children()]
+    handles.append(
+        get_module(c.model, c.adapter.lm_head).register_forward_pre_hook(
+            lambda m, a: seen_head.append(a[0].shape[1])
+        )
+    )
+    try:
+        res = patch_sweep(c.model, c.clean, c.corrupted, c.sites, c.metric)
+    finally:
+        for h in handles:
+            h.remove()
+    n = c.clean.layout.length
+    assert res.info["suffix"] and res.info["chunks"] >= 1
+    # the clean and the target run see every position; each patched forward the last one only
+    assert set(seen_mlp) == {1, n} and seen_head.count(n) == 2 and set(seen_head) == {1, n}
+    assert float((res.values - c.reference()).abs().max()) <= ATOL
+
+
+def test_model_level_points_on_the_suffix_path(case: Callable) -> None:
+    c = case("tiny-llama")  # patches at the head's input keep every position of the head
+    sites = point_sites("lm_head.in", [0, 3, 5]) + point_sites("final_norm", [0, 5])
+    sites += point_sites("embed", [2]) + grid_sites(2, 6, ("resid_pre", "mlp_out")).sites
+    _, states = collect_states(c.model, c.adapter, c.clean, [s.point for s in sites])
+    ref = run_sites_reference(c.model, c.adapter, c.corrupted, sites, states, c.metric)
+    res = patch_sweep(c.model, c.clean, c.corrupted, sites, c.metric)
+    assert res.info["suffix"] and float((res.values - ref).abs().max()) <= ATOL
 
 
 def test_hooks_and_block_forwards_are_restored(case: Callable) -> None:

@@ -17,7 +17,10 @@ Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
    cached outputs (no compute), block ``l`` reads the cached stream, and one hook per point
    scatters every site's source rows into its batch rows (:func:`probes.kernels.scatter_rows`).
    The model's own forward runs everything else (embedding, final norm, heads, connector), so
-   outputs have the model's usual form and any metric applies.
+   outputs have the model's usual form and any metric applies. On the suffix path (a metric
+   reading the last position only) the final block's MLP and the LM head also run on the last
+   position alone (:class:`~probes.patching.hooking.last_position`, ``logits_to_keep=1``): the
+   other positions' outputs feed nothing the metric reads.
 
 Resuming is exact when each block runs once per forward and affects later computation only
 through what it returns — true of the decoder stacks served here (Llama, Qwen2, Janus's LM,
@@ -30,6 +33,7 @@ positions needs a default forward over ``input_ids`` only, no padding and a full
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -39,10 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hooks.adapters.base import Adapter, ModelInputs
+from hooks.adapters.base import Adapter, ModelInputs, get_module
 from hooks.calls import CallPatternError, cache_kwarg, find_cache, output_cache, transformers_version
 from hooks.layout import TokenLayout
-from probes.patching.hooking import Plan, overwrite, record, stagger
+from probes.patching.hooking import Plan, last_position, overwrite, record, stagger
 from probes.patching.sites import PatchSite
 from probes.patching.tracing import Forward, Trace, first_dim, trace
 
@@ -260,8 +264,9 @@ def run_sites(
         part = [todo[j] for j in members]
         chunk_starts = [starts[j] for j in members]
         values[part] = _run_chunk(
-            model, adapter, target, [sites[i] for i in part], chunk_starts, source, metric, fwd, tr, p0, force
-        )
+            model, adapter, target, [sites[i] for i in part], chunk_starts, source, metric, fwd, tr,
+            p0 if use_suffix else None, force,
+        )  # fmt: skip
         rows += len(part) * b
         work += sum((n_layers - s) * (length - p0) for s in chunk_starts) / (n_layers * length)
     strategy = "resume" if resume and tr.resumable else "full"
@@ -294,58 +299,102 @@ def _run_chunk(
     metric: Metric,
     fwd: Forward,
     tr: Trace,
-    p0: int,
+    p0: int | None,
     force: str | None,
 ) -> torch.Tensor:
-    """One forward for ``sites`` (ordered by start layer ``starts``) over positions ``p0..``."""
+    """One forward for ``sites`` (ordered by start layer ``starts``) over positions ``p0..``.
+
+    ``p0`` is None when positions are not skipped (then the adapter's forward runs every
+    position); an int (0 included) runs the plain causal LM over positions ``p0..`` of its cached
+    prefix, the metric reading only the last position (see :func:`_last_position_modules`).
+    """
     n, b, n_layers = len(sites), tr.batch, tr.n_layers
-    plans = build_plans(sites, source, b, shift=p0)
+    plans = build_plans(sites, source, b, shift=p0 or 0)
     active = [b * sum(s <= j for s in starts) for j in range(n_layers)]
+    start = p0 or 0
 
     def carry(j: int, k: int) -> torch.Tensor:
         after = tr.block_inputs[j + 1] if j + 1 < n_layers else _first(tr.block_outputs[j])
-        return _rows(after[:, p0:], k // b).contiguous()
+        return _rows(after[:, start:], k // b).contiguous()
 
+    trimmed = _last_position_modules(model, adapter, n_layers) if p0 is not None else []
     with (
         stagger(model, adapter, active, n * b, carry, tr.block_outputs),
         overwrite(model, adapter, plans, force) as ow,
+        last_position(trimmed, tr.length - start),
     ):
-        if p0 == 0:
+        if p0 is None:
             out = fwd(model, repeat_inputs(target, n))
         else:
-            kwargs = _suffix_kwargs(model, tr, n, p0, active)
+            kwargs = _suffix_kwargs(model, tr, n, p0, active, _head_untouched(model, adapter, plans))
             out = model(**kwargs)
-            check_suffix_run(model, out, kwargs, tr.length)
+            if p0:
+                check_suffix_run(model, out, kwargs, tr.length)
         ow.check_fired(1 if tr.resumable else None)
     return evaluate(metric, out, n * b).view(n, b).mean(1)
+
+
+def _last_position_modules(model: nn.Module, adapter: Adapter, n_layers: int) -> list[nn.Module]:
+    """Modules that may compute the last position only when the metric reads only the last one:
+    the final block's MLP (position-wise; its other positions feed only the final norm and head
+    at those positions, which nothing reads). Empty when the adapter names no MLP."""
+    if not n_layers or not getattr(adapter, "mlp", None):
+        return []
+    try:
+        return [get_module(model, f"{adapter.blocks}.{n_layers - 1}.{adapter.mlp}")]
+    except AttributeError:
+        return []
+
+
+def _head_untouched(model: nn.Module, adapter: Adapter, plans: dict[str, Plan]) -> bool:
+    """Whether no plan patches the LM head's input or output (then it may run on the last position)."""
+    head = getattr(adapter, "lm_head", None)
+    if not head:
+        return False
+    for point in plans:
+        module = adapter.site(model, point).module
+        if module == head or module.startswith(head + "."):
+            return False
+    return True
 
 
 def _first(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _suffix_kwargs(model: nn.Module, tr: Trace, n: int, p0: int, active: list[int]) -> dict[str, Any]:
+def _suffix_kwargs(
+    model: nn.Module, tr: Trace, n: int, p0: int, active: list[int], last_logits: bool = False
+) -> dict[str, Any]:
     """Model kwargs running positions ``p0..`` of ``n`` copies of the target over its cached prefix.
 
     Block ``j``'s cache holds the prefix keys/values of the ``active[j]`` rows it computes. The
     cache goes under the keyword the model's forward names today (it moved in transformers 5.24).
+    ``p0 = 0``: no cache. ``last_logits``: the head computes the last position only
+    (``logits_to_keep=1``, where the forward takes it; the metric reads no other).
     """
     from transformers import DynamicCache
 
     assert tr.kv is not None and tr.input_ids is not None
     b = tr.batch
     ids = _rows(tr.input_ids[:, p0:], n)
+    mask = torch.ones(ids.shape[0], tr.length, dtype=torch.long, device=ids.device)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if last_logits and "logits_to_keep" in _forward_params(model):
+        kwargs["logits_to_keep"] = 1
+    if not p0:
+        return {**kwargs, "use_cache": False}
     layers = [
         (_rows(k[:, :, :p0], max(m, b) // b), _rows(v[:, :, :p0], max(m, b) // b))
         for (k, v), m in zip(tr.kv, active)
     ]
-    mask = torch.ones(ids.shape[0], tr.length, dtype=torch.long, device=ids.device)
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        cache_kwarg(model) or "cache": DynamicCache(ddp_cache_data=layers),
-        "use_cache": True,
-    }
+    return {**kwargs, cache_kwarg(model) or "cache": DynamicCache(ddp_cache_data=layers), "use_cache": True}
+
+
+def _forward_params(model: nn.Module) -> frozenset[str]:
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def check_suffix_run(model: nn.Module, out: Any, kwargs: dict[str, Any], length: int) -> None:

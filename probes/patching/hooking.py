@@ -1,6 +1,6 @@
 """Low-level hooks for patching: record tensors at points, overwrite site rows, skip early blocks.
 
-Three context managers, each removing everything it installed on exit (also on error):
+Four context managers, each removing everything it installed on exit (also on error):
 
 - :class:`record`: keep the tensor at each point (detached, or live for gradients).
 - :class:`overwrite`: at each point, write ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``
@@ -8,6 +8,8 @@ Three context managers, each removing everything it installed on exit (also on e
 - :class:`stagger`: rows of one batch start at different blocks; each block computes only the
   rows that have started and carries the cached stream for the others — "resume from layer l"
   for many ``l`` in one forward.
+- :class:`last_position`: position-wise modules compute only the last position (exact when
+  nothing downstream reads the others).
 """
 
 from __future__ import annotations
@@ -279,3 +281,51 @@ def _cut(value: Any, rows: int, m: int) -> Any:
     if isinstance(value, dict):
         return {k: _cut(v, rows, m) for k, v in value.items()}
     return value
+
+
+class last_position(_Hooks):  # noqa: N801
+    """The given position-wise modules compute only the last position of their ``[rows, length,
+    d]`` input; the other positions get a broadcast copy of it.
+
+    Exact for anything that reads only the last position downstream of the modules (the engine
+    trims the final block's MLP when the metric reads only the last position's logits). A call
+    with another input shape, or whose output is not a tensor, runs whole.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], length: int) -> None:
+        super().__init__()
+        self.modules, self.length = list(modules), length
+        self._saved: list[tuple[nn.Module, Any]] = []
+
+    def __enter__(self) -> last_position:
+        try:
+            for module in self.modules:
+                self._saved.append((module, module.__dict__.get("forward")))
+                module.forward = self._wrap(module.forward)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        length = self.length
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            x = args[0] if len(args) == 1 and not kwargs else None
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != length or length < 2:
+                return original(*args, **kwargs)
+            out = original(x[:, -1:])
+            if not isinstance(out, torch.Tensor) or out.shape[:2] != (x.shape[0], 1):
+                return original(x)
+            return out.expand(x.shape[0], length, *out.shape[2:])
+
+        return forward
+
+    def __exit__(self, *exc: object) -> None:
+        for module, fwd in self._saved:
+            if fwd is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = fwd
+        self._saved.clear()
+        self._remove()
