@@ -106,13 +106,18 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def forward_flops(model: torch.nn.Module, adapter: Any, inputs: ModelInputs) -> float:
-    """FLOPs of one plain forward of ``inputs`` (torch's counter: matmuls and attention)."""
+def flops_of(fn: Any) -> float:
+    """FLOPs of the torch ops ``fn()`` runs in this thread (torch's counter: matmuls, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        adapter.run(model, inputs)
+        fn()
     return float(counter.get_total_flops())
+
+
+def forward_flops(model: torch.nn.Module, adapter: Any, inputs: ModelInputs) -> float:
+    """FLOPs of one plain forward of ``inputs``."""
+    return flops_of(lambda: adapter.run(model, inputs))
 
 
 def matmul_rate(d_model: int, d_ff: int, rows: int = 512, repeats: int = 15) -> float:
@@ -241,6 +246,10 @@ def bench(
     rate = matmul_rate(d, d_ff)
     info = ours.info
     limit = info["work_fraction"] * len(sites) * flops / (rate * 1e9)
+    executed = {"uniprobe": flops_of(ours_run)}  # every op it runs: clean and target runs included
+    if nn_model is not None:  # the clean trace + one forward per layer of `seq` rows
+        executed["nnsight"] = flops + n_layers * forward_flops(model, adapter, repeat_inputs(corrupted, seq))
+    executed["transformer_lens"] = (len(sites) + 1) * flops  # run_with_cache + one forward per site
 
     ablations: dict[str, tuple[float, float]] = {}
     shares: dict[str, float] = {}
@@ -305,14 +314,30 @@ def bench(
         f"{len(sites)} sites x one forward {flops / (rate * 1e9) * 1e3:.2f} ms = {flops / 1e9:.3f} GFLOP "
         f"at the measured {rate:.0f} GFLOP/s matmul rate) -> {t_ours / limit:.1f}x from the limit"
     )
+    our_rate = executed["uniprobe"] / t_ours / 1e9
+    print(
+        f"    it executes {executed['uniprobe'] / 1e9:.1f} GFLOP (clean and target runs included) = "
+        f"{executed['uniprobe'] / (rate * 1e9):.3f} s at that rate; it runs them at {our_rate:.0f} GFLOP/s"
+    )
     if shares:
         print(
             "    engine time (torch.profiler, one run): "
             + ", ".join(f"{v:.0%} {k}" for k, v in shares.items())
         )
+        print(
+            "    bound: "
+            + (
+                "matmul throughput (compute-bound: against a tool, the speed-up is its FLOPs over "
+                "ours times our matmul efficiency over its)"
+                if shares["matmul"] >= 0.5
+                else "per-forward overhead (Python, hooks, dispatch): too small a model for its "
+                "matmuls to dominate"
+            )
+        )
     for label, (t, dd) in ablations.items():
         print(f"  uniprobe exact, {label}: {t:.3f} s (max diff to default {dd:.1e})")
     results: dict[str, Any] = {"name": name, "ours": t_ours, "limit": limit, "rate": rate, "info": info}
+    results["flops"] = executed["uniprobe"]
     labels = {
         "nnsight": "one trace per layer, corrupted prompt x positions as the batch",
         "transformer_lens": "get_act_patch_resid_pre on TransformerBridge",
@@ -331,7 +356,15 @@ def bench(
             f"    speed-up {ratio:.1f}x (target >= {TARGET_SPEEDUP:.0f}x: {fast}); "
             f"max |grid diff| {diff:.2e} (target <= {TARGET_DIFF:.0e}: {ok})"
         )
-        results[tool] = {"seconds": t, "ratio": ratio, "diff": diff, "runs": times[tool]}
+        f_ratio = executed[tool] / executed["uniprobe"]
+        print(
+            f"    it executes {executed[tool] / 1e9:.1f} GFLOP ({f_ratio:.1f}x uniprobe's) at "
+            f"{executed[tool] / t / 1e9:.0f} GFLOP/s: speed-up = {f_ratio:.1f}x the FLOPs x "
+            f"{ratio / f_ratio:.2f} our rate over its"
+        )
+        results[tool] = {
+            "seconds": t, "ratio": ratio, "diff": diff, "runs": times[tool], "flops": executed[tool]
+        }  # fmt: skip
     if attr_t is not None:
         print(f"  attribution:      {attr_t:8.3f} s  correlation with exact {agree['correlation']:.3f}")
         results.update({"attr": attr_t, **agree})
