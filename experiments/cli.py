@@ -19,8 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import torch
-
-from hooks.layout import ROLES
+from uniprobe.hooks.layout import ROLES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,7 +36,7 @@ def positive_int(text: str) -> int:
 
 
 def cmd_points(args: argparse.Namespace) -> int:
-    from experiments.models import load_model
+    from uniprobe.experiments.models import load_model
 
     loaded = load_model(args.model, args.adapter)
     a = loaded.adapter
@@ -51,9 +50,9 @@ def cmd_points(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
-    from experiments.models import load_model
-    from experiments.prompts_file import read_prompts
-    from hooks.pipeline import capture_dataset
+    from uniprobe.experiments.models import load_model
+    from uniprobe.experiments.prompts_file import read_prompts
+    from uniprobe.hooks.pipeline import capture_dataset
 
     loaded = load_model(args.model, args.adapter, device_map=args.device_map)
     examples = read_prompts(args.prompts, loaded)  # every line checked before the store is created
@@ -77,7 +76,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from hooks.store import ActivationStore
+    from uniprobe.hooks.store import ActivationStore
 
     store = ActivationStore.open(args.store, verify="full" if args.verify else "lazy")
     print(store.summary())
@@ -85,7 +84,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from experiments.demo import run_demo
+    from uniprobe.experiments.demo import run_demo
 
     return run_demo(args.out)
 
@@ -139,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list[Callable]:
-    from experiments.patch_commands import add_patch_parser
-    from experiments.probe_commands import add_lens_parser, add_probe_parser
-    from experiments.sandbox.commands import add_gap_parser, add_train_parser
-    from experiments.seeds.commands import add_seeds_parser
-    from experiments.sweep.commands import add_sweep_parser
+    from uniprobe.experiments.patch_commands import add_patch_parser
+    from uniprobe.experiments.probe_commands import add_lens_parser, add_probe_parser
+    from uniprobe.experiments.sandbox.commands import add_gap_parser, add_train_parser
+    from uniprobe.experiments.seeds.commands import add_seeds_parser
+    from uniprobe.experiments.sweep.commands import add_sweep_parser
 
     return [
         add_probe_parser,

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from experiments import demo_sections as sections
-from experiments.sandbox.registry import load_named
-from experiments.seeds.r3 import R3Result, format_r3, r3_loop
-from experiments.tasks.suite import Suite
+from uniprobe.experiments import demo_sections as sections
+from uniprobe.experiments.sandbox.registry import load_named
+from uniprobe.experiments.seeds.r3 import R3Result, format_r3, r3_loop
+from uniprobe.experiments.tasks.suite import Suite
 
 MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"))
 
@@ -171,9 +170,9 @@ def run_demo(out: str | Path = "artifacts/demo", stars_steps: int | None = None)
     answer becomes readable (probe and logit-lens maps); where it is used (patching map); what CoT,
     STARS self-training and the R3 loop change.
     """
-    from experiments.report_html import write_html
-    from experiments.seeds.stars import StarsSettings, run_stars
-    from experiments.seeds.stars_report import format_stars, stars_paragraph
+    from uniprobe.experiments.report_html import write_html
+    from uniprobe.experiments.seeds.stars import StarsSettings, run_stars
+    from uniprobe.experiments.seeds.stars_report import format_stars, stars_paragraph
 
     t0 = time.time()
     torch.manual_seed(0)

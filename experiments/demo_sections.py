@@ -1,6 +1,6 @@
 """The demo's analyses of one sandbox model: gap table, stores, probe map, logit lens, patching map.
 
-Each function returns plain numbers (and writes its files); :mod:`experiments.demo` turns them into
+Each function returns plain numbers (and writes its files); :mod:`uniprobe.experiments.demo` turns them into
 the report's text, so every sentence there is computed from the numbers here.
 """
 
@@ -18,13 +18,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table, summarize  # noqa: E402
-from experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score  # noqa: E402
-from experiments.tasks import world  # noqa: E402
-from experiments.tasks.prompts import Item  # noqa: E402
-from hooks.adapters import adapter_for  # noqa: E402
-from hooks.pipeline import capture_dataset  # noqa: E402
+from uniprobe.experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table, summarize  # noqa: E402
+from uniprobe.experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score  # noqa: E402
+from uniprobe.experiments.tasks import world  # noqa: E402
+from uniprobe.experiments.tasks.prompts import Item  # noqa: E402
+from uniprobe.hooks.adapters import adapter_for  # noqa: E402
+from uniprobe.hooks.pipeline import capture_dataset  # noqa: E402
 
 GEN_ROLE = {"ar": "image_gen", "query": "query"}
 
@@ -108,8 +107,8 @@ def capture_stores(model: Any, items: list[Item], out: Path, arch: str) -> dict[
 def run_probes(stores: dict[str, Any], arch: str, out: Path) -> list[dict]:
     """Probe map for the arithmetic answer: layer × (run, role). Text: last prompt position; drawing
     positions: mean over them. Split grouped by the drawn object (``entity``)."""
-    from probes.linear import probe_store
-    from probes.plots import plot_probe_map
+    from uniprobe.probes.linear import probe_store
+    from uniprobe.probes.plots import plot_probe_map
 
     rows = []
     plans = [("und", "text", "last"), ("gen", "text", "last"), ("gen", GEN_ROLE[arch], "mean")]
@@ -127,7 +126,7 @@ def run_probes(stores: dict[str, Any], arch: str, out: Path) -> list[dict]:
 
 def _arithmetic_view(store: Any, path: Path) -> Any:
     """The arithmetic items of a store as their own small store (probes read whole stores)."""
-    from hooks.store import ActivationStore
+    from uniprobe.hooks.store import ActivationStore
 
     keep = [i for i, ex in enumerate(store.examples) if ex["labels"]["category"] == "arithmetic"]
     sub = ActivationStore.create(path, model=store.model, points=store.points, overwrite=True)
@@ -149,7 +148,7 @@ def _arithmetic_view(store: Any, path: Path) -> Any:
 def run_lens(model: Any, items: list[Item], arch: str, out: Path) -> list[dict]:
     """Logit lens on the generation runs: mean probability and rank of the answer word per layer × role,
     for arithmetic items and single-word knowledge answers (favourite fruit / flower)."""
-    from probes.lens import logit_lens
+    from uniprobe.probes.lens import logit_lens
 
     adapter = adapter_for(model)
     tok = model.tokenizer
@@ -243,7 +242,7 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
         ``grid`` ``[layers][columns]`` mean normalised effect (0: the target run, 1: the clean run),
         ``columns``, ``layers``, mean ``clean`` / ``corrupted`` metric values, the pair ids, the metric.
     """
-    from probes.patching import GridLogProb, SequenceLogProb, patch_across
+    from uniprobe.probes.patching import GridLogProb, SequenceLogProb, patch_across
 
     adapter = adapter_for(model)
     grids, labels, clean_v, corrupted_v = [], None, [], []
@@ -300,7 +299,7 @@ def _patch_pairs(arith: list[Item], n: int) -> list[tuple[Item, Item]]:
 
 def _align(model: Any, source: Any, target: Any, src: Item) -> tuple[Any, list[str]]:
     """Expression words ↔ expression words, then <answer> (understanding) ↔ <boi> (generation)."""
-    from probes.patching import alignment
+    from uniprobe.probes.patching import alignment
 
     tok = model.tokenizer
     expr = src.labels["expr"].split()

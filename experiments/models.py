@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import ADAPTERS, Adapter, adapter_for, load_adapter_file
-from hooks.tiny import TINY_BUILDERS, build_tiny
+from uniprobe.hooks.adapters import ADAPTERS, Adapter, adapter_for, load_adapter_file
+from uniprobe.hooks.tiny import TINY_BUILDERS, build_tiny
 
 
 @dataclass
@@ -41,7 +40,7 @@ class LoadedModel:
 def sandbox_names() -> list[str]:
     """Names of the shipped sandbox models (empty until the sandbox is installed)."""
     try:
-        from experiments.sandbox.registry import SANDBOX_MODELS
+        from uniprobe.experiments.sandbox.registry import SANDBOX_MODELS
     except ImportError:
         return []
     return list(SANDBOX_MODELS)
@@ -91,7 +90,7 @@ def load_model(
         model, info = build_tiny(spec)
         return LoadedModel(model, adapter_for(model), _tiny_tokenizer(info), info, spec)
     if spec in sandbox_names():
-        from experiments.sandbox.registry import load_named
+        from uniprobe.experiments.sandbox.registry import load_named
 
         return load_named(spec)
     path = Path(spec)
@@ -133,7 +132,7 @@ def _load_folder(
         "ar",
         "query",
     ):
-        from experiments.sandbox.registry import load_dir
+        from uniprobe.experiments.sandbox.registry import load_dir
 
         _no_load_options(str(path), "a sandbox checkpoint", load_options)
         return load_dir(path)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from probes.patching.sites import KINDS
+from uniprobe.probes.patching.sites import KINDS
 
 METHODS = ("exact", "attribution")
 
@@ -59,7 +59,7 @@ def _kinds(raw: list[str]) -> list[str]:
 
 def _token_id(loaded: Any, text: str) -> int:
     """The single token id of ``text``, without the special tokens the tokenizer adds to prompts."""
-    from experiments.models import WordTokenizer, encode
+    from uniprobe.experiments.models import WordTokenizer, encode
 
     tok = loaded.tokenizer
     if tok is not None and callable(tok) and not isinstance(tok, WordTokenizer):
@@ -92,7 +92,7 @@ def _labels(loaded: Any, ids: list[int]) -> list[str]:
 def example(loaded: Any, text: str) -> dict[str, Any]:
     """A prompt as the model's adapter takes it: ``{"prompt": text}`` for models that build their own
     batches from text (the sandbox), else ``{"input_ids": ...}`` from the tokenizer."""
-    from experiments.models import encode
+    from uniprobe.experiments.models import encode
 
     if loaded.info.get("text_prompts"):
         return {"prompt": text}
@@ -112,8 +112,8 @@ def _ids(inputs: Any) -> list[int]:
 
 def run_patch(args: argparse.Namespace) -> int:
     """Handler of ``uniprobe patch``; returns the exit code."""
-    from experiments.models import load_model
-    from probes.patching import (
+    from uniprobe.experiments.models import load_model
+    from uniprobe.probes.patching import (
         LogitDiff,
         align_end,
         attribution_patch,

@@ -1,4 +1,4 @@
-"""The ``uniprobe probe`` and ``uniprobe lens`` commands (registered by ``experiments.cli``).
+"""The ``uniprobe probe`` and ``uniprobe lens`` commands (registered by ``uniprobe.experiments.cli``).
 
     uniprobe probe STORE --label KEY [--points GLOB] [--roles ROLE ...] [--reduce last]
                    [--group-by KEY] [--method logistic|ridge] --out DIR
@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from hooks.layout import ROLES
+from uniprobe.hooks.layout import ROLES
 
 
 def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -56,9 +56,9 @@ def _reduce(value: str) -> str | int:
 def cmd_probe(args: argparse.Namespace) -> int:
     import warnings
 
-    from hooks.store import ActivationStore
-    from hooks.store_errors import IncompleteStoreWarning
-    from probes.linear import incomplete_message, probe_store
+    from uniprobe.hooks.store import ActivationStore
+    from uniprobe.hooks.store_errors import IncompleteStoreWarning
+    from uniprobe.probes.linear import incomplete_message, probe_store
 
     store = ActivationStore.open(args.store)
     if not store.complete:  # said plainly on stderr, before the work, not as a Python warning
@@ -152,7 +152,7 @@ def resolve_answers(loaded: Any, answers: list[str]) -> list[int]:
 
 
 def _vocab_size(loaded: Any) -> int | None:
-    from probes.lens import readout
+    from uniprobe.probes.lens import readout
 
     head = readout(loaded.model, loaded.adapter).head
     out = getattr(head, "out_features", None)
@@ -194,10 +194,10 @@ def _token_str(loaded: Any) -> Any:
 def cmd_lens(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from experiments.models import load_model
-    from experiments.prompts_file import read_prompts
-    from probes.lens import DEFAULT_ROLES, LensResult, logit_lens
-    from probes.tuned_lens import TunedLens, save_report, tuned_lens_from_capture
+    from uniprobe.experiments.models import load_model
+    from uniprobe.experiments.prompts_file import read_prompts
+    from uniprobe.probes.lens import DEFAULT_ROLES, LensResult, logit_lens
+    from uniprobe.probes.tuned_lens import TunedLens, save_report, tuned_lens_from_capture
 
     loaded = load_model(args.model, args.adapter)
     model, adapter = loaded.model, loaded.adapter

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from experiments.models import LoadedModel, TokenLimits, encode, token_limits
-from hooks.layout import ROLES
+from uniprobe.experiments.models import LoadedModel, TokenLimits, encode, token_limits
+from uniprobe.hooks.layout import ROLES
 
 ALLOWED = ("id", "text", "input_ids", "labels", "meta", "roles", "pixel_values", "image_sizes")
 # "pad" marks the positions padding adds to a batch; a real token tagged so would vanish from analyses

@@ -193,8 +193,8 @@ _PATTERN_TEXT = {
 
 def track_calls(model: nn.Module, blocks: str, log: CallLog) -> Any:
     """Register the call tracker on block 0 of ``blocks`` (a module path); returns the hook handle."""
-    from hooks.adapters.base import get_module
-    from hooks.capture import input_tensor
+    from uniprobe.hooks.adapters.base import get_module
+    from uniprobe.hooks.capture import input_tensor
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         log.begin(*call_extent(args, kwargs, input_tensor(args, kwargs)))

@@ -6,11 +6,11 @@
     cap.rows("blocks.3.resid_post")   # Rows: values [n, d] + example / pos / role / step / branch
 
 Protocol. On enter, one forward pre-hook goes on the first block (the *call tracker*,
-:mod:`hooks.calls`): each backbone call reports its column offset (the length of the
+:mod:`uniprobe.hooks.calls`): each backbone call reports its column offset (the length of the
 ``transformers.Cache`` it was handed, found by type, 0 for a fresh sequence) and its length, and
 counts as generation step 0 when the offset is 0, else the next step; calls that break the
 expected pattern (``expect="generation"``: one prompt pass, then single continuing steps) raise
-:class:`hooks.calls.CallPatternError` instead of mislabelling rows. Then
+:class:`uniprobe.hooks.calls.CallPatternError` instead of mislabelling rows. Then
 one hook per requested point; each hook turns its tensor into :class:`Rows`, keeping only the
 positions whose role (from the layout) was asked for, detached and moved to the requested
 dtype/device at once, so memory holds only the selection. With classifier-free guidance the
@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, Site, get_module
-from hooks.calls import Call, CallLog, track_calls
-from hooks.layout import ROLE_ID, TokenLayout, role_ids
-from hooks.rows import Rows
+from uniprobe.hooks.adapters.base import Adapter, Site, get_module
+from uniprobe.hooks.calls import Call, CallLog, track_calls
+from uniprobe.hooks.layout import ROLE_ID, TokenLayout, role_ids
+from uniprobe.hooks.rows import Rows
 
 
 def pick(value: Any, index: int | None) -> torch.Tensor:
@@ -205,7 +204,7 @@ class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
         dtype, device: where captured tensors go (default: same dtype, CPU).
         cfg_batch: conditional batch size when classifier-free guidance doubles the batch.
         expect: the pattern of backbone calls (``"any"``, or ``"generation"``: one prompt pass then
-            single steps); a call that breaks it raises :class:`hooks.calls.CallPatternError`.
+            single steps); a call that breaks it raises :class:`uniprobe.hooks.calls.CallPatternError`.
     """
 
     def __init__(
@@ -222,7 +221,7 @@ class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
         cfg_batch: int | None = None,
         expect: str = "any",
     ) -> None:
-        from hooks.adapters import adapter_for
+        from uniprobe.hooks.adapters import adapter_for
 
         self.model = model
         self.adapter = adapter or adapter_for(model)

@@ -6,7 +6,7 @@ deterministic (examples in order, fixed batch size), so an interrupted capture r
 ``resume=True`` skips the finished shards and writes the rest — nothing finished is redone.
 
 Resuming continues exactly the capture that was started: the store records the capture's identity
-(:func:`hooks.store_identity.capture_identity`: a digest of the examples in order, batch size,
+(:func:`uniprobe.hooks.store_identity.capture_identity`: a digest of the examples in order, batch size,
 roles, positions, mode, dtype, adapter, backend) and refuses a resume that differs in any of them.
 Before anything is written the examples' labels are checked (one type per key); before the store is
 marked complete every point must have stored rows (:class:`EmptyCaptureError` otherwise, the store
@@ -26,14 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-
-from hooks.adapters import Adapter, adapter_for
-from hooks.backends import run_capture
-from hooks.layout import ROLES
-from hooks.store import ActivationStore
-from hooks.store_errors import EmptyCaptureError
-from hooks.store_identity import capture_identity
-from hooks.store_integrity import LabelTypes
+from uniprobe.hooks.adapters import Adapter, adapter_for
+from uniprobe.hooks.backends import run_capture
+from uniprobe.hooks.layout import ROLES
+from uniprobe.hooks.store import ActivationStore
+from uniprobe.hooks.store_errors import EmptyCaptureError
+from uniprobe.hooks.store_identity import capture_identity
+from uniprobe.hooks.store_integrity import LabelTypes
 
 EXAMPLE_KEYS = ("id", "labels", "meta")
 
@@ -83,7 +82,7 @@ def capture_dataset(
     Args:
         examples: dicts with ``input_ids`` (plus family keys such as ``pixel_values``), an
             optional ``id``, ``labels`` (``{key: value}``, what probes predict) and ``meta``.
-        roles / positions: keep only these positions (see :class:`hooks.capture.capture`).
+        roles / positions: keep only these positions (see :class:`uniprobe.hooks.capture.capture`).
         mode: ``"understanding"``; ``"generation"`` (teacher-forced: prompt image tokens are
             ``image_gen``); or ``"generate"``: the adapter's image generation runs, every step is
             captured (tagged by step and guidance branch) and the tokens go to ``meta["generated"]``.

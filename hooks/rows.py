@@ -22,7 +22,7 @@ class Rows:
         values: ``[n, *feature]`` (``[n, d_model]`` for residual points).
         example: ``[n]`` int64, index of the example (batch-local in capture, global in a store).
         pos: ``[n]`` int64, absolute position in the example's sequence.
-        role: ``[n]`` int64, index into ``hooks.layout.ROLES``.
+        role: ``[n]`` int64, index into ``uniprobe.hooks.layout.ROLES``.
         step: ``[n]`` int64, generation step (0 for a plain forward / the prompt pass).
         branch: ``[n]`` int64, index into :data:`BRANCHES` (0 conditional, 1 unconditional).
     """

@@ -7,7 +7,7 @@ A store is a directory::
     DIR/shard-00001.safetensors   ...
     DIR/.uniprobe-writer.lock     only while a writer is open (not data; see below)
 
-A shard holds, for every hook point ``P``, the columns of a :class:`~hooks.rows.Rows` table:
+A shard holds, for every hook point ``P``, the columns of a :class:`~uniprobe.hooks.rows.Rows` table:
 ``P/values`` ``[n, *feature]`` and the int64 ``[n]`` columns ``P/example`` (*global* example index),
 ``P/pos``, ``P/role``, ``P/step`` and ``P/branch``. Its safetensors header also carries the shard's own
 record (index, first global example, the example dicts, model, points, dtype, row counts and, from
@@ -33,32 +33,33 @@ file that went bad can be deleted and rewritten by a resumed capture; its exampl
 indices, so the rewritten batch must hold the same example ids (capture must batch deterministically).
 
 **Resume continues exactly the capture that was started.** ``create(..., identity=...)`` records the
-capture's identity (:mod:`hooks.store_identity`: digest of the prompts, batch size, roles, positions,
+capture's identity (:mod:`uniprobe.hooks.store_identity`: digest of the prompts, batch size, roles, positions,
 mode, dtype, adapter, backend); ``resume=True`` refuses another model, other points or another identity
 with :class:`ResumeMismatchError` naming every differing field (old vs new). Stores made through the API
 without an identity resume as before.
 
 **One writer at a time.** ``create`` (new, ``overwrite`` or ``resume``) takes the writer lock
-``DIR/.uniprobe-writer.lock`` (an ``O_EXCL`` lock file: :mod:`hooks.store_lock` says why not ``flock``);
-a second writer gets :class:`StoreLockedError` naming the holder's pid and host. The lock is released by
-:meth:`ActivationStore.finalize`, :meth:`ActivationStore.close` (also ``with ActivationStore.create(...)
-as store:``), garbage collection, and errors inside ``create``; a stale lock of a dead process on this
-host is recovered with a warning. Readers (:meth:`ActivationStore.open`) take no lock.
+``DIR/.uniprobe-writer.lock`` (an ``O_EXCL`` lock file: :mod:`uniprobe.hooks.store_lock` says why not
+``flock``); a second writer gets :class:`StoreLockedError` naming the holder's pid and host. The lock is
+released by :meth:`ActivationStore.finalize`, :meth:`ActivationStore.close` (also ``with
+ActivationStore.create(...) as store:``), garbage collection, and errors inside ``create``; a stale lock
+of a dead process on this host is recovered with a warning. Readers (:meth:`ActivationStore.open`) take no
+lock.
 
 **Writes are atomic**: a shard goes to a temp file in DIR, is fsynced and ``os.replace``-d into place,
-then the manifest is rewritten the same way (:mod:`hooks.store_files`). Files get the mode the user's
-umask gives (as the manifest always had; shards were private ``0600`` before). An interrupted capture
-keeps every finished shard, and the manifest lists only shards whose file is complete, with its byte
-size and sha256. A full disk (``ENOSPC``/``EDQUOT``) raises :class:`StoreDiskFullError` naming the
+then the manifest is rewritten the same way (:mod:`uniprobe.hooks.store_files`). Files get the mode the
+user's umask gives (as the manifest always had; shards were private ``0600`` before). An interrupted
+capture keeps every finished shard, and the manifest lists only shards whose file is complete, with its
+byte size and sha256. A full disk (``ENOSPC``/``EDQUOT``) raises :class:`StoreDiskFullError` naming the
 store, the bytes needed and the free space, and leaves no temp file behind.
 
 **Reads are lazy**: ``safetensors.safe_open`` memory-maps a shard and only requested tensors are read.
 At open every shard must exist with its recorded size, inside DIR (a shard path or symbolic link that
-leads outside the store directory is refused), and the manifest must match its ``manifest_digest``
-(not with ``verify="none"``). On the first read of each shard its header is compared with the manifest
-(:mod:`hooks.store_integrity`); the sha256 is checked on that first read (``verify="lazy"``), for every
-shard at open (``"full"``) or never (``"none"``). Damage raises :class:`StoreCorruptError` naming the
-file, what differs, and the fix.
+leads outside the store directory is refused), and the manifest must match its ``manifest_digest`` (not
+with ``verify="none"``). On the first read of each shard its header is compared with the manifest
+(:mod:`uniprobe.hooks.store_integrity`); the sha256 is checked on that first read (``verify="lazy"``),
+for every shard at open (``"full"``) or never (``"none"``). Damage raises :class:`StoreCorruptError`
+naming the file, what differs, and the fix.
 
 **Labels** of one key must share one JSON type across the store (``0`` and ``"0"`` would become two
 classes): :meth:`ActivationStore.write_shard` raises :class:`MixedLabelTypesError` naming the key and
@@ -86,10 +87,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from hooks.layout import ROLE_ID, ROLES, role_ids
-from hooks.rows import BRANCHES, Rows
-from hooks.store_errors import (
+from uniprobe.hooks.layout import ROLE_ID, ROLES, role_ids
+from uniprobe.hooks.rows import BRANCHES, Rows
+from uniprobe.hooks.store_errors import (
     IncompleteStoreWarning,
     MixedLabelTypesError,
     ResumeMismatchError,
@@ -98,10 +98,10 @@ from hooks.store_errors import (
     StoreExistsError,
     StoreLockedError,
 )
-from hooks.store_files import atomic_write, atomic_write_text, human_bytes, inside, is_temp_name
-from hooks.store_identity import identity_differences
-from hooks.store_integrity import DIGEST_KEY, LabelTypes, header_problems, manifest_digest
-from hooks.store_lock import LOCK_NAME, StoreLock, is_lock_name
+from uniprobe.hooks.store_files import atomic_write, atomic_write_text, human_bytes, inside, is_temp_name
+from uniprobe.hooks.store_identity import identity_differences
+from uniprobe.hooks.store_integrity import DIGEST_KEY, LabelTypes, header_problems, manifest_digest
+from uniprobe.hooks.store_lock import LOCK_NAME, StoreLock, is_lock_name
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -386,7 +386,7 @@ class ActivationStore:
                 can be rewritten; a missing, unreadable or edited manifest is rebuilt from the shard
                 headers.
             identity: JSON description of the capture that fills the store (see
-                :func:`hooks.store_identity.capture_identity`), or None for a store written through
+                :func:`uniprobe.hooks.store_identity.capture_identity`), or None for a store written through
                 the API; a resume must pass the same.
 
         Raises:

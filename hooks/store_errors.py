@@ -1,4 +1,4 @@
-"""The errors and warnings of :mod:`hooks.store` (one small module, so the store's helper modules
+"""The errors and warnings of :mod:`uniprobe.hooks.store` (one small module, so the store's helper modules
 can raise them without importing the store).
 
 Every class subclasses one that ``uniprobe``'s command line already turns into a one-paragraph

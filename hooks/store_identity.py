@@ -5,7 +5,7 @@ would merge two captures: another batch size or another (or reordered) prompts f
 examples under the finished shards' global indices, other roles / positions / mode / dtype /
 adapter / backend store other rows. :func:`capture_identity` records those settings (with a digest
 of the prompts) in the manifest; :meth:`ActivationStore.create(..., resume=True)
-<hooks.store.ActivationStore.create>` compares it, with the model and points, and refuses a
+<uniprobe.hooks.store.ActivationStore.create>` compares it, with the model and points, and refuses a
 difference naming every differing field.
 """
 

@@ -1,4 +1,4 @@
-"""Integrity checks of an activation store beyond the shards' sha256 (see :mod:`hooks.store`).
+"""Integrity checks of an activation store beyond the shards' sha256 (see :mod:`uniprobe.hooks.store`).
 
 * **Manifest digest** — ``manifest["manifest_digest"]`` is the sha256 of every other manifest field
   (canonical JSON: sorted keys, no spaces). It covers what only the manifest carries (``attrs``,
@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from hooks.store_errors import MixedLabelTypesError
+from uniprobe.hooks.store_errors import MixedLabelTypesError
 
 DIGEST_KEY = "manifest_digest"
 EXAMPLE_KEYS = ("id", "labels", "meta", "layout")

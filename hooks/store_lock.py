@@ -1,7 +1,7 @@
 """The writer lock of an activation store: at most one writer (process) at a time.
 
 ``DIR/.uniprobe-writer.lock`` is created with ``O_CREAT | O_EXCL`` by
-:meth:`ActivationStore.create <hooks.store.ActivationStore.create>` (new store, ``overwrite`` and
+:meth:`ActivationStore.create <uniprobe.hooks.store.ActivationStore.create>` (new store, ``overwrite`` and
 ``resume`` alike) and removed when the writer finishes (``finalize()``), closes (``close()``, the
 context manager, an error inside ``create``/``capture_dataset``) or is garbage-collected. The file
 holds JSON: the holder's pid, host, process start time, the time it was taken, the command line and
@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hooks.store_errors import StoreLockedError
+from uniprobe.hooks.store_errors import StoreLockedError
 
 LOCK_NAME = ".uniprobe-writer.lock"
 _TRIES = 5

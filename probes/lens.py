@@ -9,7 +9,7 @@ generated — which makes this the direct test of a latent chain of thought: do 
 
 For each decoded position and answer token the lens reports the token's rank (1 = top) and
 probability; :meth:`LensResult.summary` averages them per lens × layer × role × token, and
-``kl`` holds KL(final ‖ lens) per layer. A :class:`probes.tuned_lens.TunedLens` passed as ``tuned``
+``kl`` holds KL(final ‖ lens) per layer. A :class:`uniprobe.probes.tuned_lens.TunedLens` passed as ``tuned``
 adds the same rows for the tuned lens, beside the logit lens.
 
     res = logit_lens(model, adapter.prepare(model, examples), answers=[17])
@@ -30,13 +30,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from hooks.adapters import Adapter, ModelInputs, adapter_for, get_module
-from hooks.backends import run_capture
-from hooks.layout import ROLES
-from hooks.points import layer_of
-from hooks.rows import Rows
-from hooks.store import ActivationStore
+from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for, get_module
+from uniprobe.hooks.backends import run_capture
+from uniprobe.hooks.layout import ROLES
+from uniprobe.hooks.points import layer_of
+from uniprobe.hooks.rows import Rows
+from uniprobe.hooks.store import ActivationStore
 
 NORMED_POINTS = ("final_norm", "lm_head.in")  # already through the final norm: decode with the head only
 DEFAULT_ROLES = tuple(r for r in ROLES if r != "pad")
@@ -161,7 +160,7 @@ class LensResult:
             w.writeheader()
             w.writerows(self.rows)
         if plot and summary:
-            from probes.plots import plot_lens_kl, plot_lens_map
+            from uniprobe.probes.plots import plot_lens_kl, plot_lens_map
 
             files["map"] = plot_lens_map(summary, out / "lens_map.png", title=self.meta.get("title"))
             if self.kl:
@@ -338,7 +337,8 @@ def logit_lens(
         points: residual points to decode (``"blocks.*.resid_post"``; ``embed`` gives layer -1).
         roles: positions to decode by role (default: all but padding); ``generate=True`` runs the
             adapter's image generation and decodes the generated positions too (role ``image_gen``).
-        tuned: a :class:`probes.tuned_lens.TunedLens`: its readings are added as ``lens="tuned"`` rows.
+        tuned: a :class:`uniprobe.probes.tuned_lens.TunedLens`: its readings are added as
+            ``lens="tuned"`` rows.
 
     Returns:
         :class:`LensResult` with rows for the logit lens (and the tuned lens).
@@ -380,7 +380,7 @@ def logit_lens_store(
         points: the store's residual points to decode; KL needs the last block's output
             (``blocks.{L-1}.resid_post``) in the store too.
     """
-    from hooks.points import expand
+    from uniprobe.hooks.points import expand
 
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)

@@ -3,13 +3,13 @@
 One probe per (hook point, role selection) of a store: the activations of each example at that
 point, reduced over the role's positions (``"last"``, ``"mean"``, ...), predict a label (the answer
 of an arithmetic item, a character's favourite fruit). All probes are trained together
-(:mod:`probes.solvers`: one batched L-BFGS for multinomial logistic regression, or closed-form
+(:mod:`uniprobe.probes.solvers`: one batched L-BFGS for multinomial logistic regression, or closed-form
 ridge), with for every probe:
 
 - standardisation by the training split's mean and std;
 - the L2 strength chosen by k-fold cross-validation on the training split (each probe its own ``C``;
   the logistic path over ``C`` is warm-started from the previous ``C``);
-- a leak-free split (:mod:`probes.splits`): grouped by a label key such as ``entity`` when asked;
+- a leak-free split (:mod:`uniprobe.probes.splits`): grouped by a label key such as ``entity`` when asked;
 - a shuffled-label control (same probe, same ``C``, labels permuted within each side of the split),
   and selectivity = accuracy − control accuracy;
 - a seeded percentile-bootstrap interval of the test accuracy.
@@ -32,13 +32,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-from hooks.layout import ROLES
-from hooks.points import expand, layer_of
-from hooks.store import ActivationStore
-from hooks.store_errors import IncompleteStoreWarning
-from probes.results import ProbeResults, nan_to_none, probe_key
-from probes.solvers import (
+from uniprobe.hooks.layout import ROLES
+from uniprobe.hooks.points import expand, layer_of
+from uniprobe.hooks.store import ActivationStore
+from uniprobe.hooks.store_errors import IncompleteStoreWarning
+from uniprobe.probes.results import ProbeResults, nan_to_none, probe_key
+from uniprobe.probes.solvers import (
     Design,
     LinearFit,
     argmax_classes,
@@ -47,7 +46,7 @@ from probes.solvers import (
     fit_logistic,
     fit_ridge,
 )
-from probes.splits import (
+from uniprobe.probes.splits import (
     ProbeInputError,
     Split,
     bootstrap_ci,
@@ -115,7 +114,8 @@ def train_probes(
 
     Args:
         groups: the probes' data; ``y`` ``[N]`` class index per global example (``-1``: unlabelled);
-            ``classes``: class values; ``split``: from :func:`probes.splits.make_split` over the same ``N``.
+            ``classes``: class values; ``split``: from :func:`uniprobe.probes.splits.make_split` over
+            the same ``N``.
         method: ``"logistic"`` (multinomial, scikit-learn's objective) or ``"ridge"`` (one-hot targets).
         cs: the grid of inverse strengths ``C`` (ridge: ``alpha = 1/C``) searched by ``folds``-fold CV.
         n_boot: bootstrap resamples for the test-accuracy interval.

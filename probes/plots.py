@@ -78,7 +78,7 @@ def plot_lens_map(
     summary: Sequence[dict], path: str | os.PathLike, value: str = "prob", title: str | None = None
 ) -> Path:
     """Heatmaps layer × role of ``value`` (``"prob"`` or ``"rank"``), one column per answer token and
-    one row per lens (``logit``, ``tuned``), from :func:`probes.lens.summarize` rows."""
+    one row per lens (``logit``, ``tuned``), from :func:`uniprobe.probes.lens.summarize` rows."""
     path = Path(path)
     lenses = sorted({r["lens"] for r in summary}, key=lambda s: (s != "logit", s))
     tokens = sorted({r["token"] for r in summary})

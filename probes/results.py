@@ -25,8 +25,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 from torch import Tensor
-
-from hooks.store_files import save_safetensors
+from uniprobe.hooks.store_files import save_safetensors
 
 COLUMNS: tuple[str, ...] = (
     "point",
@@ -87,7 +86,7 @@ class ProbeDirection:
 
 @dataclass
 class ProbeResults:
-    """What :func:`probes.linear.probe_store` returns.
+    """What :func:`uniprobe.probes.linear.probe_store` returns.
 
     Attributes:
         rows: one dict per probe with :data:`COLUMNS` (plus ``n_iter``).
@@ -151,7 +150,7 @@ class ProbeResults:
         self.to_csv(files["csv"])
         save_directions(self, files["directions"])
         if plot:
-            from probes.plots import plot_probe_map
+            from uniprobe.probes.plots import plot_probe_map
 
             files["map"] = plot_probe_map(self.rows, out / "probe_map.png", title=_title(self.meta))
         return files

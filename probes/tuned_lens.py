@@ -22,12 +22,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-
-from hooks.adapters import Adapter, ModelInputs, adapter_for
-from hooks.rows import Rows
-from hooks.store import ActivationStore
-from hooks.store_files import save_safetensors
-from probes.lens import DEFAULT_ROLES, Readout, capture_states, last_block, point_layer, readout, row_index
+from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for
+from uniprobe.hooks.rows import Rows
+from uniprobe.hooks.store import ActivationStore
+from uniprobe.hooks.store_files import save_safetensors
+from uniprobe.probes.lens import (
+    DEFAULT_ROLES,
+    Readout,
+    capture_states,
+    last_block,
+    point_layer,
+    readout,
+    row_index,
+)
 
 
 class TunedLens(nn.Module):
@@ -175,7 +182,7 @@ def tuned_lens_from_store(
 
     ``steps``, ``lr``, ``seed``: see :func:`train_tuned_lens`.
     """
-    from hooks.points import expand
+    from uniprobe.hooks.points import expand
 
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)

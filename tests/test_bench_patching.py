@@ -4,9 +4,9 @@ No timings are asserted (the bench measures them; tests only check it computes t
 """
 
 import pytest
+from uniprobe.hooks.adapters import adapter_for
 
 from experiments.bench import patching as bench
-from hooks.adapters import adapter_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

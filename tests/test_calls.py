@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import hooks.calls as calls
-from hooks.adapters import adapter_for
-from hooks.backends import run_capture
-from hooks.calls import CallLog, CallPatternError, cache_kwarg, output_cache, transformers_version
-from hooks.tiny import tiny_emu3, tiny_llama
-from probes.patching import LogitDiff, grid_sites, patch_sweep
-from probes.patching.generation import StepPatch, patched_generation
+import uniprobe.hooks.calls as calls
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.backends import run_capture
+from uniprobe.hooks.calls import CallLog, CallPatternError, cache_kwarg, output_cache, transformers_version
+from uniprobe.hooks.tiny import tiny_emu3, tiny_llama
+from uniprobe.probes.patching import LogitDiff, grid_sites, patch_sweep
+from uniprobe.probes.patching.generation import StepPatch, patched_generation
 
 PROMPTS = [{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 9, 4, 3]}]
 
@@ -113,7 +112,7 @@ def test_the_suffix_path_is_taken_and_reported_when_off() -> None:
 
 def test_a_model_that_ignores_the_handed_cache_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the cache keyword to move again, a suffix run without its prefix must not give a grid."""
-    import probes.patching.engine as engine
+    import uniprobe.probes.patching.engine as engine
 
     model, clean, corrupted, sites = _llama_pair()
     monkeypatch.setattr(engine, "cache_kwarg", lambda m: "kv_cache_of_another_version")

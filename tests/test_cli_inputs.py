@@ -7,12 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-
-from experiments.cli import main
-from experiments.models import LoadedModel, TokenLimits, load_model, token_limits
-from experiments.prompts_file import PromptFileError, parse_prompts, read_prompts
-from hooks.layout import ROLE_ID
-from hooks.store import ActivationStore
+from uniprobe.experiments.cli import main
+from uniprobe.experiments.models import LoadedModel, TokenLimits, load_model, token_limits
+from uniprobe.experiments.prompts_file import PromptFileError, parse_prompts, read_prompts
+from uniprobe.hooks.layout import ROLE_ID
+from uniprobe.hooks.store import ActivationStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

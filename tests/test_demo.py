@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from experiments.demo import run_demo
-from hooks.store import ActivationStore
+from uniprobe.experiments.demo import run_demo
+from uniprobe.hooks.store import ActivationStore
 
 
 @pytest.mark.slow

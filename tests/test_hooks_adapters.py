@@ -1,4 +1,4 @@
-"""Tests for hooks.adapters: picking an adapter, family layouts, the declarative query adapter,
+"""Tests for uniprobe.hooks.adapters: picking an adapter, family layouts, the declarative query adapter,
 and the Emu3 / Chameleon greedy image-token generation."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
-
-from hooks.adapters import (
+from uniprobe.hooks.adapters import (
     ADAPTERS,
     Adapter,
     NoAdapterError,
@@ -22,11 +21,11 @@ from hooks.adapters import (
     register_adapter,
     supported,
 )
-from hooks.adapters.query import TINY_QUERY
-from hooks.adapters.unified_vocab import image_token_ids
-from hooks.capture import capture
-from hooks.layout import ROLE_ID
-from hooks.tiny import TINY_BUILDERS, build_tiny
+from uniprobe.hooks.adapters.query import TINY_QUERY
+from uniprobe.hooks.adapters.unified_vocab import image_token_ids
+from uniprobe.hooks.capture import capture
+from uniprobe.hooks.layout import ROLE_ID
+from uniprobe.hooks.tiny import TINY_BUILDERS, build_tiny
 
 EXPECTED_ADAPTER = {
     "tiny-llama": "causal_lm",
@@ -124,8 +123,8 @@ def test_model_may_declare_its_adapter(tiny: dict) -> None:
 
 
 def test_register_adapter_makes_a_class_findable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hooks.adapters.ADAPTERS", dict(ADAPTERS))  # keep the registry clean
-    from hooks import adapters
+    monkeypatch.setattr("uniprobe.hooks.adapters.ADAPTERS", dict(ADAPTERS))  # keep the registry clean
+    from uniprobe.hooks import adapters
 
     class MyNet(nn.Module):
         pass
@@ -399,7 +398,7 @@ def test_bad_module_path_in_spec_names_the_missing_part(tiny: dict) -> None:
 
 
 def test_run_capture_generate_tags_guidance_branches_for_janus(tiny: dict) -> None:
-    from hooks.backends import run_capture
+    from uniprobe.hooks.backends import run_capture
 
     model, info = tiny["tiny-janus"]
     adapter = adapter_for(model)
@@ -416,7 +415,7 @@ def test_run_capture_generate_tags_guidance_branches_for_janus(tiny: dict) -> No
 
 
 def test_run_capture_generate_without_guidance_for_emu3(tiny: dict) -> None:
-    from hooks.backends import run_capture
+    from uniprobe.hooks.backends import run_capture
 
     model, info = tiny["tiny-emu3"]
     adapter = adapter_for(model)
@@ -431,7 +430,7 @@ def test_run_capture_generate_without_guidance_for_emu3(tiny: dict) -> None:
 
 
 def test_run_capture_generate_errors(tiny: dict) -> None:
-    from hooks.backends import run_capture
+    from uniprobe.hooks.backends import run_capture
 
     model, info = tiny["tiny-janus"]
     adapter = adapter_for(model)

@@ -1,4 +1,4 @@
-"""Tests for hooks.backends: torch hooks, nnsight and TransformerLens read the same tensors under
+"""Tests for uniprobe.hooks.backends: torch hooks, nnsight and TransformerLens read the same tensors under
 the same names, select roles the same way, and refuse clearly what they cannot serve."""
 
 from __future__ import annotations
@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-
-from hooks.adapters import ModelInputs, adapter_for
-from hooks.backends import BACKENDS, available, run_capture
-from hooks.capture import Captured
-from hooks.layout import ROLE_ID
-from hooks.tiny import build_tiny
+from uniprobe.hooks.adapters import ModelInputs, adapter_for
+from uniprobe.hooks.backends import BACKENDS, available, run_capture
+from uniprobe.hooks.capture import Captured
+from uniprobe.hooks.layout import ROLE_ID
+from uniprobe.hooks.tiny import build_tiny
 
 POINTS = "embed,blocks.*.*,final_norm,lm_head.in"
 ATOL = 1e-5

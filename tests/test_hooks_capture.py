@@ -1,4 +1,4 @@
-"""Tests for hooks.capture: dense values against the HF model, role / position selection, dtype and
+"""Tests for uniprobe.hooks.capture: dense values against the HF model, role / position selection, dtype and
 device, hook removal (also on errors), and step / branch tagging during Janus image generation."""
 
 from __future__ import annotations
@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-
-from hooks.adapters import ModelInputs, Site, adapter_for
-from hooks.adapters.base import Adapter
-from hooks.capture import capture
-from hooks.layout import ROLE_ID, TokenLayout
-from hooks.points import UnknownHookPointError
-from hooks.tiny import build_tiny
+from uniprobe.hooks.adapters import ModelInputs, Site, adapter_for
+from uniprobe.hooks.adapters.base import Adapter
+from uniprobe.hooks.capture import capture
+from uniprobe.hooks.layout import ROLE_ID, TokenLayout
+from uniprobe.hooks.points import UnknownHookPointError
+from uniprobe.hooks.tiny import build_tiny
 
 N_LAYERS = 3
 # right-padded batch: example 1 has 2 pad positions

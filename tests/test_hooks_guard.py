@@ -1,4 +1,5 @@
-"""Tests for hooks.guard: nothing installs at run time, also when TransformerLens boots a multimodal model."""
+"""Tests for uniprobe.hooks.guard: nothing installs at run time, also when TransformerLens boots a
+multimodal model."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uniprobe.hooks.guard as guard
 from transformer_lens.model_bridge.sources.transformers import helpers
-
-import hooks.guard as guard
-from hooks.adapters import adapter_for
-from hooks.guard import RuntimeInstallError, disable_transformer_lens_installs, no_runtime_installs
-from hooks.tiny import build_tiny
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.guard import RuntimeInstallError, disable_transformer_lens_installs, no_runtime_installs
+from uniprobe.hooks.tiny import build_tiny
 
 # TransformerLens's own helper, taken at import (before any test neutralised it): it runs
 # `pip install torchvision` when torchvision does not import
@@ -52,7 +52,7 @@ def dangerous_helper(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_booting_emu3_through_transformer_lens_installs_nothing(
     dangerous_helper: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hooks.backends.tl_backend import bridge_for
+    from uniprobe.hooks.backends.tl_backend import bridge_for
 
     # safety net: if the guard failed, no process may start (and the test must see it)
     spawns = Spawns()
@@ -184,7 +184,7 @@ def test_no_runtime_installs_also_refuses_popen_and_os_system():
     import subprocess
     import sys
 
-    from hooks.guard import RuntimeInstallError, no_runtime_installs
+    from uniprobe.hooks.guard import RuntimeInstallError, no_runtime_installs
 
     before_popen, before_system = subprocess.Popen, os.system
     with no_runtime_installs():

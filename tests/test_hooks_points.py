@@ -1,4 +1,5 @@
-"""Tests for hooks.points (canonical names, globs, aliases, errors) and hooks.layout (TokenLayout)."""
+"""Tests for uniprobe.hooks.points (canonical names, globs, aliases, errors) and uniprobe.hooks.layout
+(TokenLayout)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import json
 
 import pytest
 import torch
-
-from hooks.layout import ROLE_ID, ROLES, TokenLayout, role_ids
-from hooks.points import (
+from uniprobe.hooks.layout import ROLE_ID, ROLES, TokenLayout, role_ids
+from uniprobe.hooks.points import (
     UnknownHookPointError,
     block_points,
     canonical,

@@ -1,10 +1,10 @@
-"""probes.kernels: the Triton kernels, run on CPU by Triton's interpreter, match the torch
+"""uniprobe.probes.kernels: the Triton kernels, run on CPU by Triton's interpreter, match the torch
 reference; the dispatcher picks torch on CPU and Triton only on CUDA or when forced; without
 triton everything falls back cleanly.
 
 ``TRITON_INTERPRET=1`` must be set before triton is first imported — and in a full test run
 another module has long since imported it (importing a transformers model class does), so the
-kernels run in a fresh process (``python -m probes.kernels.selfcheck``) with the variable set.
+kernels run in a fresh process (``python -m uniprobe.probes.kernels.selfcheck``) with the variable set.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-
-from probes import kernels
-from probes.kernels import reference
+from uniprobe.probes import kernels
+from uniprobe.probes.kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +31,7 @@ def interpreted() -> dict[str, Any]:
     """The selfcheck report from a fresh process with ``TRITON_INTERPRET=1`` (and the sweep check)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "probes.kernels.selfcheck", "--patching"],
+        [sys.executable, "-m", "uniprobe.probes.kernels.selfcheck", "--patching"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -116,7 +115,7 @@ def no_triton(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
-    monkeypatch.delitem(sys.modules, "probes.kernels.triton_kernels", raising=False)
+    monkeypatch.delitem(sys.modules, "uniprobe.probes.kernels.triton_kernels", raising=False)
 
 
 def test_fallback_when_triton_is_absent(no_triton: None) -> None:
@@ -137,9 +136,9 @@ def test_fallback_when_triton_is_absent(no_triton: None) -> None:
 
 
 def test_patching_falls_back_to_torch_kernels_without_triton(no_triton: None) -> None:
-    from hooks.adapters import adapter_for
-    from hooks.tiny import tiny_llama
-    from probes.patching import LogitDiff, attribution_patch, grid_sites, patch_sweep
+    from uniprobe.hooks.adapters import adapter_for
+    from uniprobe.hooks.tiny import tiny_llama
+    from uniprobe.probes.patching import LogitDiff, attribution_patch, grid_sites, patch_sweep
 
     model, _ = tiny_llama()
     adapter = adapter_for(model)

@@ -1,4 +1,4 @@
-"""Large models: loading a folder through transformers' ``device_map`` (``experiments.models``).
+"""Large models: loading a folder through transformers' ``device_map`` (``uniprobe.experiments.models``).
 
 No GPU here, so the placements tested are the ones a CPU can hold: ``"cpu"``, ``"auto"`` (all on
 CPU) and a map that offloads one block to disk, which makes transformers dispatch the model with
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from experiments import models
-from experiments.cli import main
-from experiments.models import has_accelerate, load_model
-from hooks.backends import run_capture
-from hooks.tiny import build_tiny
-from probes.patching import LogitDiff, grid_sites, patch_sweep
+from uniprobe.experiments import models
+from uniprobe.experiments.cli import main
+from uniprobe.experiments.models import has_accelerate, load_model
+from uniprobe.hooks.backends import run_capture
+from uniprobe.hooks.tiny import build_tiny
+from uniprobe.probes.patching import LogitDiff, grid_sites, patch_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

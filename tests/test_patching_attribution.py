@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-
-from hooks.adapters import ModelInputs, adapter_for
-from hooks.layout import TokenLayout
-from hooks.tiny import build_tiny, tiny_llama
-from probes.patching import (
+from uniprobe.hooks.adapters import ModelInputs, adapter_for
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.hooks.tiny import build_tiny, tiny_llama
+from uniprobe.probes.patching import (
     GridLogProb,
     LogitDiff,
     attribution_patch,

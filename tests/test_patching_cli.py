@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from experiments.patch_commands import add_patch_parser
+from uniprobe.experiments.patch_commands import add_patch_parser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,8 +88,8 @@ def test_bad_tokens_and_points_are_named(tmp_path: Path) -> None:
 
 
 def test_patch_a_local_transformers_folder(tmp_path: Path) -> None:
-    from hooks.backends.tl_backend import word_level_tokenizer
-    from hooks.tiny import tiny_llama
+    from uniprobe.hooks.backends.tl_backend import word_level_tokenizer
+    from uniprobe.hooks.tiny import tiny_llama
 
     model, _ = tiny_llama()
     folder = tmp_path / "llama"
@@ -107,7 +106,7 @@ def test_patch_a_local_transformers_folder(tmp_path: Path) -> None:
 
 
 def test_patch_a_sandbox_model_from_text_prompts(tmp_path: Path) -> None:
-    from experiments.models import builtin_names
+    from uniprobe.experiments.models import builtin_names
 
     if "sandbox-ar" not in builtin_names():
         pytest.skip("the sandbox AR checkpoint is not installed")

@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-
-from hooks.adapters import ModelInputs, adapter_for
-from hooks.adapters.base import get_module
-from hooks.tiny import build_tiny
-from probes.patching import (
+from uniprobe.hooks.adapters import ModelInputs, adapter_for
+from uniprobe.hooks.adapters.base import get_module
+from uniprobe.hooks.tiny import build_tiny
+from uniprobe.probes.patching import (
     KINDS,
     GridLogProb,
     LogitDiff,
@@ -25,7 +24,7 @@ from probes.patching import (
     role_sites,
     run_sites_reference,
 )
-from probes.patching.metrics import second_output
+from uniprobe.probes.patching.metrics import second_output
 
 ATOL = 1e-5
 

@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-
-from hooks.adapters import adapter_for
-from hooks.capture import capture
-from hooks.layout import TokenLayout
-from hooks.tiny import tiny_janus, tiny_query
-from probes.patching import (
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.capture import capture
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.hooks.tiny import tiny_janus, tiny_query
+from uniprobe.probes.patching import (
     KLToClean,
     SequenceLogProb,
     StepPatch,
@@ -33,7 +32,7 @@ from probes.patching import (
     run_sites_reference,
     step_patches,
 )
-from probes.patching.metrics import GridLogProb, second_output
+from uniprobe.probes.patching.metrics import GridLogProb, second_output
 
 GUIDE = {"guidance_scale": 2.0}
 

@@ -9,8 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from probes.patching import (
+from uniprobe.probes.patching import (
     GridLogProb,
     JudgeRate,
     KLToClean,

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-
-from experiments.cli import main
-from hooks.adapters import adapter_for
-from hooks.pipeline import capture_dataset
-from hooks.store import ActivationStore, StoreExistsError
-from hooks.tiny import tiny_janus, tiny_llama
+from uniprobe.experiments.cli import main
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.pipeline import capture_dataset
+from uniprobe.hooks.store import ActivationStore, StoreExistsError
+from uniprobe.hooks.tiny import tiny_janus, tiny_llama
 
 
 def _examples(n: int = 10) -> list[dict]:
@@ -205,9 +204,9 @@ def test_cli_local_llama_folder(tmp_path, capsys):
 
 
 def test_query_adapter_file_with_a_wrong_path_names_it(tmp_path):
-    from hooks.adapters import load_adapter_file
-    from hooks.capture import capture
-    from hooks.tiny import tiny_query
+    from uniprobe.hooks.adapters import load_adapter_file
+    from uniprobe.hooks.capture import capture
+    from uniprobe.hooks.tiny import tiny_query
 
     spec = {
         "blocks": "lm.model.layers",
@@ -226,9 +225,9 @@ def test_query_adapter_file_with_a_wrong_path_names_it(tmp_path):
 
 
 def test_folder_with_word_level_tokenizer_keeps_multi_digit_words(tmp_path):
-    from experiments.models import encode, load_model
-    from hooks.backends.tl_backend import word_level_tokenizer
-    from hooks.tiny import tiny_qwen2
+    from uniprobe.experiments.models import encode, load_model
+    from uniprobe.hooks.backends.tl_backend import word_level_tokenizer
+    from uniprobe.hooks.tiny import tiny_qwen2
 
     model, _ = tiny_qwen2()
     model.save_pretrained(tmp_path / "qwen")

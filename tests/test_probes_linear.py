@@ -9,14 +9,13 @@ import math
 
 import pytest
 import torch
-
-from hooks.layout import role_ids
-from hooks.rows import Rows
-from hooks.store import ActivationStore
-from probes.linear import probe_store, probe_tensors
-from probes.results import ProbeResults, load_directions
-from probes.solvers import design, fit_logistic, fit_ridge
-from probes.splits import ProbeInputError, bootstrap_ci, leaked_groups, make_split, shuffled_labels
+from uniprobe.hooks.layout import role_ids
+from uniprobe.hooks.rows import Rows
+from uniprobe.hooks.store import ActivationStore
+from uniprobe.probes.linear import probe_store, probe_tensors
+from uniprobe.probes.results import ProbeResults, load_directions
+from uniprobe.probes.solvers import design, fit_logistic, fit_ridge
+from uniprobe.probes.splits import ProbeInputError, bootstrap_ci, leaked_groups, make_split, shuffled_labels
 
 D = 16
 LAYERS = 4
@@ -456,9 +455,9 @@ def test_errors_name_the_problem(store):
 
 
 def test_probe_cli_end_to_end_on_a_tiny_model_store(tmp_path, capsys):
-    from experiments.probe_commands import add_probe_parser
-    from hooks.pipeline import capture_dataset
-    from hooks.tiny import tiny_llama
+    from uniprobe.experiments.probe_commands import add_probe_parser
+    from uniprobe.hooks.pipeline import capture_dataset
+    from uniprobe.hooks.tiny import tiny_llama
 
     model, _ = tiny_llama(layers=2)
     g = torch.Generator().manual_seed(0)

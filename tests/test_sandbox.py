@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-
-from experiments.sandbox import ChecksumError, build_model, load_sandbox, save_sandbox
-from experiments.sandbox.checkpoint import SHIPPED
-from experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table
-from experiments.sandbox.train import accumulate_step, length_chunks, train_sandbox
-from experiments.tasks import Prompt, Suite, world
+from uniprobe.experiments.sandbox import ChecksumError, build_model, load_sandbox, save_sandbox
+from uniprobe.experiments.sandbox.checkpoint import SHIPPED
+from uniprobe.experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table
+from uniprobe.experiments.sandbox.train import accumulate_step, length_chunks, train_sandbox
+from uniprobe.experiments.tasks import Prompt, Suite, world
 
 TINY = {
     "hidden_size": 32,

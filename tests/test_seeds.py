@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from experiments.seeds.gapeval import category_gap, fit_irt, format_gap_score, gap_score
+from uniprobe.experiments.seeds.gapeval import category_gap, fit_irt, format_gap_score, gap_score
 
 
 def table(counts: dict[str, int], category: str = "c") -> tuple[list[str], list[bool], list[bool]]:
@@ -66,7 +65,7 @@ def test_bad_input_is_an_error():
 def test_seeds_gapeval_command_on_the_query_sandbox(tmp_path, capsys):
     import json
 
-    from experiments.cli import main
+    from uniprobe.experiments.cli import main
 
     assert main(["seeds", "gapeval", "--model", "sandbox-query", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "gapeval.json").read_text())
@@ -80,9 +79,9 @@ def test_seeds_gapeval_command_on_the_query_sandbox(tmp_path, capsys):
 
 
 def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements(tmp_path):
-    from experiments.sandbox.checkpoint import load_sandbox
-    from experiments.seeds.r3 import eligible, format_r3, r3_loop
-    from experiments.tasks.suite import Suite
+    from uniprobe.experiments.sandbox.checkpoint import load_sandbox
+    from uniprobe.experiments.seeds.r3 import eligible, format_r3, r3_loop
+    from uniprobe.experiments.tasks.suite import Suite
 
     items = Suite(0).items
     model = load_sandbox("sandbox-query")
@@ -96,7 +95,7 @@ def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements(tmp_path):
     # round 2 only redraws what round 1 still judged wrong
     assert res.rounds[2].regenerated <= res.rounds[1].regenerated
     assert "| round | accuracy | improved" in format_r3(res)
-    from experiments.seeds.r3 import plot_r3
+    from uniprobe.experiments.seeds.r3 import plot_r3
 
     plot_r3(res, str(tmp_path / "r3.png"))
     assert (tmp_path / "r3.png").stat().st_size > 1000

@@ -7,20 +7,25 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
-from experiments.sandbox.checkpoint import build_model
-from experiments.seeds.inject import (
+from uniprobe.experiments.sandbox.checkpoint import build_model
+from uniprobe.experiments.seeds.inject import (
     InjectSettings,
     generation_stream,
     make_injection,
     run_inject,
     understanding_stream,
 )
-from experiments.seeds.inject_report import format_inject
-from experiments.seeds.stars import StarsSettings, run_stars, self_judge, self_training_prompts, weight_change
-from experiments.tasks import world
-from experiments.tasks.suite import Suite
-from experiments.tasks.vocab import NEW_NAMES
+from uniprobe.experiments.seeds.inject_report import format_inject
+from uniprobe.experiments.seeds.stars import (
+    StarsSettings,
+    run_stars,
+    self_judge,
+    self_training_prompts,
+    weight_change,
+)
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.suite import Suite
+from uniprobe.experiments.tasks.vocab import NEW_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +159,7 @@ def test_inject_and_stars_end_to_end_on_an_untrained_model(tmp_path, suite: Suit
 
 @pytest.mark.slow
 def test_stars_end_to_end_on_the_shipped_model(tmp_path, suite: Suite) -> None:
-    from experiments.sandbox.checkpoint import load_sandbox
+    from uniprobe.experiments.sandbox.checkpoint import load_sandbox
 
     model = load_sandbox("sandbox-ar")
     settings = StarsSettings(prompts_per_level=8, steps=3, batch_size=8, maps=False)
@@ -167,7 +172,7 @@ def test_stars_end_to_end_on_the_shipped_model(tmp_path, suite: Suite) -> None:
 
 
 def test_report_html_renders_tables_and_figures(tmp_path) -> None:
-    from experiments.report_html import write_html
+    from uniprobe.experiments.report_html import write_html
 
     md = "# t\n\n| a | b |\n| --- | ---: |\n| 1 | 2 |\n\n![fig](x.png) <b>&\n"
     page = write_html(md, tmp_path / "r.html", title="t & u").read_text()

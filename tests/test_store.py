@@ -1,4 +1,4 @@
-"""Tests for hooks.store.ActivationStore: round trips, resume, damage detection, errors."""
+"""Tests for uniprobe.hooks.store.ActivationStore: round trips, resume, damage detection, errors."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import uniprobe.hooks.store as store_module
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import hooks.store as store_module
-from hooks.layout import ROLES, role_ids
-from hooks.rows import Rows
-from hooks.store import ActivationStore, Matrix, StoreCorruptError, StoreExistsError
-from hooks.store_integrity import DIGEST_KEY, manifest_digest
-from hooks.store_lock import LOCK_NAME
+from uniprobe.hooks.layout import ROLES, role_ids
+from uniprobe.hooks.rows import Rows
+from uniprobe.hooks.store import ActivationStore, Matrix, StoreCorruptError, StoreExistsError
+from uniprobe.hooks.store_integrity import DIGEST_KEY, manifest_digest
+from uniprobe.hooks.store_lock import LOCK_NAME
 
 POINTS = ["blocks.0.resid_post", "blocks.1.resid_post", "queries"]
 SHAPES = {"blocks.0.resid_post": (8,), "blocks.1.resid_post": (8,), "queries": (2, 4)}

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import uniprobe.hooks.store as store_module
+import uniprobe.hooks.store_files as files_module
 from test_store import BATCH, MODEL, POINTS, as_schema_1, build, make_batch, rewrite_manifest
-
-import hooks.store as store_module
-import hooks.store_files as files_module
-from experiments.cli import main
-from hooks.pipeline import capture_dataset
-from hooks.store import (
+from uniprobe.experiments.cli import main
+from uniprobe.hooks.pipeline import capture_dataset
+from uniprobe.hooks.store import (
     ActivationStore,
     IncompleteStoreWarning,
     MixedLabelTypesError,
@@ -36,10 +35,10 @@ from hooks.store import (
     StoreDiskFullError,
     StoreLockedError,
 )
-from hooks.store_errors import EmptyCaptureError
-from hooks.store_files import is_disk_full
-from hooks.store_lock import LOCK_NAME
-from hooks.tiny import tiny_llama
+from uniprobe.hooks.store_errors import EmptyCaptureError
+from uniprobe.hooks.store_files import is_disk_full
+from uniprobe.hooks.store_lock import LOCK_NAME
+from uniprobe.hooks.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +167,7 @@ def test_cli_resume_with_another_batch_size_exits_2(tmp_path, capsys):
 _HOLDER = textwrap.dedent(
     """
     import sys, time
-    from hooks.store import ActivationStore
+    from uniprobe.hooks.store import ActivationStore
     store = ActivationStore.create(sys.argv[1], model={"model_class": "Other"}, points=["p"])
     print("ready", flush=True)
     time.sleep(300)
@@ -431,8 +430,8 @@ def test_requested_role_without_rows_is_warned_about(tmp_path, model):
 
 
 def _incomplete_probe_store(path: Path) -> None:
-    from hooks.layout import role_ids
-    from hooks.rows import Rows
+    from uniprobe.hooks.layout import role_ids
+    from uniprobe.hooks.rows import Rows
 
     g = torch.Generator().manual_seed(0)
     store = ActivationStore.create(path, model={"model_class": "Synthetic"}, points=["blocks.0.resid_post"])
@@ -455,8 +454,8 @@ def _incomplete_probe_store(path: Path) -> None:
 def test_probe_on_an_incomplete_store_warns_and_records_it(tmp_path, capsys):
     import argparse
 
-    from experiments.probe_commands import add_probe_parser
-    from probes.linear import probe_store
+    from uniprobe.experiments.probe_commands import add_probe_parser
+    from uniprobe.probes.linear import probe_store
 
     _incomplete_probe_store(tmp_path / "s")
     with pytest.warns(IncompleteStoreWarning, match="incomplete .* only the 60 examples present"):
@@ -480,7 +479,7 @@ def test_probe_on_an_incomplete_store_warns_and_records_it(tmp_path, capsys):
 
 
 def test_probe_on_a_complete_capture_records_counts(tmp_path, model):
-    from probes.linear import probe_store
+    from uniprobe.probes.linear import probe_store
 
     examples = [{**ex, "labels": {"y": i % 2}} for i, ex in enumerate(_examples(30))]
     capture_dataset(model, examples, "blocks.0.resid_post", tmp_path / "s", roles=["text"], progress=False)
@@ -506,8 +505,8 @@ def _mode(path: Path) -> int:
 
 
 def test_store_and_probe_files_get_the_umask_mode(tmp_path, umask):
-    from probes.results import ProbeResults, save_directions
-    from probes.tuned_lens import TunedLens
+    from uniprobe.probes.results import ProbeResults, save_directions
+    from uniprobe.probes.tuned_lens import TunedLens
 
     want = 0o666 & ~umask
     build(tmp_path / "s", n_shards=2)

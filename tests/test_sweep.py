@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from experiments.cli import main
-from experiments.sweep import ConfigError, FailFastError, load_config, run_sweep
-from experiments.sweep.merge import batch_slice, merge_parts
-from hooks.pipeline import capture_dataset
-from hooks.store import ActivationStore
-from hooks.tiny import tiny_llama
+from uniprobe.experiments.cli import main
+from uniprobe.experiments.sweep import ConfigError, FailFastError, load_config, run_sweep
+from uniprobe.experiments.sweep.merge import batch_slice, merge_parts
+from uniprobe.hooks.pipeline import capture_dataset
+from uniprobe.hooks.store import ActivationStore
+from uniprobe.hooks.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +197,7 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "killed.log", "w")  # closed after the process ends
     proc = subprocess.Popen(
-        [sys.executable, "-m", "experiments", "sweep", str(path), "--out", str(out)],
+        [sys.executable, "-m", "uniprobe", "sweep", str(path), "--out", str(out)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

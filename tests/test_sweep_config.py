@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from experiments.cli import main
-from experiments.sweep.config import ConfigError, apply_override, load_config, missing_files, resolve
+from uniprobe.experiments.cli import main
+from uniprobe.experiments.sweep.config import ConfigError, apply_override, load_config, missing_files, resolve
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if not p.name.endswith("_adapter.yaml"))
@@ -48,7 +47,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_query_adapter_file_loads():
-    from hooks.adapters import load_adapter_file
+    from uniprobe.hooks.adapters import load_adapter_file
 
     adapter = load_adapter_file(CONFIGS / "real" / "query_adapter.yaml")
     assert adapter.name == "metaquery" and "queries" in adapter.extra

@@ -1,4 +1,4 @@
-"""Sweeps across processes with PyTorch's launcher: ``torchrun --nproc-per-node 2 -m experiments sweep``
+"""Sweeps across processes with PyTorch's launcher: ``torchrun --nproc-per-node 2 -m uniprobe sweep``
 on CPU (gloo); the merged store and index equal a single-process sweep's."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from experiments.sweep import load_config, run_sweep
-from hooks.store import ActivationStore
+from uniprobe.experiments.sweep import load_config, run_sweep
+from uniprobe.hooks.store import ActivationStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +42,7 @@ def _config(tmp_path: Path, distribute: str, models: list[str]) -> Path:
 
 def _torchrun(config: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "experiments", "sweep", str(config), "--out", str(out)]  # fmt: skip
+           "-m", "uniprobe", "sweep", str(config), "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from experiments.cli import main
-from experiments.sweep import ConfigError, load_config, run_sweep
-from experiments.sweep.merge import make_parts_dir, part_path, parts_dir, remove_parts
-from experiments.sweep.models import import_loader
-from experiments.sweep.runner import ModelCache
+from uniprobe.experiments.cli import main
+from uniprobe.experiments.sweep import ConfigError, load_config, run_sweep
+from uniprobe.experiments.sweep.merge import make_parts_dir, part_path, parts_dir, remove_parts
+from uniprobe.experiments.sweep.models import import_loader
+from uniprobe.experiments.sweep.runner import ModelCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,8 +142,8 @@ def test_remove_parts_deletes_only_a_marked_parts_folder_and_only_its_part_store
 
 # -- loaders -----------------------------------------------------------------------------------------
 LOADER = """
-from experiments.models import WordTokenizer
-from hooks.tiny import tiny_llama
+from uniprobe.experiments.models import WordTokenizer
+from uniprobe.hooks.tiny import tiny_llama
 
 def load(path):
     return tiny_llama()[0], WordTokenizer(64)

@@ -6,9 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
-
-from experiments.tasks import Suite, WordTokenizer, world
-from experiments.tasks import generators as gen
+from uniprobe.experiments.tasks import Suite, WordTokenizer, world
+from uniprobe.experiments.tasks import generators as gen
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +184,7 @@ def test_query_stream_leaks_only_direct_prompts(suite: Suite) -> None:
 def test_taught_reasoning_teaches_questions_but_never_drawing_prompts(suite: Suite) -> None:
     """With ``taught_reasoning`` the test reasoning questions are trained on; their drawing prompts
     (and every other held-out prompt, and the injection names) still never occur."""
-    from experiments.tasks.vocab import NEW_NAMES
+    from uniprobe.experiments.tasks.vocab import NEW_NAMES
 
     gen_prompts = {it.gen_prompt for it in suite.items}
     taught = {p.text for p, _ in suite.reasoning_questions}

@@ -6,12 +6,12 @@ and TransformerLens, the two tools a researcher would otherwise pick.
 
 Two models, one process, one torch thread, float32, the same weights for every tool: (a) a small
 causal LM standing in for the sandbox AR model (``--model SPEC``: any
-``experiments.models.load_model`` spec; ``none``: a random sandbox-sized Llama, 4 layers, d 128),
+``uniprobe.experiments.models.load_model`` spec; ``none``: a random sandbox-sized Llama, 4 layers, d 128),
 (b) a Llama built from a config (≥ 12 layers, d_model ≥ 512, ≥ 24 tokens, random seeded
 weights). On each, the same logit-difference metric (clean top-1 vs corrupted top-1 at the last
 position) computed three ways:
 
-- uniprobe's batched exact sweep (:func:`probes.patching.patch_sweep`), clean run included;
+- uniprobe's batched exact sweep (:func:`uniprobe.probes.patching.patch_sweep`), clean run included;
 - nnsight, as its users batch a sweep: one trace of the clean prompt saving every block's input,
   then per layer one ``trace`` whose batch is the corrupted prompt repeated once per position,
   row ``p`` patching position ``p`` (:func:`nnsight_sweep`; the clean trace is in its time);
@@ -33,19 +33,15 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's sweep draws a progress bar per call
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from hooks.adapters import ModelInputs, adapter_for  # noqa: E402
-from hooks.adapters.base import get_module  # noqa: E402
-from hooks.backends.tl_backend import bridge_for  # noqa: E402
-from probes.patching import (  # noqa: E402
+from uniprobe.hooks.adapters import ModelInputs, adapter_for  # noqa: E402
+from uniprobe.hooks.adapters.base import get_module  # noqa: E402
+from uniprobe.hooks.backends.tl_backend import bridge_for  # noqa: E402
+from uniprobe.probes.patching import (  # noqa: E402
     LogitDiff,
     attribution_patch,
     attribution_vs_exact,
@@ -53,7 +49,7 @@ from probes.patching import (  # noqa: E402
     logits_of,
     patch_sweep,
 )
-from probes.patching.engine import repeat_inputs  # noqa: E402
+from uniprobe.probes.patching.engine import repeat_inputs  # noqa: E402
 
 TARGET_SPEEDUP = 10.0
 TARGET_DIFF = 1e-4
@@ -400,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.model and args.model != "none":
-        from experiments.models import load_model
-        from experiments.patch_commands import example
+        from uniprobe.experiments.models import load_model
+        from uniprobe.experiments.patch_commands import example
 
         loaded = load_model(args.model)
         model, adapter = loaded.model, loaded.adapter

@@ -8,10 +8,10 @@ features and ``classes`` classes whose separability grows from group to group (t
 near chance to near perfect). Both sides get the same standardised float32 features and the same
 80/20 split, in one process.
 
-1. One fit per group at a fixed ``C``: ``probes.solvers.fit_logistic`` on all groups at once vs
+1. One fit per group at a fixed ``C``: ``uniprobe.probes.solvers.fit_logistic`` on all groups at once vs
    ``LogisticRegression(C=C)`` in a loop.
 2. The whole probe protocol (unless ``--no-protocol``): ``folds``-fold CV over a grid of ``C``, a
-   refit at the chosen ``C`` and a shuffled-label control per group — ``probes.linear.train_probes``
+   refit at the chosen ``C`` and a shuffled-label control per group — ``uniprobe.probes.linear.train_probes``
    vs the same protocol with ``LogisticRegression`` group by group.
 
 Threads: scikit-learn runs under its faster BLAS setting (1 thread or the default), picked by a
@@ -25,24 +25,17 @@ like-for-like one, the other what a user of both on this machine gets.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 # this file is named probes.py: keep its own directory from shadowing the ``probes`` package
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parents[1]))
-
 import argparse  # noqa: E402
+import sys
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from probes.linear import DEFAULT_CS, ProbeGroup, train_probes  # noqa: E402
-from probes.solvers import fit_logistic  # noqa: E402
-from probes.splits import Split, shuffled_labels  # noqa: E402
+from uniprobe.probes.linear import DEFAULT_CS, ProbeGroup, train_probes  # noqa: E402
+from uniprobe.probes.solvers import fit_logistic  # noqa: E402
+from uniprobe.probes.splits import Split, shuffled_labels  # noqa: E402
 
 
 def make_data(groups: int, n: int, d: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

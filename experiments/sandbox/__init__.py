@@ -1,17 +1,17 @@
 """Tiny unified multimodal models of the sandbox (AR Janus-style, query-based MetaQuery-style), their
 training, checkpoints and the gap table."""
 
-from experiments.sandbox.ar import SandboxAR
-from experiments.sandbox.base import SandboxModel, SandboxOutput
-from experiments.sandbox.checkpoint import (
+from uniprobe.experiments.sandbox.ar import SandboxAR
+from uniprobe.experiments.sandbox.base import SandboxModel, SandboxOutput
+from uniprobe.experiments.sandbox.checkpoint import (
     ChecksumError,
     build_model,
     load_sandbox,
     save_sandbox,
     verify_checkpoint,
 )
-from experiments.sandbox.query import SandboxQuery
-from experiments.sandbox.sequences import ROLE_NAMES, Batch, Segment
+from uniprobe.experiments.sandbox.query import SandboxQuery
+from uniprobe.experiments.sandbox.sequences import ROLE_NAMES, Batch, Segment
 
 __all__ = [
     "ROLE_NAMES",

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from experiments.sandbox.base import SandboxModel, SandboxOutput
-from experiments.sandbox.sequences import Batch, Segment
-from experiments.tasks import world
-from experiments.tasks.vocab import WordTokenizer
+from uniprobe.experiments.sandbox.base import SandboxModel, SandboxOutput
+from uniprobe.experiments.sandbox.sequences import Batch, Segment
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.vocab import WordTokenizer
 
 DEFAULT_BACKBONE: dict = {
     "hidden_size": 128,

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
-
-from experiments.sandbox.sequences import Batch, Segment, collate, prompt_segments, qa_segments
-from experiments.tasks import world
-from experiments.tasks.prompts import Prompt, as_prompt
-from experiments.tasks.suite import TrainExample
-from experiments.tasks.vocab import WordTokenizer
+from uniprobe.experiments.sandbox.sequences import Batch, Segment, collate, prompt_segments, qa_segments
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import Prompt, as_prompt
+from uniprobe.experiments.tasks.suite import TrainExample
+from uniprobe.experiments.tasks.vocab import WordTokenizer
 
 
 @dataclass

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from uniprobe.experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
+from uniprobe.experiments.sandbox.base import SandboxModel
+from uniprobe.experiments.sandbox.query import SandboxQuery
+from uniprobe.experiments.tasks.vocab import WordTokenizer
+from uniprobe.hooks.store_files import save_safetensors
 
-from experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
-from experiments.sandbox.base import SandboxModel
-from experiments.sandbox.query import SandboxQuery
-from experiments.tasks.vocab import WordTokenizer
-from hooks.store_files import save_safetensors
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# package data: shipped inside uniprobe.experiments.sandbox, so a wheel install has them too
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED: dict[str, Path] = {
-    "sandbox-ar": REPO_ROOT / "artifacts" / "sandbox" / "ar",
-    "sandbox-query": REPO_ROOT / "artifacts" / "sandbox" / "query",
+    "sandbox-ar": CHECKPOINTS / "ar",
+    "sandbox-query": CHECKPOINTS / "query",
 }
 CHECKED_FILES: tuple[str, ...] = ("model.safetensors", "config.json", "tokenizer.json")
 

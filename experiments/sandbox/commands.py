@@ -43,7 +43,7 @@ def add_gap_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from experiments.sandbox.train import train_sandbox
+    from uniprobe.experiments.sandbox.train import train_sandbox
 
     t0 = time.time()
     train_sandbox(
@@ -63,8 +63,8 @@ def _jsonable(rows: list[dict]) -> list[dict]:
 
 
 def run_gap(args: argparse.Namespace) -> int:
-    from experiments.sandbox.checkpoint import ChecksumError, load_sandbox
-    from experiments.sandbox.evaluate import format_gap_table, gap_table, summarize
+    from uniprobe.experiments.sandbox.checkpoint import ChecksumError, load_sandbox
+    from uniprobe.experiments.sandbox.evaluate import format_gap_table, gap_table, summarize
 
     try:
         model = load_sandbox(args.model, verify=not args.no_verify)
@@ -87,8 +87,8 @@ def run_gap(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m experiments.sandbox.commands train-sandbox|gap ...``."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.sandbox.commands")
+    """Standalone entry point: ``python -m uniprobe.experiments.sandbox.commands train-sandbox|gap ...``."""
+    parser = argparse.ArgumentParser(prog="python -m uniprobe.experiments.sandbox.commands")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_gap_parser(sub)

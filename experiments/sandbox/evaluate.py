@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
-from experiments.sandbox.base import SandboxModel
-from experiments.tasks import world
-from experiments.tasks.prompts import Item
-from experiments.tasks.suite import Suite
+from uniprobe.experiments.sandbox.base import SandboxModel
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import Item
+from uniprobe.experiments.tasks.suite import Suite
 
 KIND: dict[str, str] = {
     "direct": "direct",

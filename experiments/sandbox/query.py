@@ -15,12 +15,11 @@ import torch
 from torch import nn
 from torch.nn import functional
 from transformers import Qwen2Config, Qwen2ForCausalLM
-
-from experiments.sandbox.ar import backbone_config
-from experiments.sandbox.base import SandboxModel, SandboxOutput
-from experiments.sandbox.sequences import Batch, Segment
-from experiments.tasks import world
-from experiments.tasks.vocab import WordTokenizer
+from uniprobe.experiments.sandbox.ar import backbone_config
+from uniprobe.experiments.sandbox.base import SandboxModel, SandboxOutput
+from uniprobe.experiments.sandbox.sequences import Batch, Segment
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.vocab import WordTokenizer
 
 
 class GridDecoder(nn.Module):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.models import LoadedModel
-from experiments.sandbox.checkpoint import SHIPPED, load_sandbox
-from hooks.adapters import adapter_for
+from uniprobe.experiments.models import LoadedModel
+from uniprobe.experiments.sandbox.checkpoint import SHIPPED, load_sandbox
+from uniprobe.hooks.adapters import adapter_for
 
 SANDBOX_MODELS: dict[str, Path] = dict(SHIPPED)
 
@@ -18,7 +18,7 @@ SANDBOX_MODELS: dict[str, Path] = dict(SHIPPED)
 class _SandboxTokenizer:
     """The sandbox word tokenizer with the ``encode``/``decode`` interface the CLI uses."""
 
-    def __init__(self, tok) -> None:  # noqa: ANN001 - experiments.tasks.vocab.WordTokenizer
+    def __init__(self, tok) -> None:  # noqa: ANN001 - uniprobe.experiments.tasks.vocab.WordTokenizer
         self.tok = tok
 
     def encode(self, text: str) -> list[int]:

@@ -2,7 +2,7 @@
 
 A stream is a list of :class:`Segment` s, each a run of positions with one role
 (``text``, ``image_und``, ``query``, ``cot``, ``image_gen``; ``pad`` is added by padding) — the role
-names and order of ``hooks.layout.ROLES``. Text positions hold word ids; image positions hold the
+names and order of ``uniprobe.hooks.layout.ROLES``. Text positions hold word ids; image positions hold the
 ``<image>`` id in ``input_ids`` and the tile code in ``image_tokens`` with ``image_mask`` set.
 
 Padding is always on the LEFT, so every stream ends at the last position and generation appends
@@ -21,10 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from experiments.tasks import world
-from experiments.tasks.prompts import Prompt
-from experiments.tasks.vocab import WordTokenizer
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import Prompt
+from uniprobe.experiments.tasks.vocab import WordTokenizer
 
 ROLE_NAMES: tuple[str, ...] = (
     "text",
@@ -33,7 +32,7 @@ ROLE_NAMES: tuple[str, ...] = (
     "cot",
     "image_gen",
     "pad",
-)  # = hooks.layout.ROLES
+)  # = uniprobe.hooks.layout.ROLES
 IMAGE_ROLES = ("image_und", "image_gen")
 
 

@@ -1,6 +1,6 @@
 """Train a sandbox model on CPU: seeded, AdamW + linear warmup + cosine decay, loss on answers and images.
 
-``train_sandbox("ar", "artifacts/sandbox/ar")`` writes the checkpoint (see ``checkpoint.py``) and
+``train_sandbox("ar", "artifacts/my-sandbox-ar")`` writes the checkpoint (see ``checkpoint.py``) and
 ``train_log.jsonl`` (one JSON line per logged step: step, loss, text/image loss, lr, seconds).
 """
 
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-
-from experiments.sandbox.base import SandboxModel
-from experiments.sandbox.checkpoint import build_model, save_sandbox
-from experiments.tasks.suite import Suite, TrainExample
+from uniprobe.experiments.sandbox.base import SandboxModel
+from uniprobe.experiments.sandbox.checkpoint import build_model, save_sandbox
+from uniprobe.experiments.tasks.suite import Suite, TrainExample
 
 DEFAULTS: dict[str, dict] = {
     "ar": {

@@ -37,10 +37,10 @@ def add_seeds_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_seeds(args: argparse.Namespace) -> int:
-    from experiments.sandbox.checkpoint import load_sandbox
-    from experiments.sandbox.evaluate import evaluate_items
-    from experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
-    from experiments.tasks.suite import Suite
+    from uniprobe.experiments.sandbox.checkpoint import load_sandbox
+    from uniprobe.experiments.sandbox.evaluate import evaluate_items
+    from uniprobe.experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
+    from uniprobe.experiments.tasks.suite import Suite
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +48,7 @@ def run_seeds(args: argparse.Namespace) -> int:
     if args.protocol in ("inject", "stars"):
         return _run_finetuning(args, model, out)
     if args.protocol == "r3":
-        from experiments.seeds.r3 import format_r3, plot_r3, r3_loop
+        from uniprobe.experiments.seeds.r3 import format_r3, plot_r3, r3_loop
 
         r3 = r3_loop(model, Suite(args.seed).items, rounds=args.rounds)
         md = format_r3(r3, title=f"{args.model}: R3 generate → understand → regenerate")
@@ -72,14 +72,14 @@ def run_seeds(args: argparse.Namespace) -> int:
 def _run_finetuning(args: argparse.Namespace, model: object, out: Path) -> int:
     """Knowledge injection or STARS: each fine-tunes copies of ``model`` and writes json, md and figures."""
     if args.protocol == "inject":
-        from experiments.seeds.inject import InjectSettings, run_inject
+        from uniprobe.experiments.seeds.inject import InjectSettings, run_inject
 
         settings = InjectSettings(seed=args.seed)
         if args.steps:
             settings.steps = args.steps
         result = run_inject(model, out, settings, maps=not args.no_maps)
     else:
-        from experiments.seeds.stars import StarsSettings, run_stars
+        from uniprobe.experiments.seeds.stars import StarsSettings, run_stars
 
         settings = StarsSettings(seed=args.seed, maps=not args.no_maps)
         if args.steps:

@@ -141,8 +141,9 @@ def format_gap_score(score: float, rows: list[CategoryGap], title: str = "") -> 
 
 
 def sandbox_gap_score(results: Sequence[dict]) -> tuple[float, list[CategoryGap]]:
-    """The gap score of a sandbox model from :func:`experiments.sandbox.evaluate.evaluate_items` records
-    (``category``, ``understanding``, ``generation`` per item)."""
+    """The gap score of a sandbox model from
+    :func:`uniprobe.experiments.sandbox.evaluate.evaluate_items` records (``category``,
+    ``understanding``, ``generation`` per item)."""
     return gap_score(
         [r["category"] for r in results],
         [r["understanding"] for r in results],

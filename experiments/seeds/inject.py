@@ -9,11 +9,11 @@ model in one of two directions, each from the same starting weights:
   mixed with replayed direct drawing of pre-training.
 
 Before and after, on the new characters' items: understanding accuracy, forward and inverse
-generation without and with CoT (:func:`experiments.sandbox.evaluate.evaluate_items`), plus what the
+generation without and with CoT (:func:`uniprobe.experiments.sandbox.evaluate.evaluate_items`), plus what the
 model still does on the original suite. For the understanding direction, the probe map (is the new
 favourite fruit / flower linearly readable at the generation positions, with a readout trained on
 the pre-trained characters?) and the patching map (does writing the understanding run's states
-into the drawing run move the drawing?) — see :mod:`experiments.seeds.knowledge_maps`.
+into the drawing run move the drawing?) — see :mod:`uniprobe.experiments.seeds.knowledge_maps`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.sandbox.evaluate import evaluate_items, gap_table, summarize
-from experiments.sandbox.train import DEFAULTS, fit
-from experiments.tasks import generators as gen
-from experiments.tasks import world
-from experiments.tasks.prompts import Item, Prompt
-from experiments.tasks.suite import (
+from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table, summarize
+from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.tasks import generators as gen
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import Item, Prompt
+from uniprobe.experiments.tasks.suite import (
     INVERSE_ATTRS,
     Suite,
     TrainExample,
@@ -40,7 +40,7 @@ from experiments.tasks.suite import (
     inverse_question,
     knowledge_items,
 )
-from experiments.tasks.vocab import NEW_NAMES
+from uniprobe.experiments.tasks.vocab import NEW_NAMES
 
 DIRECTIONS = ("understanding", "generation")
 
@@ -175,8 +175,8 @@ def run_inject(
     Writes ``out``: ``inject.json``, ``inject.md``, ``inject-accuracy.png``, and with ``maps`` the probe and
     patching maps before/after understanding-only injection (``probe-{before,after}.png``, ``patch-*.png``).
     """
-    from experiments.seeds.inject_report import format_inject, plot_accuracy
-    from experiments.seeds.knowledge_maps import knowledge_patch_map, knowledge_probe_map
+    from uniprobe.experiments.seeds.inject_report import format_inject, plot_accuracy
+    from uniprobe.experiments.seeds.knowledge_maps import knowledge_patch_map, knowledge_probe_map
 
     settings = settings or InjectSettings()
     suite = suite or Suite(0)  # the suite the shipped checkpoints were trained on

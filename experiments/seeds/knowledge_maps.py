@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from experiments.demo_sections import GEN_ROLE, _plot_patch, examples_of, patch_map
-from experiments.tasks.prompts import Item
-from experiments.tasks.suite import Suite, knowledge_items
-from hooks.pipeline import capture_dataset
+from uniprobe.experiments.demo_sections import GEN_ROLE, _plot_patch, examples_of, patch_map
+from uniprobe.experiments.tasks.prompts import Item
+from uniprobe.experiments.tasks.suite import Suite, knowledge_items
+from uniprobe.hooks.pipeline import capture_dataset
 
 READS = (("text", "last"), (None, "mean"))  # (<boi>: the last prompt word), (generation positions: mean)
 
@@ -40,10 +39,10 @@ def knowledge_probe_map(
     Returns result rows (``point``, ``layer``, ``role`` ``"gen:<role>"``, ``accuracy``, ``ci_*``,
     ``control``, ``n_test``...); writes ``probe-{tag}.json`` and ``probe-{tag}.png`` in ``out``.
     """
-    from hooks.store import ActivationStore
-    from probes.linear import ProbeGroup, encode_labels, train_probes
-    from probes.plots import plot_probe_map
-    from probes.splits import Split
+    from uniprobe.hooks.store import ActivationStore
+    from uniprobe.probes.linear import ProbeGroup, encode_labels, train_probes
+    from uniprobe.probes.plots import plot_probe_map
+    from uniprobe.probes.splits import Split
 
     arch = model.arch
     old = favourite_items(knowledge_items(suite.characters))
@@ -111,7 +110,7 @@ def knowledge_patch_map(model: Any, new_items: list[Item], out: Path, tag: str, 
 
 def align_knowledge(model: Any, source: Any, target: Any, src: Item) -> tuple[Any, list[str]]:
     """``X 's favourite ATTR`` ↔ ``Y 's favourite ATTR`` word by word, then ``<answer>`` ↔ ``<boi>``."""
-    from probes.patching import alignment
+    from uniprobe.probes.patching import alignment
 
     tok = model.tokenizer
     s_ids = source.kwargs["input_ids"][0].tolist()

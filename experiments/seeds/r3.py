@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from experiments.tasks import world
-from experiments.tasks.generators import tile_phrase
-from experiments.tasks.prompts import Item, Prompt
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.generators import tile_phrase
+from uniprobe.experiments.tasks.prompts import Item, Prompt
 
 
 @dataclass

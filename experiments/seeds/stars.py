@@ -8,7 +8,7 @@
 
 Reported per level on the test arithmetic items: drawing accuracy without CoT before vs after (the
 claim), with CoT and understanding (should not drop). Where the change sits: the arithmetic probe and
-patching maps before vs after (:mod:`experiments.demo_sections`), and the per-layer relative weight
+patching maps before vs after (:mod:`uniprobe.experiments.demo_sections`), and the per-layer relative weight
 change of attention and MLP.
 """
 
@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from experiments.sandbox.evaluate import evaluate_items
-from experiments.sandbox.train import DEFAULTS, fit
-from experiments.tasks import generators as gen
-from experiments.tasks import world
-from experiments.tasks.prompts import Item, Prompt
-from experiments.tasks.suite import Suite, TrainExample
+from uniprobe.experiments.sandbox.evaluate import evaluate_items
+from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.tasks import generators as gen
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import Item, Prompt
+from uniprobe.experiments.tasks.suite import Suite, TrainExample
 
 LEVELS = (1, 2, 3)
 
@@ -149,7 +148,7 @@ def run_stars(
 ) -> dict:
     """The whole protocol on a copy of ``model`` (returned as ``result["model"]``); writes ``stars.json``,
     ``stars.md`` and figures in ``out``."""
-    from experiments.seeds.stars_report import format_stars, plot_stars
+    from uniprobe.experiments.seeds.stars_report import format_stars, plot_stars
 
     settings = settings or StarsSettings()
     suite = suite or Suite(0)  # the suite the shipped checkpoints were trained on
@@ -181,7 +180,7 @@ def run_stars(
     result["after"] = per_level(tuned, test)
     result["weight_change"] = weight_change(model, tuned)
     if settings.maps:
-        from experiments.demo_sections import capture_stores, run_patching, run_probes
+        from uniprobe.experiments.demo_sections import capture_stores, run_patching, run_probes
 
         result["maps"] = {}
         for when, m in (("before", model), ("after", tuned)):

@@ -8,8 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-from experiments.seeds.inject_report import pct  # noqa: E402
+from uniprobe.experiments.seeds.inject_report import pct  # noqa: E402
 
 
 def format_stars(result: dict, paragraph: bool = True) -> str:

@@ -1,14 +1,14 @@
 """The analyses a run can do, each a thin call into the toolkit's own functions.
 
-    probe    probes.linear.probe_store on the run's store → probe/ (results.json/.csv, probe_map.png)
-    lens     probes.lens.logit_lens_store on the store, each example's answer tokens → lens/
+    probe    uniprobe.probes.linear.probe_store on the run's store → probe/ (results.json/.csv, probe_map.png)
+    lens     uniprobe.probes.lens.logit_lens_store on the store, each example's answer tokens → lens/
              (headline: at each example's last decoded position)
     patch    the ``uniprobe patch`` handler on pairs of the task's prompts → patch/pair-K/;
              ``across: true``: the demo's understanding → generation patching (sandbox arithmetic)
     gapeval  the GapEval gap score of the task's items (sandbox) → gapeval/
     r3       the R3 regenerate loop on the task's items (sandbox) → r3/
 
-Capture lives in :mod:`experiments.sweep.runner` (it is the part shared between ranks). Each function
+Capture lives in :mod:`uniprobe.experiments.sweep.runner` (it is the part shared between ranks). Each function
 takes a :class:`RunContext` and returns its headline: a flat dict of numbers and short strings.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.models import LoadedModel
-from experiments.tasks.prompts import Item
+from uniprobe.experiments.models import LoadedModel
+from uniprobe.experiments.tasks.prompts import Item
 
 
 @dataclass
@@ -51,7 +51,7 @@ class RunContext:
 
 
 def probe(ctx: RunContext) -> dict[str, Any]:
-    from probes.linear import probe_store
+    from uniprobe.probes.linear import probe_store
 
     cfg = ctx.run["probe"]
     res = probe_store(
@@ -72,8 +72,8 @@ def probe(ctx: RunContext) -> dict[str, Any]:
 
 
 def lens(ctx: RunContext) -> dict[str, Any]:
-    from experiments.probe_commands import _token_str
-    from probes.lens import logit_lens_store
+    from uniprobe.experiments.probe_commands import _token_str
+    from uniprobe.probes.lens import logit_lens_store
 
     cfg = ctx.run["lens"]
     answers = answer_ids(ctx, cfg["answers"])
@@ -126,7 +126,7 @@ def answer_ids(ctx: RunContext, answers: str | list) -> list[list[int]] | list[i
 
 def _word_ids(loaded: LoadedModel, value: Any) -> list[int]:
     """An answer's token ids: an int is an id, a list is its items, a string one token per word."""
-    from experiments.probe_commands import resolve_answers
+    from uniprobe.experiments.probe_commands import resolve_answers
 
     if isinstance(value, int):
         return [value]
@@ -144,8 +144,8 @@ def patch(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.run["patch"]
     if cfg["across"]:
         return _patch_across(ctx, cfg)
-    from experiments.patch_commands import run_patch
-    from experiments.sweep.models import reuse_loaded
+    from uniprobe.experiments.patch_commands import run_patch
+    from uniprobe.experiments.sweep.models import reuse_loaded
 
     pairs = cfg["pairs"] or auto_pairs(ctx, cfg["n_pairs"])
     peaks = []
@@ -181,8 +181,8 @@ def _peak(grid: Any) -> float | None:
 def auto_pairs(ctx: RunContext, n: int) -> list[dict[str, str]]:
     """Up to ``n`` clean/corrupted pairs from the task's prompts: equal token length, different
     one-token answers (label ``answer``). Prompts with images are skipped."""
-    from experiments.models import encode
-    from experiments.patch_commands import _token_id
+    from uniprobe.experiments.models import encode
+    from uniprobe.experiments.patch_commands import _token_id
 
     cands = []
     for text, ex in zip(prompt_texts(ctx), ctx.examples, strict=True):
@@ -219,7 +219,7 @@ def prompt_texts(ctx: RunContext) -> list[str | None]:
 
 
 def _patch_across(ctx: RunContext, cfg: dict) -> dict[str, Any]:
-    from experiments.demo_sections import run_patching
+    from uniprobe.experiments.demo_sections import run_patching
 
     out = ctx.dir / "patch"
     out.mkdir(parents=True, exist_ok=True)
@@ -235,8 +235,8 @@ def _patch_across(ctx: RunContext, cfg: dict) -> dict[str, Any]:
 
 # -- sandbox protocols ------------------------------------------------------------------------------
 def gapeval(ctx: RunContext) -> dict[str, Any]:
-    from experiments.sandbox.evaluate import evaluate_items
-    from experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
+    from uniprobe.experiments.sandbox.evaluate import evaluate_items
+    from uniprobe.experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
 
     out = ctx.dir / "gapeval"
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ def gapeval(ctx: RunContext) -> dict[str, Any]:
 
 
 def r3(ctx: RunContext) -> dict[str, Any]:
-    from experiments.seeds.r3 import format_r3, r3_loop
+    from uniprobe.experiments.seeds.r3 import format_r3, r3_loop
 
     out = ctx.dir / "r3"
     out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     uniprobe sweep CONFIG.yaml [--out DIR] [--set KEY=VALUE ...] [--plan] [--restart] [--fail-fast]
                                [--allow-module-loaders]
-    torchrun --nproc-per-node N -m experiments sweep CONFIG.yaml      # N ranks, one merged result
+    torchrun --nproc-per-node N -m uniprobe sweep CONFIG.yaml      # N ranks, one merged result
 
 Exit status: 0 when every run is done, 1 when some run failed (it is in the index with its error;
 --fail-fast stops there),
@@ -54,9 +54,9 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.sweep.config import load_config, preflight
-    from experiments.sweep.index import run_state
-    from experiments.sweep.runner import FailFastError, run_sweep
+    from uniprobe.experiments.sweep.config import load_config, preflight
+    from uniprobe.experiments.sweep.index import run_state
+    from uniprobe.experiments.sweep.runner import FailFastError, run_sweep
 
     cfg = load_config(args.config, args.overrides, args.out, allow_module_loaders=args.allow_module_loaders)
     if args.plan:

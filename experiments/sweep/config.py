@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.sweep.schema import (
+from uniprobe.experiments.sweep.schema import (
     REQUIRED,
     ConfigError,
     anything,
@@ -46,9 +46,9 @@ from experiments.sweep.schema import (
     section,
     string,
 )
-from experiments.tasks.prompts import CATEGORIES
-from hooks.layout import ROLES
-from probes.patching.sites import KINDS
+from uniprobe.experiments.tasks.prompts import CATEGORIES
+from uniprobe.hooks.layout import ROLES
+from uniprobe.probes.patching.sites import KINDS
 
 ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "gapeval", "r3")
 NEEDS_STORE: tuple[str, ...] = ("probe", "lens")  # read the run's captured store
@@ -284,7 +284,7 @@ def resolve(
 def missing_files(cfg: SweepConfig) -> list[str]:
     """What a run would fail on before starting: model folders, adapter, loader and prompts files that
     do not exist (one message per problem, naming the key and how to set it)."""
-    from experiments.models import builtin_names
+    from uniprobe.experiments.models import builtin_names
 
     problems = []
     for i, m in enumerate(cfg.settings["models"]):
@@ -312,7 +312,7 @@ def prompt_problems(cfg: SweepConfig) -> list[str]:
     """The first malformed line of each prompts file, found without loading a model (not UTF-8 or
     JSON, unknown keys or roles, ids that are not whole numbers); token ids are checked against
     each model's vocabulary and positions when its run starts."""
-    from experiments.prompts_file import PromptFileError, parse_prompts
+    from uniprobe.experiments.prompts_file import PromptFileError, parse_prompts
 
     problems = []
     for j, t in enumerate(cfg.settings["tasks"]):
@@ -348,7 +348,7 @@ def _local_file(value: str | None, base: Path) -> str | None:
 
 
 def _model(raw: Any, path: str, base: Path, allow_module_loaders: bool) -> dict:
-    from experiments.models import builtin_names
+    from uniprobe.experiments.models import builtin_names
 
     m = section(MODEL, raw, path)
     m["adapter"] = _local_file(m["adapter"], base)
@@ -441,7 +441,7 @@ def _check_task(t: dict, path: str, where: str) -> None:
 
 
 def _run(model: dict, task: dict, mpath: str, tpath: str, seed: int) -> dict:
-    from experiments.models import builtin_names, sandbox_names
+    from uniprobe.experiments.models import builtin_names, sandbox_names
 
     path = model["path"]
     if task["source"] == "sandbox" and path in builtin_names() and path not in sandbox_names():

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hooks.store import atomic_write_text
+from uniprobe.hooks.store import atomic_write_text
 
 DONE = "DONE.json"
 FAILED = "FAILED.json"

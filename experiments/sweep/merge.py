@@ -19,10 +19,9 @@ import shutil
 from pathlib import Path
 
 from safetensors import safe_open
-
-from hooks.layout import ROLES
-from hooks.rows import Rows
-from hooks.store import INDEX_COLUMNS, ActivationStore, atomic_write_text
+from uniprobe.hooks.layout import ROLES
+from uniprobe.hooks.rows import Rows
+from uniprobe.hooks.store import INDEX_COLUMNS, ActivationStore, atomic_write_text
 
 EXAMPLE_KEYS = ("id", "labels", "meta", "layout")
 PARTS_MARKER = "PARTS.json"
@@ -59,10 +58,11 @@ def part_path(store: Path, rank: int, world: int) -> Path:
 def merge_parts(parts: list[Path], out: Path, identity: dict | None = None) -> ActivationStore:
     """Merge complete part stores (in order) into one store at ``out``; returns it opened.
 
-    ``identity``: the capture identity of the whole capture (``hooks.store_identity.capture_identity``
-    over every example), recorded in the merged store as a single process would. Each part's shards
-    are checked (sha256) before they are copied. Raises ``ValueError`` when a part is incomplete, or
-    was captured with another model, other points or other settings than the first.
+    ``identity``: the capture identity of the whole capture
+    (``uniprobe.hooks.store_identity.capture_identity`` over every example), recorded in the merged store
+    as a single process would. Each part's shards are checked (sha256) before they are copied. Raises
+    ``ValueError`` when a part is incomplete, or was captured with another model, other points or other
+    settings than the first.
     """
     opened = []
     for p in parts:

@@ -2,7 +2,7 @@
 
 A ``loader`` (``file.py:function``, or ``package.module:function`` where the caller allows module
 imports) is called with the model's ``path`` and returns the model, or ``(model, tokenizer)``; its
-adapter comes from the ``adapter`` file (a query-based spec, see :mod:`hooks.adapters.query`) or
+adapter comes from the ``adapter`` file (a query-based spec, see :mod:`uniprobe.hooks.adapters.query`) or
 the adapter registry. Loading a loader runs its file's or module's code.
 """
 
@@ -16,18 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from experiments.models import LoadedModel
+from uniprobe.experiments.models import LoadedModel
 
 
 def load_run_model(spec: dict, *, allow_module_loaders: bool = False) -> LoadedModel:
     """The model of a run's ``model`` config (``allow_module_loaders``: see :func:`import_loader`).
 
     ``device_map``, ``dtype`` and ``load_options`` (further ``from_pretrained`` keywords such as
-    ``max_memory``) go to :func:`experiments.models.load_model` for a transformers folder (built-in
+    ``max_memory``) go to :func:`uniprobe.experiments.models.load_model` for a transformers folder (built-in
     models refuse them); a loader's model is cast to ``dtype`` after loading.
     """
-    from experiments import models
+    from uniprobe.experiments import models
 
     if spec["loader"]:
         loaded = _from_loader(spec, allow_module_loaders)
@@ -39,7 +38,7 @@ def load_run_model(spec: dict, *, allow_module_loaders: bool = False) -> LoadedM
 
 
 def _from_loader(spec: dict, allow_modules: bool) -> LoadedModel:
-    from hooks.adapters import adapter_for, load_adapter_file
+    from uniprobe.hooks.adapters import adapter_for, load_adapter_file
 
     made = import_loader(spec["loader"], allow_modules=allow_modules)(spec["path"])
     model, tokenizer = made if isinstance(made, tuple) else (made, None)
@@ -74,12 +73,12 @@ def import_loader(target: str, *, allow_modules: bool = False) -> Callable[[str]
 
 @contextlib.contextmanager
 def reuse_loaded(loaded: LoadedModel) -> Iterator[None]:
-    """Within: ``experiments.models.load_model(loaded.spec, ...)`` returns ``loaded`` itself.
+    """Within: ``uniprobe.experiments.models.load_model(loaded.spec, ...)`` returns ``loaded`` itself.
 
     The sweep calls the CLI's own command handlers (``uniprobe patch``), which load their model by
     spec; this lets them use the model the sweep already holds instead of loading it again.
     """
-    from experiments import models
+    from uniprobe.experiments import models
 
     original = models.load_model
 

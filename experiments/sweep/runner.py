@@ -40,10 +40,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from experiments.sweep.analyses import ANALYSIS_FUNCTIONS, RunContext
-from experiments.sweep.config import ConfigError, SweepConfig, preflight
-from experiments.sweep.dist import Ranks, ranks_from_env
-from experiments.sweep.index import (
+from uniprobe.experiments.sweep.analyses import ANALYSIS_FUNCTIONS, RunContext
+from uniprobe.experiments.sweep.config import ConfigError, SweepConfig, preflight
+from uniprobe.experiments.sweep.dist import Ranks, ranks_from_env
+from uniprobe.experiments.sweep.index import (
     DONE,
     FAILED,
     RESULTS,
@@ -53,8 +53,8 @@ from experiments.sweep.index import (
     write_index,
     write_json,
 )
-from experiments.sweep.merge import batch_slice, make_parts_dir, merge_parts, part_path, remove_parts
-from experiments.sweep.tasks import capture_mode, run_examples
+from uniprobe.experiments.sweep.merge import batch_slice, make_parts_dir, merge_parts, part_path, remove_parts
+from uniprobe.experiments.sweep.tasks import capture_mode, run_examples
 
 Echo = Callable[[str], None]
 SWEEP_FILE = "sweep.json"
@@ -295,7 +295,7 @@ class ModelCache:
         self.allow_module_loaders = allow_module_loaders
 
     def get(self, spec: dict) -> Any:
-        from experiments.sweep.models import load_run_model
+        from uniprobe.experiments.sweep.models import load_run_model
 
         key = json.dumps(spec, sort_keys=True)
         if key != self.key:
@@ -306,7 +306,7 @@ class ModelCache:
 
 
 def store_complete(path: Path) -> bool:
-    from hooks.store import ActivationStore
+    from uniprobe.hooks.store import ActivationStore
 
     try:
         return ActivationStore.open(path, verify="none").complete
@@ -361,7 +361,7 @@ def execute_run(
 
 def capture_settings(ctx: RunContext) -> dict[str, Any]:
     """The run's capture settings, as ``capture_dataset`` / ``capture_identity`` take them."""
-    from experiments.cli import DTYPES
+    from uniprobe.experiments.cli import DTYPES
 
     cfg = ctx.run["capture"]
     return {
@@ -376,7 +376,7 @@ def capture_settings(ctx: RunContext) -> dict[str, Any]:
 
 def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
     """Capture this rank's batches of the run's examples (all of them in a single process)."""
-    from hooks.pipeline import capture_dataset
+    from uniprobe.hooks.pipeline import capture_dataset
 
     cfg = ctx.run["capture"]
     size = cfg["batch_size"]
@@ -396,8 +396,8 @@ def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
 
 def finish_analyses(ctx: RunContext, ranks: Ranks, captured_now: bool, say: Echo, where: str) -> None:
     """Rank 0: merge the ranks' captures, then every analysis not finished before (results.json)."""
-    from hooks.store import ActivationStore
-    from hooks.store_identity import capture_identity
+    from uniprobe.hooks.store import ActivationStore
+    from uniprobe.hooks.store_identity import capture_identity
 
     file = ctx.dir / RESULTS
     results = read_json(file) if file.exists() else {"id": ctx.run["id"], "analyses": {}}

@@ -5,15 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from experiments.models import LoadedModel
-from experiments.tasks.prompts import Item
+from uniprobe.experiments.models import LoadedModel
+from uniprobe.experiments.tasks.prompts import Item
 
 FORM_KEY = {"understanding": "und", "generation": "gen"}  # the suffix of example ids, as in the demo
 
 
 @lru_cache(maxsize=4)
 def _suite_items(seed: int) -> tuple[Item, ...]:
-    from experiments.tasks.suite import Suite
+    from uniprobe.experiments.tasks.suite import Suite
 
     return tuple(Suite(seed).items)
 
@@ -47,7 +47,7 @@ def run_examples(task: dict, loaded: LoadedModel) -> tuple[list[dict[str, Any]],
     ``template``, ``category``, ``level``; prompts-file examples are what ``uniprobe capture`` reads.
     """
     if task["source"] == "sandbox":
-        from experiments.demo_sections import examples_of
+        from uniprobe.experiments.demo_sections import examples_of
 
         if not loaded.info.get("text_prompts"):
             raise ValueError(
@@ -56,7 +56,7 @@ def run_examples(task: dict, loaded: LoadedModel) -> tuple[list[dict[str, Any]],
             )
         items = sandbox_items(task)
         return examples_of(items, FORM_KEY[task["form"]]), items
-    from experiments.prompts_file import read_prompts
+    from uniprobe.experiments.prompts_file import read_prompts
 
     examples = read_prompts(task["prompts"], loaded)
     return (examples[: task["limit"]] if task["limit"] else examples), None

@@ -5,10 +5,10 @@ stream), ``world`` (grids, ``encode``/``decode``, ``render``, ``describe``/``sat
 ``WordTokenizer``.
 """
 
-from experiments.tasks import world
-from experiments.tasks.prompts import CATEGORIES, Item, Prompt, as_prompt
-from experiments.tasks.suite import Suite, SuiteSizes, TrainExample
-from experiments.tasks.vocab import WordTokenizer
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import CATEGORIES, Item, Prompt, as_prompt
+from uniprobe.experiments.tasks.suite import Suite, SuiteSizes, TrainExample
+from uniprobe.experiments.tasks.vocab import WordTokenizer
 
 __all__ = [
     "CATEGORIES",

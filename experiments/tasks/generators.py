@@ -9,8 +9,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from experiments.tasks import world
-from experiments.tasks.vocab import NAMES, SYMBOLS
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.vocab import NAMES, SYMBOLS
 
 ANSWERS: tuple[int, ...] = tuple(range(1, world.MAX_COUNT + 1))
 LEVEL_OPS: dict[int, tuple[str, ...]] = {1: ("+", "-", "*", "/"), 2: ("+", "-"), 3: ("+", "-")}

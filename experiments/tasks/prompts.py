@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from experiments.tasks import world
+from uniprobe.experiments.tasks import world
 
 CATEGORIES: tuple[str, ...] = ("direct", "arithmetic", "mapping", "knowledge_forward", "knowledge_inverse")
 

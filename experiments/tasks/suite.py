@@ -21,9 +21,9 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from experiments.tasks import generators as gen
-from experiments.tasks import world
-from experiments.tasks.prompts import Item, Prompt
+from uniprobe.experiments.tasks import generators as gen
+from uniprobe.experiments.tasks import world
+from uniprobe.experiments.tasks.prompts import Item, Prompt
 
 INVERSE_ATTRS: tuple[str, ...] = ("fruit", "flower")
 # understanding QA mixes: (kind, cumulative upper bound of a uniform draw); the rest is describe_image

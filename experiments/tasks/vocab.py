@@ -2,7 +2,7 @@
 
 Text is split on whitespace; every word of every template is in :func:`default_words`. Image tiles
 are *not* text tokens: at an image position the text id is ``<image>`` and the tile code travels
-beside it (see ``experiments.sandbox.sequences``). ``<query>`` marks learnable query positions of
+beside it (see ``uniprobe.experiments.sandbox.sequences``). ``<query>`` marks learnable query positions of
 the query-based model.
 """
 
@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.tasks import world
+from uniprobe.experiments.tasks import world
 
 SPECIALS: tuple[str, ...] = (
     "<pad>",

@@ -2,19 +2,18 @@
 
 ``adapter_for(model)`` looks at ``model.uniprobe_adapter`` (an :class:`Adapter` or a
 registered name) and then at the model's class name. Register your own with
-:func:`register_adapter` or build a query-based one from a spec (``hooks.adapters.query``).
+:func:`register_adapter` or build a query-based one from a spec (``uniprobe.hooks.adapters.query``).
 """
 
 from __future__ import annotations
 
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs, Site, get_module
-from hooks.adapters.causal_lm import CAUSAL_LM
-from hooks.adapters.janus import JANUS
-from hooks.adapters.query import TINY_QUERY, load_adapter_file, query_adapter
-from hooks.adapters.sandbox import SANDBOX_AR, SANDBOX_QUERY
-from hooks.adapters.unified_vocab import CHAMELEON, EMU3
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site, get_module
+from uniprobe.hooks.adapters.causal_lm import CAUSAL_LM
+from uniprobe.hooks.adapters.janus import JANUS
+from uniprobe.hooks.adapters.query import TINY_QUERY, load_adapter_file, query_adapter
+from uniprobe.hooks.adapters.sandbox import SANDBOX_AR, SANDBOX_QUERY
+from uniprobe.hooks.adapters.unified_vocab import CHAMELEON, EMU3
 
 ADAPTERS: dict[str, Adapter] = {
     a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY, SANDBOX_AR, SANDBOX_QUERY)
@@ -57,8 +56,8 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise NoAdapterError(
         f"no adapter for model class {cls!r}. Supported families:\n{lines}\n"
         "To serve it, write an adapter: module paths of its blocks, final norm and heads "
-        "(hooks.adapters.base.Adapter), or for a query-based model a spec file read by "
-        "hooks.adapters.query.load_adapter_file; then register_adapter(...) or pass adapter=..."
+        "(uniprobe.hooks.adapters.base.Adapter), or for a query-based model a spec file read by "
+        "uniprobe.hooks.adapters.query.load_adapter_file; then register_adapter(...) or pass adapter=..."
     )
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.layout import TokenLayout
-from hooks.points import BLOCK_POINTS, MODEL_POINTS, UnknownHookPointError, block_points, expand
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.hooks.points import BLOCK_POINTS, MODEL_POINTS, UnknownHookPointError, block_points, expand
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs
-from hooks.adapters.common import pad_ids, roles_from_ids
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.hooks.adapters.common import pad_ids, roles_from_ids
 
 
 def _pad_id(model: nn.Module) -> int:

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.layout import ROLE_ID, TokenLayout
+from uniprobe.hooks.layout import ROLE_ID, TokenLayout
 
 
 def pad_ids(
@@ -83,8 +82,7 @@ def greedy_image_tokens(
     Returns ``[batch, n_tokens]``. Step 0 is the prompt pass; step ``s`` feeds token ``s-1``.
     """
     from transformers import DynamicCache
-
-    from hooks.calls import cache_kwarg
+    from uniprobe.hooks.calls import cache_kwarg
 
     cache = DynamicCache()
     key = cache_kwarg(backbone)  # the keyword moved between transformers versions

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs, Site
-from hooks.adapters.common import pad_ids, roles_from_ids
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site
+from uniprobe.hooks.adapters.common import pad_ids, roles_from_ids
 
 
 def _pad(model: nn.Module) -> int:

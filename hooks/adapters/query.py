@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs, Site, get_module
-from hooks.adapters.common import pad_ids, roles_from_ids
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site, get_module
+from uniprobe.hooks.adapters.common import pad_ids, roles_from_ids
 
 REQUIRED = ("blocks", "final_norm", "lm_head", "queries", "connector")
 OPTIONAL = ("name", "model_classes", "decoder", "lm", "embed_method", "attn", "mlp", "pad_token_id", "notes")

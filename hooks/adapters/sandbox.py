@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs, Site
-from hooks.layout import TokenLayout, role_ids
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site
+from uniprobe.hooks.layout import TokenLayout, role_ids
 
 _MODES = {"understanding": "understand", "generation": "generate"}
 

@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs
-from hooks.adapters.common import greedy_image_tokens, pad_ids, roles_from_ids
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.hooks.adapters.common import greedy_image_tokens, pad_ids, roles_from_ids
 
 
 def image_token_ids(model: nn.Module) -> list[int]:

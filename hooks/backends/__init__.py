@@ -1,15 +1,15 @@
 """Backends: three ways to read the same hook points, with the same names and tensors.
 
-- ``torch`` (default): plain forward hooks (``hooks.capture``); works everywhere, also during
+- ``torch`` (default): plain forward hooks (``uniprobe.hooks.capture``); works everywhere, also during
   multi-step image generation.
 - ``nnsight``: the model wrapped in ``nnsight.NNsight`` (or an nnsight model you built); each
   point read from its envoy. ``remote=True`` runs the trace on an NDIF server (see
-  ``hooks.backends.nnsight_backend``).
+  ``uniprobe.hooks.backends.nnsight_backend``).
 - ``transformer_lens``: a ``TransformerBridge`` booted on the adapter's causal-LM view
   (Llama, Qwen2, Emu3, and the backbones of Janus and query-based models).
 
 ``run_capture`` runs one forward pass of prepared inputs through any backend and returns a
-:class:`hooks.capture.Captured`.
+:class:`uniprobe.hooks.capture.Captured`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import Adapter, ModelInputs, adapter_for
-from hooks.capture import Captured, capture
+from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for
+from uniprobe.hooks.capture import Captured, capture
 
 BACKENDS = ("torch", "nnsight", "transformer_lens")
 
@@ -96,11 +95,11 @@ def run_capture(
     names = adapter.expand(model, points)
     result = Captured(names, inputs.layout, roles, positions, dtype, device)
     if backend == "nnsight":
-        from hooks.backends.nnsight_backend import nnsight_dense
+        from uniprobe.hooks.backends.nnsight_backend import nnsight_dense
 
         dense = nnsight_dense(wrapper, adapter, inputs, names, remote=remote)
     elif backend == "transformer_lens":
-        from hooks.backends.tl_backend import transformer_lens_dense
+        from uniprobe.hooks.backends.tl_backend import transformer_lens_dense
 
         dense = transformer_lens_dense(model, adapter, inputs, names)
     else:
@@ -116,7 +115,7 @@ def run_capture(
 def _module_of(model: Any) -> nn.Module:
     """The torch module under an nnsight model; a plain module is returned as is."""
     if "nnsight" in sys.modules:  # an nnsight model exists only once nnsight is imported
-        from hooks.backends.nnsight_backend import torch_module
+        from uniprobe.hooks.backends.nnsight_backend import torch_module
 
         return torch_module(model)
     return model

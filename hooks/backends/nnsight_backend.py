@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import Adapter, ModelInputs
-from hooks.capture import pick
+from uniprobe.hooks.adapters import Adapter, ModelInputs
+from uniprobe.hooks.capture import pick
 
 _WRAPPED: dict[int, tuple[nn.Module, Any]] = {}
 

@@ -2,7 +2,7 @@
 
 The bridge is booted with ``TransformerBridge.boot_transformers(dir, hf_model=view,
 tokenizer=...)`` where ``dir`` holds the view's config and a word-level tokenizer written
-here (nothing is downloaded), inside :func:`hooks.guard.no_runtime_installs`, because a
+here (nothing is downloaded), inside :func:`uniprobe.hooks.guard.no_runtime_installs`, because a
 multimodal boot may otherwise ``pip install torchvision``. Families whose backbone must be fed
 embeddings (Janus image features, query tokens) pass ``inputs_embeds`` built by the adapter.
 
@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import Adapter, ModelInputs
-from hooks.guard import no_runtime_installs
-from hooks.points import to_transformer_lens
+from uniprobe.hooks.adapters import Adapter, ModelInputs
+from uniprobe.hooks.guard import no_runtime_installs
+from uniprobe.hooks.points import to_transformer_lens
 
 _SPECIALS = {"pad_token": "t0", "bos_token": "t1", "eos_token": "t2", "unk_token": "t0"}
 _BRIDGES: dict[int, tuple[nn.Module, Any]] = {}

@@ -1,15 +1,15 @@
-"""probes.kernels: the hot reductions of patching, Triton on a CUDA device, torch elsewhere.
+"""uniprobe.probes.kernels: the hot reductions of patching, Triton on a CUDA device, torch elsewhere.
 
-    from probes.kernels import attribution_scores, scatter_rows
+    from uniprobe.probes.kernels import attribution_scores, scatter_rows
     scores = attribution_scores(clean, corrupted, grad)      # [*lead, d] x3 -> [*lead]
     scatter_rows(stream, values, rows, positions)            # stream[rows, positions] = values
 
 One dispatcher (:func:`backend_for`): ``force=None`` picks Triton when every tensor is on a
-CUDA device and ``triton`` imports, else the torch reference (:mod:`probes.kernels.reference`);
+CUDA device and ``triton`` imports, else the torch reference (:mod:`uniprobe.probes.kernels.reference`);
 ``force="torch"`` / ``force="triton"`` choose explicitly (``"triton"`` on CPU tensors needs
 ``TRITON_INTERPRET=1`` in the environment before triton is first imported — the tests do this).
 Triton is imported lazily, so a machine without it never notices. ``python -m
-probes.kernels.selfcheck`` compares the Triton kernels with the reference on this machine.
+uniprobe.probes.kernels.selfcheck`` compares the Triton kernels with the reference on this machine.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-
-from probes.kernels import reference
+from uniprobe.probes.kernels import reference
 
 BACKENDS: tuple[str, ...] = ("torch", "triton")
 
@@ -26,8 +25,7 @@ BACKENDS: tuple[str, ...] = ("torch", "triton")
 def _triton_kernels() -> ModuleType:
     """The Triton kernel module; ImportError when triton is absent."""
     import triton  # noqa: F401 — the import statement is the availability check
-
-    from probes.kernels import triton_kernels
+    from uniprobe.probes.kernels import triton_kernels
 
     return triton_kernels
 

@@ -1,7 +1,7 @@
 """Check the Triton kernels against the torch reference on this machine; print one JSON report.
 
-    python -m probes.kernels.selfcheck                       # CUDA tensors when available
-    TRITON_INTERPRET=1 python -m probes.kernels.selfcheck    # CPU, through Triton's interpreter
+    python -m uniprobe.probes.kernels.selfcheck                       # CUDA tensors when available
+    TRITON_INTERPRET=1 python -m uniprobe.probes.kernels.selfcheck    # CPU, through Triton's interpreter
 
 ``TRITON_INTERPRET`` must be set before triton is first imported in the process (triton builds its
 standard library as compiled or interpreted functions at import), which is why the tests run this
@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from probes import kernels
-from probes.kernels import reference
+from uniprobe.probes import kernels
+from uniprobe.probes.kernels import reference
 
 ATTRIBUTION_SHAPES: tuple[tuple[int, ...], ...] = ((3, 5, 7), (2, 1, 17), (4, 33, 130), (2, 3, 2, 300))
 SCATTER_SHAPES: tuple[tuple[int, int, int, int], ...] = (
@@ -58,9 +57,9 @@ def _scatter(case: tuple[int, int, int, int], device: str, strided: bool = False
 
 
 def _patching() -> float:
-    from hooks.adapters import adapter_for
-    from hooks.tiny import tiny_llama
-    from probes.patching import LogitDiff, grid_sites, patch_sweep
+    from uniprobe.hooks.adapters import adapter_for
+    from uniprobe.hooks.tiny import tiny_llama
+    from uniprobe.probes.patching import LogitDiff, grid_sites, patch_sweep
 
     model, _ = tiny_llama()
     adapter = adapter_for(model)

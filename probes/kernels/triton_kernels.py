@@ -7,7 +7,7 @@
   ``dest[rows[i], positions[i], :]`` (any strides of ``dest``), ``BLOCK_D`` features at a time.
 
 On CPU these run only under ``TRITON_INTERPRET=1`` (set before importing triton); that is how the
-tests check them against :mod:`probes.kernels.reference`.
+tests check them against :mod:`uniprobe.probes.kernels.reference`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def _block_d(d: int) -> int:
 
 
 def attribution_scores(clean: torch.Tensor, corrupted: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Triton version of :func:`probes.kernels.reference.attribution_scores` → ``[*lead]`` float32."""
+    """Triton version of :func:`uniprobe.probes.kernels.reference.attribution_scores`
+    → ``[*lead]`` float32."""
     lead, d = clean.shape[:-1], clean.shape[-1]
     c, r, g = (t.contiguous().reshape(-1, d) for t in (clean, corrupted, grad))
     n_rows = c.shape[0]
@@ -91,7 +92,7 @@ def attribution_scores(clean: torch.Tensor, corrupted: torch.Tensor, grad: torch
 def scatter_rows(
     dest: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """Triton version of :func:`probes.kernels.reference.scatter_rows` (in place on ``dest``)."""
+    """Triton version of :func:`uniprobe.probes.kernels.reference.scatter_rows` (in place on ``dest``)."""
     m, d = values.shape
     if m == 0:
         return dest

@@ -2,22 +2,23 @@
 
 Where the answer is *used*: write states of one run into another and measure the change.
 
-    from probes.patching import grid_sites, patch_sweep, attribution_patch, LogitDiff
+    from uniprobe.probes.patching import grid_sites, patch_sweep, attribution_patch, LogitDiff
     sites = grid_sites(n_layers, n_pos, kinds=("resid_pre", "attn_out", "mlp_out"))
     exact = patch_sweep(model, clean, corrupted, sites, LogitDiff(target, foil))
     approx = attribution_patch(model, clean, corrupted, sites, LogitDiff(target, foil))
     exact.as_grid()       # [kind, layer, position], (patched − corrupted) / (clean − corrupted)
 
-Modules: :mod:`~probes.patching.sites` (what to patch), :mod:`~probes.patching.engine` (the batched
-engine and its one-forward-per-site reference), :mod:`~probes.patching.exact` (sweeps),
-:mod:`~probes.patching.attribution`, :mod:`~probes.patching.cross_prompt` (understanding →
-generation with explicit alignments), :mod:`~probes.patching.generation` (teacher-forced and free
-generation, query models), :mod:`~probes.patching.metrics`, :mod:`~probes.patching.results`,
-:mod:`~probes.patching.plots`. Kernels live in :mod:`probes.kernels`.
+Modules: :mod:`~uniprobe.probes.patching.sites` (what to patch), :mod:`~uniprobe.probes.patching.engine`
+(the batched engine and its one-forward-per-site reference), :mod:`~uniprobe.probes.patching.exact`
+(sweeps), :mod:`~uniprobe.probes.patching.attribution`, :mod:`~uniprobe.probes.patching.cross_prompt`
+(understanding → generation with explicit alignments), :mod:`~uniprobe.probes.patching.generation`
+(teacher-forced and free generation, query models), :mod:`~uniprobe.probes.patching.metrics`,
+:mod:`~uniprobe.probes.patching.results`, :mod:`~uniprobe.probes.patching.plots`. Kernels live in
+:mod:`uniprobe.probes.kernels`.
 """
 
-from probes.patching.attribution import attribution_patch, attribution_vs_exact
-from probes.patching.cross_prompt import (
+from uniprobe.probes.patching.attribution import attribution_patch, attribution_vs_exact
+from uniprobe.probes.patching.cross_prompt import (
     Alignment,
     align_by_anchors,
     align_by_role,
@@ -25,9 +26,9 @@ from probes.patching.cross_prompt import (
     alignment,
     patch_across,
 )
-from probes.patching.engine import DEFAULT_BUDGET, collect_states, run_sites, run_sites_reference
-from probes.patching.exact import patch_sweep
-from probes.patching.generation import (
+from uniprobe.probes.patching.engine import DEFAULT_BUDGET, collect_states, run_sites, run_sites_reference
+from uniprobe.probes.patching.exact import patch_sweep
+from uniprobe.probes.patching.generation import (
     GenerationEffect,
     StepPatch,
     generation_effect,
@@ -37,7 +38,7 @@ from probes.patching.generation import (
     query_sites,
     step_patches,
 )
-from probes.patching.metrics import (
+from uniprobe.probes.patching.metrics import (
     GridLogProb,
     JudgeRate,
     KLToClean,
@@ -48,9 +49,9 @@ from probes.patching.metrics import (
     second_output,
     shifted,
 )
-from probes.patching.plots import heatmap
-from probes.patching.results import PatchResult, correlation, normalise
-from probes.patching.sites import (
+from uniprobe.probes.patching.plots import heatmap
+from uniprobe.probes.patching.results import PatchResult, correlation, normalise
+from uniprobe.probes.patching.sites import (
     KINDS,
     PatchSite,
     SiteGrid,
@@ -60,7 +61,7 @@ from probes.patching.sites import (
     point_sites,
     role_sites,
 )
-from probes.patching.tracing import trace
+from uniprobe.probes.patching.tracing import trace
 
 __all__ = [
     "DEFAULT_BUDGET",

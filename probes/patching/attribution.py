@@ -4,10 +4,10 @@ For a site at point ``p`` and positions ``P`` (source positions ``S``), the patc
 estimated as ``metric(target) + Σ_{b, i} (source[b, S_i] − target[b, P_i]) · ∂metric/∂target[b, P_i]``,
 with the gradient of the batch-mean metric taken once for all points on the target run
 (``torch.autograd.grad`` w.r.t. the live activations). The reduction over ``d_model`` runs in
-:func:`probes.kernels.attribution_scores` (Triton on CUDA: the difference is never stored).
+:func:`uniprobe.probes.kernels.attribution_scores` (Triton on CUDA: the difference is never stored).
 
 Good where the metric is close to linear in each activation (small patches, late layers);
-compare with :func:`probes.patching.exact.patch_sweep` via :func:`attribution_vs_exact`.
+compare with :func:`uniprobe.probes.patching.exact.patch_sweep` via :func:`attribution_vs_exact`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-from hooks.adapters import adapter_for
-from hooks.adapters.base import Adapter, ModelInputs
-from hooks.points import layer_of
-from probes import kernels
-from probes.patching.engine import Forward, Metric, collect_states, evaluate, forward_of
-from probes.patching.exact import DIRECTIONS, check_lengths, prepare_metric
-from probes.patching.hooking import record
-from probes.patching.metrics import metric_name
-from probes.patching.results import PatchResult, correlation
-from probes.patching.sites import PatchSite, SiteGrid, as_site_list
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.hooks.points import layer_of
+from uniprobe.probes import kernels
+from uniprobe.probes.patching.engine import Forward, Metric, collect_states, evaluate, forward_of
+from uniprobe.probes.patching.exact import DIRECTIONS, check_lengths, prepare_metric
+from uniprobe.probes.patching.hooking import record
+from uniprobe.probes.patching.metrics import metric_name
+from uniprobe.probes.patching.results import PatchResult, correlation
+from uniprobe.probes.patching.sites import PatchSite, SiteGrid, as_site_list
 
 
 def attribution_patch(
@@ -42,7 +41,7 @@ def attribution_patch(
     forward: Forward | None = None,
     force: str | None = None,
 ) -> PatchResult:
-    """Estimate :func:`probes.patching.exact.patch_sweep` for every site at once (same arguments).
+    """Estimate :func:`uniprobe.probes.patching.exact.patch_sweep` for every site at once (same arguments).
 
     Returns:
         :class:`PatchResult` with ``method="attribution"``: ``values [n_sites]`` are the estimated

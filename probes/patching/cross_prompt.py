@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import adapter_for
-from hooks.adapters.base import Adapter, ModelInputs
-from hooks.layout import TokenLayout
-from probes.patching.engine import (
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.probes.patching.engine import (
     DEFAULT_BUDGET,
     Forward,
     Metric,
@@ -36,11 +35,11 @@ from probes.patching.engine import (
     forward_of,
     run_sites,
 )
-from probes.patching.exact import prepare_metric
-from probes.patching.metrics import metric_name
-from probes.patching.results import PatchResult
-from probes.patching.sites import PatchSite, SiteGrid, as_site_list, mapped_sites
-from probes.patching.tracing import trace
+from uniprobe.probes.patching.exact import prepare_metric
+from uniprobe.probes.patching.metrics import metric_name
+from uniprobe.probes.patching.results import PatchResult
+from uniprobe.probes.patching.sites import PatchSite, SiteGrid, as_site_list, mapped_sites
+from uniprobe.probes.patching.tracing import trace
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
 
-1. **Trace** the unpatched target run once (:mod:`probes.patching.tracing`).
+1. **Trace** the unpatched target run once (:mod:`uniprobe.probes.patching.tracing`).
 2. **No-ops**: a site whose source values equal the target's own values there (positions before
    the first differing token, identical embeddings) cannot change anything; it gets the
    unpatched value without a forward (``skip_noops``).
@@ -15,11 +15,11 @@ Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
 4. **Chunk** each group so ``rows × row_bytes ≤ budget_bytes`` and run each chunk as one forward
    of ``n·B`` rows (site ``i``, example ``b`` → row ``i·B + b``): blocks ``< l`` return their
    cached outputs (no compute), block ``l`` reads the cached stream, and one hook per point
-   scatters every site's source rows into its batch rows (:func:`probes.kernels.scatter_rows`).
+   scatters every site's source rows into its batch rows (:func:`uniprobe.probes.kernels.scatter_rows`).
    The model's own forward runs everything else (embedding, final norm, heads, connector), so
    outputs have the model's usual form and any metric applies. On the suffix path (a metric
    reading the last position only) the final block's MLP and the LM head also run on the last
-   position alone (:class:`~probes.patching.hooking.last_position`, ``logits_to_keep=1``): the
+   position alone (:class:`~uniprobe.probes.patching.hooking.last_position`, ``logits_to_keep=1``): the
    other positions' outputs feed nothing the metric reads.
 
 Resuming is exact when each block runs once per forward and affects later computation only
@@ -42,13 +42,12 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs, get_module
-from hooks.calls import CallPatternError, cache_kwarg, find_cache, output_cache, transformers_version
-from hooks.layout import TokenLayout
-from probes.patching.hooking import Plan, last_position, overwrite, record, stagger
-from probes.patching.sites import PatchSite
-from probes.patching.tracing import Forward, Trace, first_dim, trace
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, get_module
+from uniprobe.hooks.calls import CallPatternError, cache_kwarg, find_cache, output_cache, transformers_version
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.probes.patching.hooking import Plan, last_position, overwrite, record, stagger
+from uniprobe.probes.patching.sites import PatchSite
+from uniprobe.probes.patching.tracing import Forward, Trace, first_dim, trace
 
 Metric = Callable[[Any], torch.Tensor]
 DEFAULT_BUDGET = 512 * 2**20
@@ -240,7 +239,7 @@ def run_sites(
     """The metric ``[n_sites]`` (mean over the target's ``B`` examples) with each site patched.
 
     ``source[point]`` is ``[B or 1, pos_src, *feat]``: the states written into the target run.
-    ``tr`` is the target's :func:`~probes.patching.tracing.trace` (run here when omitted).
+    ``tr`` is the target's :func:`~uniprobe.probes.patching.tracing.trace` (run here when omitted).
     """
     t0 = time.perf_counter()
     fwd = forward_of(adapter, forward)

@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import adapter_for
-from hooks.adapters.base import Adapter, ModelInputs
-from probes.patching.engine import (
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.probes.patching.engine import (
     DEFAULT_BUDGET,
     Forward,
     Metric,
@@ -29,10 +28,10 @@ from probes.patching.engine import (
     forward_of,
     run_sites,
 )
-from probes.patching.metrics import metric_name
-from probes.patching.results import PatchResult
-from probes.patching.sites import PatchSite, SiteGrid, as_site_list
-from probes.patching.tracing import trace
+from uniprobe.probes.patching.metrics import metric_name
+from uniprobe.probes.patching.results import PatchResult
+from uniprobe.probes.patching.sites import PatchSite, SiteGrid, as_site_list
+from uniprobe.probes.patching.tracing import trace
 
 DIRECTIONS: tuple[str, ...] = ("denoise", "noise")
 
@@ -56,7 +55,8 @@ def check_lengths(
             raise ValueError(
                 f"{names[0]} run has {n_src} positions but the {names[1]} run has {target_len}: positions do "
                 "not line up. Give the prompts the same number of tokens, or align them explicitly "
-                "(probes.patching.cross_prompt: align_by_role / align_by_anchors / align_end, or --align end)"
+                "(uniprobe.probes.patching.cross_prompt: align_by_role / align_by_anchors / align_end, "
+                "or --align end)"
             )
 
 
@@ -82,7 +82,7 @@ def patch_sweep(
         model, adapter: the model and its family adapter (found from the class when omitted).
         clean, corrupted: prepared inputs (``adapter.prepare``), batch ``B`` each (pairs row by row).
         sites: a :class:`SiteGrid` or a list of :class:`PatchSite`.
-        metric: ``outputs → [rows]`` (:mod:`probes.patching.metrics`).
+        metric: ``outputs → [rows]`` (:mod:`uniprobe.probes.patching.metrics`).
         direction: ``"denoise"`` or ``"noise"`` (see the module docstring).
         forward: ``(model, inputs) → outputs`` for both runs (default ``adapter.run``).
         budget_bytes: activation memory per chunk; resume: reuse the cached stream below each site;

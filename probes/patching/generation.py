@@ -4,7 +4,7 @@ Autoregressive models (Janus, Emu3, Chameleon, sandbox AR):
 
 - **Teacher-forced** (:func:`janus_teacher_forced` + :func:`janus_image_forward`): one forward over
   ``prompt <boi> img_0 .. img_{n-2}`` returning the generation head's logits ``[b, n, codebook]``
-  for every image position; with :class:`~probes.patching.metrics.SequenceLogProb` this is the
+  for every image position; with :class:`~uniprobe.probes.patching.metrics.SequenceLogProb` this is the
   log-probability of a target image, and it runs through the batched exact engine like any run.
 - **Free generation** (:func:`patched_generation`): the adapter's own generation loop with
   :class:`StepPatch` es applied at chosen steps. Step 0 is the prompt pass (all prompt positions),
@@ -25,17 +25,16 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters import adapter_for
-from hooks.adapters.base import Adapter, ModelInputs, get_module
-from hooks.calls import Call, CallLog, track_calls
-from hooks.capture import input_tensor, pick
-from hooks.layout import TokenLayout
-from probes.patching.cross_prompt import Alignment
-from probes.patching.hooking import replace_input, replace_output
-from probes.patching.metrics import JudgeRate
-from probes.patching.results import normalise
-from probes.patching.sites import PatchSite, SiteGrid, point_sites, role_sites
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, get_module
+from uniprobe.hooks.calls import Call, CallLog, track_calls
+from uniprobe.hooks.capture import input_tensor, pick
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.probes.patching.cross_prompt import Alignment
+from uniprobe.probes.patching.hooking import replace_input, replace_output
+from uniprobe.probes.patching.metrics import JudgeRate
+from uniprobe.probes.patching.results import normalise
+from uniprobe.probes.patching.sites import PatchSite, SiteGrid, point_sites, role_sites
 
 # -- teacher forcing (Janus) ----------------------------------------------------------------------
 

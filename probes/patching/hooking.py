@@ -4,7 +4,7 @@ Four context managers, each removing everything it installed on exit (also on er
 
 - :class:`record`: keep the tensor at each point (detached, or live for gradients).
 - :class:`overwrite`: at each point, write ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``
-  of the tensor the module reads or returns (one scatter through :mod:`probes.kernels`).
+  of the tensor the module reads or returns (one scatter through :mod:`uniprobe.probes.kernels`).
 - :class:`stagger`: rows of one batch start at different blocks; each block computes only the
   rows that have started and carries the cached stream for the others — "resume from layer l"
   for many ``l`` in one forward.
@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, get_module
-from hooks.capture import input_tensor, pick
-from probes import kernels
+from uniprobe.hooks.adapters.base import Adapter, get_module
+from uniprobe.hooks.capture import input_tensor, pick
+from uniprobe.probes import kernels
 
 
 def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
@@ -38,7 +37,7 @@ def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, 
 
 
 def replace_output(output: Any, index: int | None, new: torch.Tensor) -> Any:
-    """``output`` with the tensor :func:`hooks.capture.pick` would read swapped for ``new``."""
+    """``output`` with the tensor :func:`uniprobe.hooks.capture.pick` would read swapped for ``new``."""
     if isinstance(output, torch.Tensor):
         return new
     if isinstance(output, tuple):
@@ -115,13 +114,13 @@ class record(_Hooks):  # noqa: N801 — a context manager, like torch.no_grad
 
         Raises when the module did not run, or ran several times with different values (then
         "the state at this point" is ambiguous — e.g. generation steps: use
-        :mod:`probes.patching.generation`).
+        :mod:`uniprobe.probes.patching.generation`).
         """
         got = self.values[point]
         if not got or any(g.shape != got[0].shape or not torch.equal(g, got[0]) for g in got[1:]):
             raise ValueError(
                 f"expected one value at {point!r} per forward, saw {len(got)} different ones; "
-                "patch a point that runs once (or run generation through probes.patching.generation)"
+                "patch a point that runs once (or run generation through uniprobe.probes.patching.generation)"
             )
         return got[0]
 

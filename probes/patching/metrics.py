@@ -7,7 +7,7 @@ Metrics that compare to the clean run (:class:`KLToClean`) have ``prepare(clean_
 the sweeps call once with the clean run's outputs before any value is computed.
 
 The sweeps normalise every metric as ``(patched − corrupted) / (clean − corrupted)`` and report
-both baselines (:mod:`probes.patching.results`).
+both baselines (:mod:`uniprobe.probes.patching.results`).
 """
 
 from __future__ import annotations

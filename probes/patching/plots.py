@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from probes.patching.results import PatchResult
+from uniprobe.probes.patching.results import PatchResult
 
 
 def heatmap(

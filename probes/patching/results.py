@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from probes.patching.sites import PatchSite, SiteGrid
+from uniprobe.probes.patching.sites import PatchSite, SiteGrid
 
 
 def normalise(values: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:

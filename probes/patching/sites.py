@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
-from hooks.layout import TokenLayout
-from hooks.points import BLOCK_POINTS, layer_of
+from uniprobe.hooks.layout import TokenLayout
+from uniprobe.hooks.points import BLOCK_POINTS, layer_of
 
 KINDS: tuple[str, ...] = BLOCK_POINTS  # resid_pre, attn_out, mlp_out, resid_post
 

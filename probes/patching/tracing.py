@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from hooks.adapters.base import Adapter, ModelInputs, get_module
-from hooks.calls import cache_kwarg, output_cache, transformers_version
-from hooks.capture import input_tensor
-from probes.patching.hooking import record
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs, get_module
+from uniprobe.hooks.calls import cache_kwarg, output_cache, transformers_version
+from uniprobe.hooks.capture import input_tensor
+from uniprobe.probes.patching.hooking import record
 
 Forward = Callable[[nn.Module, ModelInputs], Any]
 SUFFIX_KWARGS = frozenset({"input_ids", "attention_mask"})

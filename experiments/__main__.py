@@ -1,7 +1,0 @@
-"""``python -m experiments`` runs the ``uniprobe`` command."""
-
-import sys
-
-from experiments.cli import main
-
-sys.exit(main())
