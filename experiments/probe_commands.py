@@ -57,7 +57,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import warnings
 
     from uniprobe.hooks.store import ActivationStore
-    from uniprobe.hooks.store_errors import IncompleteStoreWarning
+    from uniprobe.hooks.store.errors import IncompleteStoreWarning
     from uniprobe.probes.linear import incomplete_message, probe_store
 
     store = ActivationStore.open(args.store)

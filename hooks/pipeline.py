@@ -6,7 +6,7 @@ deterministic (examples in order, fixed batch size), so an interrupted capture r
 ``resume=True`` skips the finished shards and writes the rest — nothing finished is redone.
 
 Resuming continues exactly the capture that was started: the store records the capture's identity
-(:func:`uniprobe.hooks.store_identity.capture_identity`: a digest of the examples in order, batch size,
+(:func:`uniprobe.hooks.store.identity.capture_identity`: a digest of the examples in order, batch size,
 roles, positions, mode, dtype, adapter, backend) and refuses a resume that differs in any of them.
 Before anything is written the examples' labels are checked (one type per key); before the store is
 marked complete every point must have stored rows (:class:`EmptyCaptureError` otherwise, the store
@@ -30,9 +30,9 @@ from uniprobe.hooks.adapters import Adapter, adapter_for
 from uniprobe.hooks.backends import run_capture
 from uniprobe.hooks.layout import ROLES
 from uniprobe.hooks.store import ActivationStore
-from uniprobe.hooks.store_errors import EmptyCaptureError
-from uniprobe.hooks.store_identity import capture_identity
-from uniprobe.hooks.store_integrity import LabelTypes
+from uniprobe.hooks.store.errors import EmptyCaptureError
+from uniprobe.hooks.store.identity import capture_identity
+from uniprobe.hooks.store.integrity import LabelTypes
 
 EXAMPLE_KEYS = ("id", "labels", "meta")
 

@@ -35,7 +35,7 @@ from torch import Tensor
 from uniprobe.hooks.layout import ROLES
 from uniprobe.hooks.points import expand, layer_of
 from uniprobe.hooks.store import ActivationStore
-from uniprobe.hooks.store_errors import IncompleteStoreWarning
+from uniprobe.hooks.store.errors import IncompleteStoreWarning
 from uniprobe.probes.results import ProbeResults, nan_to_none, probe_key
 from uniprobe.probes.solvers import (
     Design,

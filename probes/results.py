@@ -25,7 +25,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 from torch import Tensor
-from uniprobe.hooks.store_files import save_safetensors
+from uniprobe.hooks.store.files import save_safetensors
 
 COLUMNS: tuple[str, ...] = (
     "point",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for
 from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store import ActivationStore
-from uniprobe.hooks.store_files import save_safetensors
+from uniprobe.hooks.store.files import save_safetensors
 from uniprobe.probes.lens import (
     DEFAULT_ROLES,
     Readout,

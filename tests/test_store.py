@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import uniprobe.hooks.store as store_module
+import uniprobe.hooks.store.writer as writer_module
 from safetensors import safe_open
 from safetensors.torch import save_file
 from uniprobe.hooks.layout import ROLES, role_ids
 from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store import ActivationStore, Matrix, StoreCorruptError, StoreExistsError
-from uniprobe.hooks.store_integrity import DIGEST_KEY, manifest_digest
-from uniprobe.hooks.store_lock import LOCK_NAME
+from uniprobe.hooks.store.integrity import DIGEST_KEY, manifest_digest
+from uniprobe.hooks.store.lock import LOCK_NAME
 
 POINTS = ["blocks.0.resid_post", "blocks.1.resid_post", "queries"]
 SHAPES = {"blocks.0.resid_post": (8,), "blocks.1.resid_post": (8,), "queries": (2, 4)}
@@ -445,7 +445,7 @@ def test_failed_write_leaves_store_unchanged(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_module, "save_file", boom)
+    monkeypatch.setattr(writer_module, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         store.write_shard(1, *make_batch(1))
     assert (tmp_path / "s" / "manifest.json").read_bytes() == manifest

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import uniprobe.hooks.store as store_module
-import uniprobe.hooks.store_files as files_module
+import uniprobe.hooks.store.files as files_module
+import uniprobe.hooks.store.writer as writer_module
 from test_store import BATCH, MODEL, POINTS, as_schema_1, build, make_batch, rewrite_manifest
 from uniprobe.experiments.cli import main
 from uniprobe.hooks.pipeline import capture_dataset
@@ -35,9 +35,9 @@ from uniprobe.hooks.store import (
     StoreDiskFullError,
     StoreLockedError,
 )
-from uniprobe.hooks.store_errors import EmptyCaptureError
-from uniprobe.hooks.store_files import is_disk_full
-from uniprobe.hooks.store_lock import LOCK_NAME
+from uniprobe.hooks.store.errors import EmptyCaptureError
+from uniprobe.hooks.store.files import is_disk_full
+from uniprobe.hooks.store.lock import LOCK_NAME
 from uniprobe.hooks.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -454,7 +454,7 @@ def _incomplete_probe_store(path: Path) -> None:
 def test_probe_on_an_incomplete_store_warns_and_records_it(tmp_path, capsys):
     import argparse
 
-    from uniprobe.experiments.probe_commands import add_probe_parser
+    from uniprobe.experiments.cli.probe import add_probe_parser
     from uniprobe.probes.linear import probe_store
 
     _incomplete_probe_store(tmp_path / "s")
@@ -535,7 +535,7 @@ def test_disk_full_while_writing_a_shard(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "save_file", full)
+    monkeypatch.setattr(writer_module, "save_file", full)
     with pytest.raises(StoreDiskFullError) as err:
         store.write_shard(1, *make_batch(1))
     msg = str(err.value)

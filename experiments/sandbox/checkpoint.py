@@ -16,7 +16,7 @@ from uniprobe.experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.sandbox.query import SandboxQuery
 from uniprobe.experiments.tasks.vocab import WordTokenizer
-from uniprobe.hooks.store_files import save_safetensors
+from uniprobe.hooks.store.files import save_safetensors
 
 # package data: shipped inside uniprobe.experiments.sandbox, so a wheel install has them too
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"

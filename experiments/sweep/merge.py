@@ -59,7 +59,7 @@ def merge_parts(parts: list[Path], out: Path, identity: dict | None = None) -> A
     """Merge complete part stores (in order) into one store at ``out``; returns it opened.
 
     ``identity``: the capture identity of the whole capture
-    (``uniprobe.hooks.store_identity.capture_identity`` over every example), recorded in the merged store
+    (``uniprobe.hooks.store.identity.capture_identity`` over every example), recorded in the merged store
     as a single process would. Each part's shards are checked (sha256) before they are copied. Raises
     ``ValueError`` when a part is incomplete, or was captured with another model, other points or other
     settings than the first.

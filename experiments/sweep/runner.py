@@ -397,7 +397,7 @@ def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
 def finish_analyses(ctx: RunContext, ranks: Ranks, captured_now: bool, say: Echo, where: str) -> None:
     """Rank 0: merge the ranks' captures, then every analysis not finished before (results.json)."""
     from uniprobe.hooks.store import ActivationStore
-    from uniprobe.hooks.store_identity import capture_identity
+    from uniprobe.hooks.store.identity import capture_identity
 
     file = ctx.dir / RESULTS
     results = read_json(file) if file.exists() else {"id": ctx.run["id"], "analyses": {}}

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from uniprobe.hooks.store_errors import StoreDiskFullError
+from uniprobe.hooks.store.errors import StoreDiskFullError
 
 TMP_MARK = ".tmp."
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from uniprobe.hooks.store_errors import StoreLockedError
+from uniprobe.hooks.store.errors import StoreLockedError
 
 LOCK_NAME = ".uniprobe-writer.lock"
 _TRIES = 5
