@@ -19,21 +19,21 @@ adds the same rows for the tuned lens, beside the logit lens.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for, get_module
 from uniprobe.hooks.backends import run_capture
+from uniprobe.hooks.jsonio import pack_rows, read_json, unpack_rows, write_json
 from uniprobe.hooks.layout import ROLES
 from uniprobe.hooks.points import layer_of
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
 from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store import ActivationStore
 
@@ -133,28 +133,26 @@ class LensResult:
             )
         return out
 
-    def save(self, out: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
-        """Write lens.json (meta, summary, kl), lens_rows.csv and lens_map.png (+ lens_kl.png) to ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+    def to_dict(self) -> dict:
+        """``{"meta", "summary", "kl", "rows"}``: what ``lens.json`` (+ ``lens_rows.json``) hold."""
+        return {"meta": self.meta, "summary": self.summary(), "kl": self.kl, "rows": self.rows}
+
+    def save(self, out: str | os.PathLike, plot: bool = True) -> SavedFiles:
+        """Write lens.json (meta, summary, kl), lens_rows.json (every row, for :meth:`load`),
+        lens_rows.csv (the same rows for spreadsheets) and lens_map.png (+ lens_kl.png) to ``out``."""
+        out = result_dir(out)
         summary = self.summary()
-        files = {"json": out / "lens.json", "rows": out / "lens_rows.csv"}
-        doc = {"meta": self.meta, "summary": summary, "kl": self.kl}
-        files["json"].write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        cols = [
-            "lens",
-            "point",
-            "layer",
-            "example",
-            "pos",
-            "role",
-            "step",
-            "token",
-            "token_str",
-            "rank",
-            "prob",
-        ]
-        cols += ["top_token"]
+        files = {
+            "json": out / "lens.json",
+            "rows": out / "lens_rows.csv",
+            "rows_json": out / "lens_rows.json",
+        }
+        # lenient as before: meta may hold objects a caller put there; they are written as text
+        write_json(files["json"], {"meta": self.meta, "summary": summary, "kl": self.kl}, fallback=str)
+        # one line, column-major header: the rows are many (layers x positions x answers)
+        write_json(files["rows_json"], pack_rows(self.rows), indent=None)
+        cols = ["lens", "point", "layer", "example", "pos", "role", "step", "token", "token_str", "rank"]
+        cols += ["prob", "top_token"]
         with open(files["rows"], "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
             w.writeheader()
@@ -165,7 +163,14 @@ class LensResult:
             files["map"] = plot_lens_map(summary, out / "lens_map.png", title=self.meta.get("title"))
             if self.kl:
                 files["kl"] = plot_lens_kl(self.kl, out / "lens_kl.png")
-        return files
+        return SavedFiles(out, files)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> LensResult:
+        """Read what :meth:`save` wrote (rows from ``lens_rows.json``; the summary is recomputed)."""
+        doc = read_json(result_file(out, "lens.json"))
+        rows = unpack_rows(read_json(result_file(out, "lens_rows.json")))
+        return cls(rows, doc.get("kl", []), doc.get("meta", {}))
 
 
 def _sort_key(key: tuple) -> tuple:

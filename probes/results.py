@@ -25,6 +25,8 @@ from typing import Any
 
 from safetensors.torch import load_file
 from torch import Tensor
+from uniprobe.hooks.jsonio import read_json, write_json
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
 from uniprobe.hooks.store.files import save_safetensors
 
 COLUMNS: tuple[str, ...] = (
@@ -123,10 +125,13 @@ class ProbeResults:
         """The row with the highest accuracy."""
         return max(self.rows, key=lambda r: r["accuracy"])
 
+    def to_dict(self) -> dict:
+        """``{"meta": {...}, "rows": [...]}``: what ``results.json`` holds (directions are tensors)."""
+        return {"meta": self.meta, "rows": self.rows}
+
     def to_json(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(
-            json.dumps({"meta": self.meta, "rows": self.rows}, indent=1, default=_plain) + "\n"
-        )
+        """Write :meth:`to_dict` to ``path`` (atomically)."""
+        write_json(path, self.to_dict())
 
     def to_csv(self, path: str | os.PathLike) -> None:
         cols = list(COLUMNS) + sorted({k for r in self.rows for k in r} - set(COLUMNS))
@@ -136,10 +141,9 @@ class ProbeResults:
             for r in self.rows:
                 writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
 
-    def save(self, out: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    def save(self, out: str | os.PathLike, plot: bool = True) -> SavedFiles:
         """Write results.json, results.csv, directions.safetensors (+ .json) and probe_map.png to ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = result_dir(out)
         files = {
             "json": out / "results.json",
             "csv": out / "results.csv",
@@ -153,13 +157,13 @@ class ProbeResults:
             from uniprobe.probes.plots import plot_probe_map
 
             files["map"] = plot_probe_map(self.rows, out / "probe_map.png", title=_title(self.meta))
-        return files
+        return SavedFiles(out, files)
 
     @classmethod
     def load(cls, out: str | os.PathLike) -> ProbeResults:
-        """Read what :meth:`save` wrote."""
+        """Read what :meth:`save` wrote (the directions are empty when none were saved)."""
         out = Path(out)
-        data = json.loads((out / "results.json").read_text())
+        data = read_json(result_file(out, "results.json"))
         file = out / "directions.safetensors"
         directions = load_file(str(file)) if file.exists() else {}
         return cls(data["rows"], data["meta"], directions)
@@ -189,14 +193,14 @@ def save_directions(results: ProbeResults, path: str | os.PathLike) -> None:
         "classes": results.meta.get("classes", []),
         "probes": index,
     }
-    path.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=_plain) + "\n")
+    write_json(path.with_suffix(".json"), doc)
 
 
 def load_directions(path: str | os.PathLike) -> dict[tuple[str, str], ProbeDirection]:
     """Read ``directions.safetensors`` (+ its JSON index): ``(point, role)`` → :class:`ProbeDirection`."""
     path = Path(path)
     tensors = load_file(str(path))
-    doc = json.loads(path.with_suffix(".json").read_text())
+    doc = read_json(path.with_suffix(".json"))
     out = {}
     for entry in doc["probes"].values():
         parts = {p: tensors[name] for p, name in entry["tensors"].items()}
@@ -204,14 +208,6 @@ def load_directions(path: str | os.PathLike) -> dict[tuple[str, str], ProbeDirec
             **parts, classes=list(doc["classes"]), info=entry
         )
     return out
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def _title(meta: dict) -> str:

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for
+from uniprobe.hooks.jsonio import write_json
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
 from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store import ActivationStore
 from uniprobe.hooks.store.files import save_safetensors
@@ -59,16 +61,48 @@ class TunedLens(nn.Module):
         h = h.to(self.weight.dtype)
         return h + h @ self.weight[i].T + self.bias[i]
 
-    def save(self, path: str | os.PathLike) -> None:
-        """safetensors with ``weight`` ``[L, d, d]``, ``bias`` ``[L, d]``; the points in its metadata."""
+    @property
+    def d_model(self) -> int:
+        return int(self.bias.shape[1])
+
+    def to_dict(self) -> dict:
+        """``{"points", "d_model", "format"}``: what ``tuned_lens.json`` holds (the weights are tensors)."""
+        return {
+            "points": list(self.points),
+            "d_model": self.d_model,
+            "format": "h' = h + h @ weight[i].T + bias[i] for the i-th point; weight [L, d, d], bias [L, d]",
+        }
+
+    def save(self, path: str | os.PathLike) -> SavedFiles:
+        """Write the translators.
+
+        ``path`` ending in ``.safetensors``: that one file (``weight`` ``[L, d, d]``, ``bias`` ``[L, d]``,
+        the points in its metadata). Otherwise ``path`` is a folder: ``tuned_lens.safetensors`` and
+        ``tuned_lens.json`` (:meth:`to_dict`) in it, as every result saves.
+        """
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            self._save_tensors(path)
+            return SavedFiles(path.parent, {"tensors": path})
+        out = result_dir(path)
+        files = {"tensors": out / TENSORS, "json": out / "tuned_lens.json"}
+        self._save_tensors(files["tensors"])
+        write_json(files["json"], self.to_dict())
+        return SavedFiles(out, files)
+
+    def _save_tensors(self, path: Path) -> None:
         tensors = {"weight": self.weight.detach().contiguous(), "bias": self.bias.detach().contiguous()}
         # through a temp file: atomic, and the umask's mode (save_file alone leaves it 0600)
-        save_safetensors(Path(path), tensors, metadata={"points": json.dumps(self.points)}, what="tuned lens")
+        save_safetensors(path, tensors, metadata={"points": json.dumps(self.points)}, what="tuned lens")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TunedLens:
+        """Read a lens :meth:`save` wrote: a ``.safetensors`` file or a folder holding one."""
         from safetensors import safe_open
 
+        path = Path(path)
+        if path.is_dir() or path.suffix != ".safetensors":
+            path = result_file(path, TENSORS)
         with safe_open(str(path), framework="pt") as f:
             points = json.loads((f.metadata() or {})["points"])
         tensors = load_file(str(path))
@@ -77,6 +111,9 @@ class TunedLens(nn.Module):
             lens.weight.copy_(tensors["weight"])
             lens.bias.copy_(tensors["bias"])
         return lens
+
+
+TENSORS = "tuned_lens.safetensors"  # the tensors' file name inside a saved folder
 
 
 def _align(states: dict[str, Rows], final: Rows) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -219,6 +256,4 @@ def tuned_lens_from_capture(
 
 def save_report(report: list[dict], path: str | os.PathLike) -> Path:
     """Write a tuned-lens report as JSON."""
-    path = Path(path)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
+    return write_json(path, report)

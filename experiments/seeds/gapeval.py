@@ -20,11 +20,14 @@ library fits this two-dimensional MAP model.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+from uniprobe.hooks.jsonio import read_json, write_json
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
 
 OUTCOMES = ("11", "10", "01", "00")
 
@@ -40,6 +43,41 @@ class CategoryGap:
     theta_image: float
     delta: float
     gap: float
+
+
+@dataclass
+class GapEvalResult:
+    """The model's gap score and its categories; ``gapeval.json`` is :meth:`to_dict`.
+
+    ``GapEvalResult(*gap_score(...)).save(out)`` writes ``gapeval.json``, ``.md`` and ``.png``.
+    """
+
+    score: float
+    categories: list[CategoryGap]
+
+    def to_dict(self) -> dict:
+        """``{"score": s, "categories": [{"category", "n", "rates", "theta_text", ...}, ...]}``."""
+        return {"score": self.score, "categories": [asdict(c) for c in self.categories]}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> GapEvalResult:
+        return cls(doc["score"], [CategoryGap(**c) for c in doc["categories"]])
+
+    def save(self, out: str | os.PathLike, plot: bool = True, title: str = "") -> SavedFiles:
+        """Write ``gapeval.json``, ``gapeval.md`` and (``plot``) ``gapeval.png`` to ``out``."""
+        out = result_dir(out)
+        files = {"json": write_json(out / "gapeval.json", self.to_dict()), "md": out / "gapeval.md"}
+        heading = f"{title}: GapEval gap score" if title else ""
+        files["md"].write_text(format_gap_score(self.score, self.categories, title=heading) + "\n")
+        if plot:
+            files["png"] = out / "gapeval.png"
+            plot_gap_score(self.categories, self.score, str(files["png"]), title=title)
+        return SavedFiles(out, files)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> GapEvalResult:
+        """Read ``gapeval.json`` back."""
+        return cls.from_dict(read_json(result_file(out, "gapeval.json")))
 
 
 def outcome(text_right: bool, image_right: bool) -> str:

@@ -19,7 +19,6 @@ into the drawing run move the drawing?) — see :mod:`uniprobe.experiments.seeds
 from __future__ import annotations
 
 import copy
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table, summarize
 from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.seeds.results import InjectResult
 from uniprobe.experiments.tasks import generators as gen
 from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.prompts import Item, Prompt
@@ -169,7 +169,7 @@ def run_inject(
     suite: Suite | None = None,
     progress: bool = True,
     maps: bool = True,
-) -> dict:
+) -> InjectResult:
     """The whole protocol on ``model`` (left unchanged: each direction fine-tunes a copy).
 
     Writes ``out``: ``inject.json``, ``inject.md``, ``inject-accuracy.png``, and with ``maps`` the probe and
@@ -184,12 +184,12 @@ def run_inject(
     out.mkdir(parents=True, exist_ok=True)
     arch = model.arch
     inj = make_injection(suite, settings)
-    result: dict = {
-        "model_arch": arch,
-        "settings": asdict(settings),
-        "characters": [{"name": c.name, **c.attrs} for c in inj.characters],
-        "before": measure(model, inj, suite),
-    }
+    result = InjectResult(
+        model_arch=arch,
+        settings=asdict(settings),
+        characters=[{"name": c.name, **c.attrs} for c in inj.characters],
+        before=measure(model, inj, suite),
+    )
     models = {"before": model}
     streams = {"understanding": understanding_stream, "generation": generation_stream}
     for direction in DIRECTIONS:
@@ -208,14 +208,6 @@ def run_inject(
                 "patch": knowledge_patch_map(m, inj.items, out, tag=when, n_pairs=settings.patch_pairs),
             }
     plot_accuracy(result, out / "inject-accuracy.png")
-    md = format_inject(result)
-    (out / "inject.md").write_text(md + "\n")
-    (out / "inject.json").write_text(json.dumps(result, indent=1, default=_jsonable))
-    result["markdown"] = md
+    result["markdown"] = format_inject(result)
+    result.save(out)  # inject.json, inject.md
     return result
-
-
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    return str(x)

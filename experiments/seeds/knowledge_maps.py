@@ -6,7 +6,6 @@ Used by knowledge injection before and after fine-tuning; works on any sandbox m
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from uniprobe.experiments.demo_sections import GEN_ROLE, _plot_patch, examples_of, patch_map
 from uniprobe.experiments.tasks.prompts import Item
 from uniprobe.experiments.tasks.suite import Suite, knowledge_items
+from uniprobe.hooks.jsonio import write_json
 from uniprobe.hooks.pipeline import capture_dataset
 
 READS = (("text", "last"), (None, "mean"))  # (<boi>: the last prompt word), (generation positions: mean)
@@ -72,9 +72,7 @@ def knowledge_probe_map(
             groups.append(ProbeGroup(point, f"gen:{role}", m.values.float(), m.example.long()))
     res = train_probes(groups, y, classes, split, label="answer", folds=folds, n_boot=n_boot)
     rows = [dict(r) for r in res.rows]
-    (out / f"probe-{tag}.json").write_text(
-        json.dumps({"rows": rows, "meta": res.meta}, indent=1, default=str)
-    )
+    write_json(out / f"probe-{tag}.json", {"rows": rows, "meta": res.meta}, fallback=str)
     plot_probe_map(
         rows, out / f"probe-{tag}.png", title=f"sandbox-{arch} ({tag}): new facts readable in drawing runs?"
     )
@@ -100,7 +98,7 @@ def knowledge_patch_map(model: Any, new_items: list[Item], out: Path, tag: str, 
     if not pairs:
         raise ValueError("no pair of new characters with different favourites to patch between")
     result = patch_map(model, model.arch, pairs, align_knowledge)
-    (out / f"patch-{tag}.json").write_text(json.dumps(result, indent=1))
+    write_json(out / f"patch-{tag}.json", result)
     _plot_patch(
         np.array(result["grid"]), result["columns"], out / f"patch-{tag}.png", model.arch,
         title=f"sandbox-{model.arch} ({tag}): knowledge, understanding → drawing",

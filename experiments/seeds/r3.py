@@ -14,12 +14,15 @@ where the object is the model's own answer and any positive count agrees).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.generators import tile_phrase
 from uniprobe.experiments.tasks.prompts import Item, Prompt
+from uniprobe.hooks.jsonio import read_json, write_json
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
 
 
 @dataclass
@@ -36,8 +39,34 @@ class R3Round:
 
 @dataclass
 class R3Result:
+    """Per-round outcomes and the ids of the samples; ``r3.json`` is :meth:`to_dict`."""
+
     rounds: list[R3Round]
     items: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """``{"rounds": [{"round", "accuracy", "improved", ...}, ...], "items": [...]}``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> R3Result:
+        return cls([R3Round(**r) for r in doc["rounds"]], list(doc.get("items", [])))
+
+    def save(self, out: str | os.PathLike, plot: bool = True, title: str = "") -> SavedFiles:
+        """Write ``r3.json``, ``r3.md`` and (``plot``) ``r3.png`` to ``out``."""
+        out = result_dir(out)
+        files = {"json": write_json(out / "r3.json", self.to_dict()), "md": out / "r3.md"}
+        heading = f"{title}: R3 generate → understand → regenerate" if title else ""
+        files["md"].write_text(format_r3(self, title=heading) + "\n")
+        if plot:
+            files["png"] = out / "r3.png"
+            plot_r3(self, str(files["png"]), title=f"{title}: R3" if title else "")
+        return SavedFiles(out, files)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> R3Result:
+        """Read ``r3.json`` back."""
+        return cls.from_dict(read_json(result_file(out, "r3.json")))
 
 
 def eligible(items: Sequence[Item]) -> list[Item]:

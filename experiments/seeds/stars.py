@@ -15,7 +15,6 @@ change of attention and MLP.
 from __future__ import annotations
 
 import copy
-import json
 import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from uniprobe.experiments.sandbox.evaluate import evaluate_items
 from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.seeds.results import StarsResult
 from uniprobe.experiments.tasks import generators as gen
 from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.prompts import Item, Prompt
@@ -145,7 +145,7 @@ def run_stars(
     settings: StarsSettings | None = None,
     suite: Suite | None = None,
     progress: bool = True,
-) -> dict:
+) -> StarsResult:
     """The whole protocol on a copy of ``model`` (returned as ``result["model"]``); writes ``stars.json``,
     ``stars.md`` and figures in ``out``."""
     from uniprobe.experiments.seeds.stars_report import format_stars, plot_stars
@@ -162,7 +162,7 @@ def run_stars(
             "STARS kept no sample: the model's own judge accepted none of its CoT drawings. "
             "Is the checkpoint trained (uniprobe gap shows understanding and CoT accuracy)?"
         )
-    result: dict = {"model_arch": model.arch, "settings": asdict(settings), "filter": filt}
+    result = StarsResult(model_arch=model.arch, settings=asdict(settings), filter=filt)
     result["before"] = per_level(model, test)
     tuned = copy.deepcopy(model)
     rng = random.Random(settings.seed + 3)
@@ -192,9 +192,7 @@ def run_stars(
                 "patch": run_patching(m, suite.items, m.arch, d),
             }
     plot_stars(result, out / "stars.png")
-    md = format_stars(result)
-    (out / "stars.md").write_text(md + "\n")
-    (out / "stars.json").write_text(json.dumps(result, indent=1, default=str))
-    result["markdown"] = md
+    result["markdown"] = format_stars(result)
+    result.save(out)  # stars.json, stars.md
     result["model"] = tuned
     return result

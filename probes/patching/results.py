@@ -1,13 +1,24 @@
-"""PatchResult: per-site metric values, both baselines, the normalised effect, and JSON."""
+"""PatchResult: per-site metric values, both baselines, the normalised effect, and JSON.
+
+``PatchResult.save(out)`` writes ``out/patch.json`` (:meth:`PatchResult.to_dict`: NaN as ``null``) and
+``out/patch.safetensors`` (``values`` ``[n_sites]`` exactly, NaN kept); ``PatchResult.load(out)`` reads both.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+from uniprobe.hooks.jsonio import read_json, write_json
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
+from uniprobe.hooks.store.files import save_safetensors
 from uniprobe.probes.patching.sites import PatchSite, SiteGrid
+
+JSON, TENSORS = "patch.json", "patch.safetensors"
 
 
 def normalise(values: torch.Tensor, clean: float, corrupted: float) -> torch.Tensor:
@@ -56,7 +67,7 @@ class PatchResult:
             raise ValueError("these sites were not built as a grid; read .values / .sites")
         return self.grid.reshape(self.normalised if normalised else self.values)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain JSON: grid (raw and normalised), axes, baselines, metric, timing."""
         out: dict[str, Any] = {
             "method": self.method,
@@ -83,6 +94,43 @@ class PatchResult:
             out["grid"] = _nan_to_none(self.as_grid(False).tolist())
             out["grid_normalised"] = _nan_to_none(self.as_grid(True).tolist())
         return out
+
+    to_json = to_dict  # the older name, kept for callers
+
+    def save(self, out: str | os.PathLike) -> SavedFiles:
+        """Write ``patch.json`` (:meth:`to_dict`) and ``patch.safetensors`` (``values`` ``[n_sites]``)."""
+        out = result_dir(out)
+        files = {"json": out / JSON, "tensors": out / TENSORS}
+        write_json(files["json"], self.to_dict())
+        save_safetensors(files["tensors"], {"values": self.values.detach().contiguous()}, what="patch values")
+        return SavedFiles(out, files)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> PatchResult:
+        """Read what :meth:`save` wrote: sites, grid axes, baselines and the exact ``values``."""
+        doc = read_json(result_file(out, JSON))
+        values = load_file(str(result_file(out, TENSORS)))["values"]
+        sites = [
+            PatchSite(
+                s["point"],
+                tuple(s["positions"]),
+                None if s["source_positions"] == s["positions"] else tuple(s["source_positions"]),
+                s["label"],
+            )
+            for s in doc["sites"]
+        ]
+        grid = None
+        if "axes" in doc:
+            axes = dict(doc["axes"])
+            kinds, layers, columns = axes.pop("kind"), axes.pop("layer"), axes.pop("column")
+            grid = SiteGrid(sites, kinds, layers, columns, axes)
+        timing = dict(doc["timing"])
+        seconds = timing.pop("seconds")
+        info = {**timing, "notes": list(doc.get("notes", []))}  # to_dict always writes notes
+        return cls(
+            values, doc["baselines"]["clean"], doc["baselines"]["corrupted"], sites, grid,
+            doc["method"], doc["direction"], doc["metric"], seconds, info,
+        )  # fmt: skip
 
 
 def _nan_to_none(x: Any) -> Any:
