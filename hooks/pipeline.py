@@ -165,7 +165,7 @@ def check_rows_stored(store: ActivationStore, roles: list[str] | None, mode: str
             f"(rows per point: {rows}; roles requested: {roles or 'all'}; roles in the examples' layouts: "
             f"{have}); probes could never read {'it' if len(empty) == 1 else 'them'}. A role no example "
             f"has{why} leaves a point empty. The store is left incomplete: capture again with "
-            "--overwrite (overwrite=True) and roles / points that the examples have"
+            "overwrite=True and roles / points that the examples have"
         )
     for role in roles or []:
         if not any(counts.get(role) for counts in per_point.values()):

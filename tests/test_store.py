@@ -384,7 +384,7 @@ def test_create_on_existing_store_requires_resume_or_overwrite(tmp_path):
     assert isinstance(err.value, FileExistsError)
     msg = str(err.value)
     assert "already exists" in msg and "2 finished shards" in msg
-    assert "--resume" in msg and "--overwrite" in msg
+    assert "resume=True" in msg and "overwrite=True" in msg and "--" not in msg  # library spelling
     assert len(list((tmp_path / "s").glob("shard-*.safetensors"))) == 2  # untouched
 
     (tmp_path / "s" / "notes.txt").write_text("mine")
@@ -465,7 +465,7 @@ def test_truncated_shard_is_corrupt_at_open(tmp_path):
         ActivationStore.open(tmp_path / "s")
     msg = str(err.value)
     assert "shard-00001.safetensors" in msg and "bytes" in msg
-    assert "delete that shard file" in msg and "--resume" in msg
+    assert "delete that shard file" in msg and "resume=True" in msg
     assert isinstance(err.value, ValueError)
 
 
@@ -505,7 +505,7 @@ def test_corrupt_manifest_json_is_clear_and_resume_rebuilds(tmp_path):
     manifest.write_text(manifest.read_text()[:200])
     with pytest.raises(StoreCorruptError) as err:
         ActivationStore.open(tmp_path / "s")
-    assert "manifest.json is not valid JSON" in str(err.value) and "--resume" in str(err.value)
+    assert "manifest.json is not valid JSON" in str(err.value) and "resume=True" in str(err.value)
 
     with pytest.warns(UserWarning, match="rebuilding"):
         store = ActivationStore.create(tmp_path / "s", model=MODEL, points=POINTS, resume=True)
@@ -548,7 +548,7 @@ def test_shard_missing_a_point_is_corrupt(tmp_path):
         StoreCorruptError, match="shard-00000.safetensors has no tensor 'queries/values'"
     ) as err:
         store.rows("blocks.0.resid_post")
-    assert "'queries/branch'" in str(err.value) and "--resume" in str(err.value)
+    assert "'queries/branch'" in str(err.value) and "resume=True" in str(err.value)
     with pytest.raises(StoreCorruptError, match="shard-00000"):
         store.rows("queries")
     with pytest.raises(StoreCorruptError, match="queries/example"):

@@ -103,7 +103,7 @@ def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path, model,
     with pytest.raises(ResumeMismatchError) as err:
         capture_dataset(model, data, "blocks.*.resid_post", out, resume=True, progress=False, **kw)
     msg = str(err.value)
-    assert field in msg and "--overwrite" in msg and "new directory" in msg and "same" in msg
+    assert field in msg and "overwrite=True" in msg and "new directory" in msg and "same" in msg
     assert isinstance(err.value, ValueError)  # the CLI's exit status 2
     assert _store_files(out) == before  # refused before anything was written (no lock left either)
     # the same settings continue it, and the result is exactly one capture
@@ -286,7 +286,7 @@ def test_manifest_edit_is_caught_at_open(tmp_path, what):
         with pytest.raises(StoreCorruptError) as err:
             ActivationStore.open(tmp_path / "s", verify=verify)
         msg = str(err.value)
-        assert "changed after it was written" in msg and named in msg and "--resume" in msg
+        assert "changed after it was written" in msg and named in msg and "resume=True" in msg
 
 
 @pytest.mark.parametrize("what", sorted(EDITS))
@@ -413,7 +413,7 @@ def test_capture_with_no_rows_at_a_point_is_an_error_and_stays_incomplete(tmp_pa
         )
     msg = str(err.value)
     assert "no rows at 'blocks.0.resid_post'" in msg and "blocks.0.resid_post 0" in msg
-    assert "['image_gen']" in msg and "text (" in msg and "--overwrite" in msg
+    assert "['image_gen']" in msg and "text (" in msg and "overwrite=True" in msg
     store = ActivationStore.open(out)
     assert not store.complete and not (out / LOCK_NAME).exists()
 
@@ -547,7 +547,7 @@ def test_disk_full_while_writing_a_shard(tmp_path, monkeypatch):
         and "needs about" in msg
         and "free on that disk:" in msg
     )
-    assert "--resume" in msg
+    assert "resume=True" in msg
     names = sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != LOCK_NAME)
     assert names == ["manifest.json", "shard-00000.safetensors"]  # no temp file left
     assert (tmp_path / "s" / "manifest.json").read_bytes() == manifest

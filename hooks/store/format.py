@@ -83,9 +83,9 @@ ST_DTYPE = {
     torch.bool: "BOOL",
 }
 # the fixes error messages name (library spelling: a command line adds its flag names)
-FIX_SHARD = "delete that shard file and re-run capture with --resume (resume=True) to rewrite it"
+FIX_SHARD = "delete that shard file and re-run capture with resume=True to rewrite it"
 FIX_MANIFEST = (
-    "restore the original manifest.json, or re-run capture with --resume (resume=True) to rebuild it "
+    "restore the original manifest.json, or re-run capture with resume=True to rebuild it "
     "from the shard headers"
 )
 
@@ -172,8 +172,8 @@ def read_manifest_json(path: Path) -> dict:
         n = len(shard_files(path))
         if n:
             raise StoreCorruptError(
-                f"{file} is missing but {path} holds {n} shard files; re-run capture with --resume "
-                "(resume=True) to rebuild the manifest from the shard headers"
+                f"{file} is missing but {path} holds {n} shard files; re-run capture with resume=True "
+                "to rebuild the manifest from the shard headers"
             )
         raise FileNotFoundError(f"no activation store at {path} (no {MANIFEST}); run capture to create one")
     if not inside(path, file):
@@ -185,7 +185,7 @@ def read_manifest_json(path: Path) -> dict:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise StoreCorruptError(
-            f"{file} is not valid JSON ({e}); re-run capture with --resume (resume=True) to rebuild it "
+            f"{file} is not valid JSON ({e}); re-run capture with resume=True to rebuild it "
             "from the shard headers"
         ) from None
     if not isinstance(manifest, dict):

@@ -193,7 +193,7 @@ class IntegrityChecks:
             missing.append("identity")
         if missing:
             raise StoreCorruptError(
-                f"{file} lacks keys {missing}; re-run capture with --resume to rebuild it"
+                f"{file} lacks keys {missing}; re-run capture with resume=True to rebuild it"
             )
         if not isinstance(m["schema_version"], int) or m["schema_version"] > SCHEMA_VERSION:
             raise StoreCorruptError(
@@ -230,7 +230,7 @@ class IntegrityChecks:
             if not ok:
                 raise StoreCorruptError(
                     f"{file}: shard record {r!r} does not match the manifest's examples and points; "
-                    "re-run capture with --resume, or --overwrite to start again"
+                    "re-run capture with resume=True, or overwrite=True to start again"
                 )
             seen.add(index)
         holes = [i for i in range(len(spans)) if i not in seen]
@@ -238,7 +238,7 @@ class IntegrityChecks:
             where = ", ".join(f"shard {i} (examples {spans[i][0]}..{spans[i][1] - 1})" for i in holes)
             raise StoreCorruptError(
                 f"{file} lists examples of {where} but no finished shard for them; "
-                "re-run capture with --resume"
+                "re-run capture with resume=True"
             )
 
     def _check_record_file(self, record: Any) -> None:

@@ -126,7 +126,7 @@ def _held_message(directory: Path, file: Path, holder: dict[str, Any]) -> str:
     return (
         f"the activation store {directory} is being written by another process: pid {pid} on host "
         f"{host} (since {holder.get('created', '?')}, command: {cmd}) holds its writer lock {file}. "
-        "Two writers would corrupt the store: wait for that capture to finish (add --resume if it "
+        "Two writers would corrupt the store: wait for that capture to finish (add resume=True if it "
         "stopped early), stop it, or capture into a new directory. If you are sure no process writes "
         f"this store (e.g. the holder ran on another machine and died), delete {file}"
     )

@@ -92,7 +92,7 @@ class Resume:
                 f"cannot resume the store at {path}: this run differs from the capture that started it — "
                 f"{'; '.join(problems)}. A resumed capture must continue exactly the capture that was "
                 "started: re-run with the same model, points, prompts file and settings (batch size, "
-                "roles, positions, mode, dtype, adapter, backend), pass overwrite=True (--overwrite) to "
+                "roles, positions, mode, dtype, adapter, backend), pass overwrite=True to "
                 "start again, or capture into a new directory"
             )
         manifest.setdefault("attrs", {}).update(attrs)
@@ -162,7 +162,7 @@ class Resume:
                 raise ResumeMismatchError(
                     f"cannot resume {path}: {file} was captured with model {meta['model']} and points "
                     f"{meta['points']}, not the requested {model} and {points}; pass overwrite=True "
-                    "(--overwrite) to start again"
+                    "to start again"
                 )
             if index == 0:  # schema 2 headers carry what only the manifest carried before
                 manifest["roles"] = meta.get("roles", manifest["roles"])

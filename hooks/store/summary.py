@@ -70,7 +70,9 @@ class Summary:
         """A human-readable description: model, status, examples, shards, points, labels, size."""
         m = self._m
         size = human_bytes(self.size_on_disk())
-        status = "complete" if m["complete"] else "INCOMPLETE (capture unfinished; continue it with --resume)"
+        status = (
+            "complete" if m["complete"] else "INCOMPLETE (capture unfinished; continue it with resume=True)"
+        )
         lines = [
             f"ActivationStore at {self.path}",
             f"  model: {json.dumps(m['model'])}",

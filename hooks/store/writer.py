@@ -175,8 +175,8 @@ class Writer:
         except (StoreCorruptError, FileNotFoundError):
             what = f"{len(files)} shard files, manifest missing or unreadable"
         return (
-            f"an activation store already exists at {path} ({what}); pass resume=True (--resume) to "
-            "continue it, or overwrite=True (--overwrite) to delete it and start again"
+            f"an activation store already exists at {path} ({what}); pass resume=True to "
+            "continue it, or overwrite=True to delete it and start again"
         )
 
     @staticmethod
@@ -239,7 +239,7 @@ class Writer:
                 raise ValueError(
                     f"shard {index} is being rewritten but holds example ids {new_ids[:5]}… where the store "
                     f"had {old_ids[:5]}… ({last - first} examples); capture must batch the same way to "
-                    "resume, or pass --overwrite to start again"
+                    "resume, or pass overwrite=True to start again"
                 )
         elif index == len(self._spans):
             first = self._spans[-1][1] if self._spans else 0
@@ -273,7 +273,7 @@ class Writer:
             lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: header}),
             what=f"shard {index} of the activation store {self.path}",
             needed=sum(t.numel() * t.element_size() for t in tensors.values()) + len(header),
-            fix="re-run capture with --resume (resume=True) to continue",
+            fix="re-run capture with resume=True to continue",
             inspect=lambda tmp: (sha256_file(tmp), tmp.stat().st_size),
         )
         file = self.path / shard_name(index)
@@ -364,5 +364,5 @@ class Writer:
             self.path / MANIFEST,
             dumps_manifest(self._m),
             what=f"the manifest of the activation store {self.path}",
-            fix="re-run capture with --resume (resume=True) to continue",
+            fix="re-run capture with resume=True to continue",
         )
