@@ -17,7 +17,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from uniprobe.experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table, summarize  # noqa: E402
 from uniprobe.experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score  # noqa: E402
 from uniprobe.experiments.tasks import world  # noqa: E402
@@ -113,7 +112,7 @@ def run_probes(stores: dict[str, Any], arch: str, out: Path) -> list[dict]:
     rows = []
     plans = [("und", "text", "last"), ("gen", "text", "last"), ("gen", GEN_ROLE[arch], "mean")]
     for run, role, reduce in plans:
-        view = _arithmetic_view(stores[run], out / f"store-{arch}-{run}-arithmetic")
+        view = _arithmetic_view(stores[run])
         res = probe_store(view, "answer", roles=[role], reduce=reduce, group_by="entity", folds=4, n_boot=300)
         for r in res.rows:
             rows.append({**r, "role": f"{run}:{role}"})
@@ -124,24 +123,9 @@ def run_probes(stores: dict[str, Any], arch: str, out: Path) -> list[dict]:
     return rows
 
 
-def _arithmetic_view(store: Any, path: Path) -> Any:
-    """The arithmetic items of a store as their own small store (probes read whole stores)."""
-    from uniprobe.hooks.store import ActivationStore
-
-    keep = [i for i, ex in enumerate(store.examples) if ex["labels"]["category"] == "arithmetic"]
-    sub = ActivationStore.create(path, model=store.model, points=store.points, overwrite=True)
-    rows = {}
-    index = {old: new for new, old in enumerate(keep)}
-    for p in store.points:
-        r = store.rows(p)
-        mask = torch.tensor([int(e) in index for e in r.example.tolist()], dtype=torch.bool)
-        r = r.select(mask)
-        r.example = torch.tensor([index[int(e)] for e in r.example.tolist()], dtype=torch.long)
-        rows[p] = r
-    exs = [{k: store.examples[i][k] for k in ("id", "labels", "meta", "layout")} for i in keep]
-    sub.write_shard(0, rows, exs)
-    sub.finalize()
-    return ActivationStore.open(path)
+def _arithmetic_view(store: Any) -> Any:
+    """The arithmetic items of a store, as a read-only view (probes read whole stores; nothing is copied)."""
+    return store.subset(i for i, ex in enumerate(store.examples) if ex["labels"]["category"] == "arithmetic")
 
 
 # -- logit lens --------------------------------------------------------------------------------
