@@ -153,7 +153,7 @@ def check_rows_stored(store: ActivationStore, roles: list[str] | None, mode: str
     Raises:
         EmptyCaptureError: naming the empty points, rows per point and the roles the examples have.
     """
-    per_point = {p: store.role_rows(p) for p in store.points}
+    per_point = {p: store.role_counts(p) for p in store.points}
     empty = [p for p, counts in per_point.items() if not counts]
     in_layouts = Counter(ROLES[r] for ex in store.examples for r in ex["layout"])
     have = ", ".join(f"{r} ({in_layouts[r]} positions)" for r in ROLES if in_layouts[r]) or "none"

@@ -27,15 +27,14 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from uniprobe.hooks.layout import ROLES
-from uniprobe.hooks.points import expand, layer_of
+from uniprobe.hooks.points import expand
 from uniprobe.hooks.store import ActivationStore
 from uniprobe.hooks.store.errors import IncompleteStoreWarning
+from uniprobe.probes.design import ProbeGroup, encode_labels, read_group, role_selections
 from uniprobe.probes.results import ProbeResults, nan_to_none, probe_key
 from uniprobe.probes.solvers import (
     Design,
@@ -51,7 +50,6 @@ from uniprobe.probes.splits import (
     Split,
     bootstrap_ci,
     check_class_counts,
-    label_key,
     make_split,
     shuffled_labels,
 )
@@ -59,38 +57,6 @@ from uniprobe.probes.splits import (
 METHODS: tuple[str, ...] = ("logistic", "ridge")
 DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 _ABSENT = -1e9  # bias of a class a probe never saw in training: never predicted
-
-
-@dataclass
-class ProbeGroup:
-    """One probe's data.
-
-    Attributes:
-        point, role: where the activations were read (``role`` may join several with ``+``).
-        values: ``[n, d]`` one row per example (already reduced over positions).
-        example: ``[n]`` int64 global example indices (into the label vector).
-    """
-
-    point: str
-    role: str
-    values: Tensor
-    example: Tensor
-
-    @property
-    def layer(self) -> int | None:
-        return layer_of(self.point)
-
-
-def encode_labels(values: Sequence[Any]) -> tuple[Tensor, list]:
-    """Label values → (``[N]`` int64 class indices, ``-1`` where ``None``; the sorted class values)."""
-    keys = sorted({label_key(v) for v in values if v is not None})
-    index = {k: i for i, k in enumerate(keys)}
-    first = {}
-    for v in values:
-        if v is not None:
-            first.setdefault(label_key(v), v)
-    y = torch.tensor([-1 if v is None else index[label_key(v)] for v in values], dtype=torch.long)
-    return y, [first[k] for k in keys]
 
 
 def train_probes(
@@ -496,7 +462,7 @@ def probe_store(
     y, classes = encode_labels(store.labels(label))
     groups_of = store.labels(group_by) if group_by else None
     split = make_split(y, groups_of, folds=folds, test_size=test_size, seed=seed, grouping=group_by)
-    selections = _role_selections(store, names, roles)
+    selections = role_selections(store, names, roles)
     # read and train a slice of the points at a time: memory holds one slice of matrices
     per_point = store.n_examples * max(math.prod(store.feature_shape(p)) for p in names) * 4
     chunk = max(1, max_bytes // max(per_point * max(len(selections[p]) for p in names), 1))
@@ -506,7 +472,7 @@ def probe_store(
         groups = []
         for point in names[start : start + chunk]:
             for sel in selections[point]:
-                groups.append(_read_group(store, point, sel, reduce, step, branch))
+                groups.append(read_group(store, point, sel, reduce, step, branch))
         for g in groups:
             used.update(g.example[y[g.example] >= 0].tolist())
         parts.append(
@@ -555,56 +521,3 @@ def incomplete_message(store: ActivationStore) -> str:
         f"{store.n_examples} examples present{of}; finish it with `uniprobe capture ... --resume` "
         "(the same command plus --resume) for results on every example"
     )
-
-
-def _read_group(
-    store: ActivationStore,
-    point: str,
-    sel: tuple[str, ...],
-    reduce: str | int,
-    step: int | Iterable[int] | None,
-    branch: str | int | None,
-) -> ProbeGroup:
-    try:
-        m = store.matrix(point, role=list(sel), reduce=reduce, step=step, branch=branch)
-    except ValueError as err:
-        present = _roles_present(store, point)
-        raise ProbeInputError(
-            f"role selection {'+'.join(sel)!r} has no rows at point {point!r} "
-            f"(step {step!r}, branch {branch!r}); roles present there: "
-            f"{', '.join(f'{r} ({c} rows)' for r, c in present.items()) or 'none'}. ({err})"
-        ) from None
-    return ProbeGroup(point, "+".join(sel), m.values, m.example)
-
-
-def _roles_present(store: ActivationStore, point: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for rec in store.manifest["shards"]:
-        for role, c in rec["role_rows"].get(point, {}).items():
-            counts[role] = counts.get(role, 0) + c
-    return counts
-
-
-def _role_selections(
-    store: ActivationStore, points: list[str], roles: Iterable[str | Sequence[str]] | None
-) -> dict[str, list[tuple[str, ...]]]:
-    if roles is None:
-        out = {}
-        for p in points:
-            present = [r for r in ROLES if r in _roles_present(store, p) and r != "pad"]
-            if not present:
-                raise ProbeInputError(f"point {p!r} has no rows in {store.path}")
-            out[p] = [(r,) for r in present]
-        return out
-    sels = [(r,) if isinstance(r, str) else tuple(r) for r in roles]
-    if not sels or any(not s for s in sels):
-        present = sorted({r for p in points for r in _roles_present(store, p)})
-        raise ProbeInputError(
-            f"empty role selection; pass at least one role (roles present in {store.path}: "
-            f"{', '.join(present)})"
-        )
-    for s in sels:
-        for r in s:
-            if r not in ROLES:
-                raise ProbeInputError(f"unknown role {r!r}; roles are {', '.join(ROLES)}")
-    return {p: sels for p in points}
