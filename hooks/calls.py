@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from uniprobe.hooks.adapters.base import get_module
+from uniprobe.hooks.hookset import HookSet, input_tensor
 
 PATTERNS = ("any", "generation")
 # the names transformers has used for the cache keyword, newest first (checked in cache_kwarg)
@@ -191,12 +193,10 @@ _PATTERN_TEXT = {
 }
 
 
-def track_calls(model: nn.Module, blocks: str, log: CallLog) -> Any:
-    """Register the call tracker on block 0 of ``blocks`` (a module path); returns the hook handle."""
-    from uniprobe.hooks.adapters.base import get_module
-    from uniprobe.hooks.capture import input_tensor
+def track_calls(hooks: HookSet, model: nn.Module, blocks: str, log: CallLog) -> Any:
+    """Put the call tracker on block 0 of ``blocks`` (a module path) in ``hooks``; returns its handle."""
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         log.begin(*call_extent(args, kwargs, input_tensor(args, kwargs)))
 
-    return get_module(model, f"{blocks}.0").register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return hooks.pre(get_module(model, f"{blocks}.0"), pre_hook)

@@ -21,40 +21,15 @@ every handle is removed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from uniprobe.hooks.adapters.base import Adapter, Site, get_module
+from uniprobe.hooks.adapters.base import Adapter
 from uniprobe.hooks.calls import Call, CallLog, track_calls
+from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import ROLE_ID, TokenLayout, role_ids
 from uniprobe.hooks.rows import Rows
-
-
-def pick(value: Any, index: int | None) -> torch.Tensor:
-    """The tensor inside a module input/output (tuples and ModelOutputs unwrapped)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict):  # ModelOutput is a dict
-        value = tuple(value.values())
-    if isinstance(value, (tuple, list)):
-        t = value[index or 0]
-        if isinstance(t, torch.Tensor):
-            return t
-    raise TypeError(f"hook expected a tensor (or a tuple holding one), got {type(value).__name__}")
-
-
-def input_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
-    """First tensor argument of a module call (positional, else ``hidden_states`` or first tensor kwarg)."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"]
-    for v in kwargs.values():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v
-    raise TypeError("hooked module was called without a tensor input")
 
 
 class Captured:
@@ -192,7 +167,7 @@ class Captured:
         return f"Captured({len(self.points)} points, {len(self.calls)} calls, rows={sizes})"
 
 
-class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
+class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.no_grad
     """Context manager: hook ``points`` of ``model`` and collect them into a :class:`Captured`.
 
     Args:
@@ -223,43 +198,24 @@ class capture:  # noqa: N801 — used as a context manager, like torch.no_grad
     ) -> None:
         from uniprobe.hooks.adapters import adapter_for
 
+        super().__init__()
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.points = self.adapter.expand(model, points)
         log = CallLog(model, expect)
         self.result = Captured(self.points, layout, roles, positions, dtype, device, cfg_batch, log)
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> Captured:
-        try:
-            self._handles.append(track_calls(self.model, self.adapter.blocks, self.result.log))
-            for point in self.points:
-                self._register(point, self.adapter.site(self.model, point))
-        except BaseException:
-            self._remove()
-            raise
+    def install(self) -> None:
+        result = self.result
+        track_calls(self, self.model, self.adapter.blocks, result.log)
+        for point in self.points:
+            self.read(self.model, self.adapter.site(self.model, point), _adder(result, point))
+
+    def __enter__(self) -> Captured:  # type: ignore[override] — the capture hands out its result
+        super().__enter__()
         return self.result
 
-    def __exit__(self, *exc: object) -> None:
-        self._remove()
 
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _register(self, point: str, site: Site) -> None:
-        module = get_module(self.model, site.module)
-        result = self.result
-        if site.io == "input":
-
-            def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                result.add(point, input_tensor(args, kwargs))
-
-            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        else:
-
-            def hook(mod: nn.Module, args: tuple, output: Any) -> None:
-                result.add(point, pick(output, site.index))
-
-            self._handles.append(module.register_forward_hook(hook))
+def _adder(result: Captured, point: str) -> Callable[[torch.Tensor], None]:
+    """``tensor -> None``: records one call's tensor at ``point`` (a closure per point)."""
+    return lambda t: result.add(point, t)

@@ -1,6 +1,8 @@
 """Tiny unified multimodal models of the sandbox (AR Janus-style, query-based MetaQuery-style), their
-training, checkpoints and the gap table."""
+training, checkpoints and the gap table. Importing the package registers their adapters
+(:mod:`uniprobe.experiments.sandbox.adapter`)."""
 
+from uniprobe.experiments.sandbox.adapter import SANDBOX_AR, SANDBOX_QUERY
 from uniprobe.experiments.sandbox.ar import SandboxAR
 from uniprobe.experiments.sandbox.base import SandboxModel, SandboxOutput
 from uniprobe.experiments.sandbox.checkpoint import (
@@ -15,6 +17,8 @@ from uniprobe.experiments.sandbox.sequences import ROLE_NAMES, Batch, Segment
 
 __all__ = [
     "ROLE_NAMES",
+    "SANDBOX_AR",
+    "SANDBOX_QUERY",
     "Batch",
     "ChecksumError",
     "SandboxAR",

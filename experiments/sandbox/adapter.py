@@ -1,11 +1,15 @@
-"""The two built-in sandbox models (``experiments/sandbox``): Janus-style AR and MetaQuery-style.
+"""Adapters of the two sandbox models: Janus-style AR (:class:`SandboxAR`) and MetaQuery-style
+(:class:`SandboxQuery`), registered with :func:`uniprobe.hooks.adapters.register_adapter` when this
+package is imported (``uniprobe.experiments.sandbox`` imports this module, and every sandbox model
+class lives in that package, so a sandbox model never exists without its adapter registered).
 
 Both keep a transformers causal LM at ``lm`` and feed it ``inputs_embeds`` built by
 ``embed_inputs``, so every canonical point is a hook on ``lm.model``. Examples are dicts with a
 ``prompt`` (text with ``<image>`` markers, or a task ``Prompt`` carrying its images) and, for
 teacher-forced drawing (``mode="generation"``), an optional ``target`` (tile codes). The model
 itself builds the batch and the role of every position (``model.prompt_layout``), so this adapter
-is data plus three short functions; it never imports ``experiments``.
+is data plus three short functions. It lives with the sandbox, not in ``uniprobe.hooks``, because
+it is sandbox knowledge: ``hooks`` never imports ``experiments``.
 
 Generation (``mode="generate"``): the sandbox models draw by re-running the whole stream at each
 step (no KV cache), so the drawing is made first and then replayed in one teacher-forced forward
@@ -19,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from uniprobe.hooks.adapters import register_adapter
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site
 from uniprobe.hooks.layout import TokenLayout, role_ids
 
@@ -117,3 +122,7 @@ SANDBOX_QUERY = Adapter(
     notes="MetaQuery-style sandbox: Qwen2 backbone, N learnable queries → connector → grid decoder",
     **_COMMON,
 )
+
+# found by class name through the registry (adapter_for), like the built-in families
+register_adapter(SANDBOX_AR)
+register_adapter(SANDBOX_QUERY)

@@ -1,7 +1,9 @@
 """Model-family adapters and the registry that picks one for a model.
 
 ``adapter_for(model)`` looks at ``model.uniprobe_adapter`` (an :class:`Adapter` or a
-registered name) and then at the model's class name. Register your own with
+registered name) and then at the model's class name, among the registered adapters: the
+built-in families below, plus any that a package registered on import (the sandbox models'
+adapters live in ``uniprobe.experiments.sandbox`` and register themselves there). Register your own with
 :func:`register_adapter` or build a query-based one from a spec (``uniprobe.hooks.adapters.query``).
 """
 
@@ -12,12 +14,11 @@ from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site, get_module
 from uniprobe.hooks.adapters.causal_lm import CAUSAL_LM
 from uniprobe.hooks.adapters.janus import JANUS
 from uniprobe.hooks.adapters.query import TINY_QUERY, load_adapter_file, query_adapter
-from uniprobe.hooks.adapters.sandbox import SANDBOX_AR, SANDBOX_QUERY
 from uniprobe.hooks.adapters.unified_vocab import CHAMELEON, EMU3
 
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY, SANDBOX_AR, SANDBOX_QUERY)
-}
+    a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY)
+}  # more register themselves on import (the sandbox's: uniprobe.experiments.sandbox.adapter)
 
 
 class NoAdapterError(TypeError):

@@ -80,6 +80,11 @@ class Adapter:
         tl_view: ``model -> nn.Module``: the transformers causal LM TransformerLens wraps.
         tl_embed: ``(model, inputs) -> inputs_embeds [batch, pos, d]`` when the backbone must be fed
             embeddings (image features merged, query tokens appended); None = feed ``input_ids``.
+        teacher_forced: ``(inputs, image_tokens [batch, n] or [n]) -> ModelInputs``: generation-mode
+            prompt inputs extended by target image tokens, for one teacher-forced forward (the layout
+            grows by the fed-back ``image_gen`` positions); None when the family has none.
+        image_forward: ``(model, teacher_forced_inputs) -> logits [batch, n, codebook]``: the
+            teacher-forced image pass, row ``k`` predicting image token ``k``; pairs with ``teacher_forced``.
     """
 
     name: str
@@ -97,6 +102,8 @@ class Adapter:
     tl_embed: Callable[..., torch.Tensor] | None = None
     generation_cfg: bool = False  # generate() doubles the batch for classifier-free guidance
     replay_generation: bool = False  # generate() returns (tokens, inputs to replay teacher-forced)
+    teacher_forced: Callable[..., ModelInputs] | None = None
+    image_forward: Callable[..., torch.Tensor] | None = None
     notes: str = ""
 
     # -- points ---------------------------------------------------------------------------

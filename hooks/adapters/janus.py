@@ -71,6 +71,37 @@ def generate(
     )
 
 
+def teacher_forced(inputs: ModelInputs, image_tokens: torch.Tensor | Sequence[int]) -> ModelInputs:
+    """Generation-mode prompt inputs (ending in ``<boi>``) plus target image tokens ``[B, n]`` or ``[n]``.
+
+    The layout grows by ``n - 1`` ``image_gen`` positions (the fed-back tokens).
+    """
+    ids = inputs.kwargs["input_ids"]
+    img = torch.as_tensor(image_tokens, dtype=torch.long)
+    img = img.expand(ids.shape[0], -1) if img.dim() == 1 else img
+    layout = inputs.layout.extend(img.shape[1] - 1, "image_gen")
+    return ModelInputs({**inputs.kwargs, "image_tokens": img.clone()}, layout)
+
+
+def image_forward(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """Teacher-forced image pass → generation-head logits ``[b, n, codebook]``.
+
+    Row ``k`` predicts ``image_tokens[:, k]`` (from the hidden state one position earlier).
+    Positions count real tokens only (left padding), as in the model's own generation.
+    """
+    kw = inputs.kwargs
+    ids, mask, img = kw["input_ids"], kw["attention_mask"], kw["image_tokens"]
+    text = model.get_input_embeddings()(ids)
+    gen = model.prepare_embeddings_for_image_generation(img[:, :-1])
+    embeds = torch.cat([text, gen.to(text.dtype)], dim=1)
+    mask = torch.cat([mask, mask.new_ones(mask.shape[0], img.shape[1] - 1)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+    ).last_hidden_state
+    return model.model.generation_head(hidden[:, ids.shape[1] - 1 :])
+
+
 def _lm_view(model: nn.Module) -> nn.Module:
     """A ``LlamaForCausalLM`` sharing Janus's language model and text head (no copy)."""
     from transformers import LlamaForCausalLM
@@ -110,5 +141,7 @@ JANUS = Adapter(
     tl_view=_lm_view,
     tl_embed=_embed,
     generation_cfg=True,
+    teacher_forced=teacher_forced,
+    image_forward=image_forward,
     notes="understanding: image_token_id placeholders; generation: generate(generation_mode='image'), CFG",
 )

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from uniprobe.hooks.adapters import Adapter, ModelInputs
-from uniprobe.hooks.capture import pick
+from uniprobe.hooks.hookset import pick
 
 _WRAPPED: dict[int, tuple[nn.Module, Any]] = {}
 

@@ -18,6 +18,7 @@ Modules: :mod:`~uniprobe.probes.patching.sites` (what to patch), :mod:`~uniprobe
 """
 
 from uniprobe.probes.patching.attribution import attribution_patch, attribution_vs_exact
+from uniprobe.probes.patching.cached_run import cached_run
 from uniprobe.probes.patching.cross_prompt import (
     Alignment,
     align_by_anchors,
@@ -32,11 +33,13 @@ from uniprobe.probes.patching.generation import (
     GenerationEffect,
     StepPatch,
     generation_effect,
+    image_forward,
     janus_image_forward,
     janus_teacher_forced,
     patched_generation,
     query_sites,
     step_patches,
+    teacher_forced,
 )
 from uniprobe.probes.patching.metrics import (
     GridLogProb,
@@ -61,7 +64,6 @@ from uniprobe.probes.patching.sites import (
     point_sites,
     role_sites,
 )
-from uniprobe.probes.patching.tracing import trace
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -90,6 +92,7 @@ __all__ = [
     "generation_effect",
     "grid_sites",
     "heatmap",
+    "image_forward",
     "janus_image_forward",
     "janus_teacher_forced",
     "logits_of",
@@ -106,5 +109,6 @@ __all__ = [
     "second_output",
     "shifted",
     "step_patches",
-    "trace",
+    "teacher_forced",
+    "cached_run",
 ]

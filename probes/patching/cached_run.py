@@ -1,6 +1,9 @@
-"""Trace the unpatched target run once: what the batched engine reuses.
+"""Run the unpatched target once and keep what the batched engine reuses.
 
-:func:`trace` records every block's input and output (to resume from layer ``l``), the target's
+(Named ``cached_run``, not "trace": elsewhere in the field — nnsight, TransformerLens — a trace
+means "hook the model and read it"; this is one recorded run whose pieces are reused.)
+
+:func:`cached_run` records every block's input and output (to resume from layer ``l``), the target's
 own values at the patched points (to spot no-op patches), when model-level points fire relative
 to the blocks, an estimate of the activation bytes of one batch row, and — for plain causal LMs
 — the run's key/value cache (to resume from position ``p``: a patch at ``p`` leaves positions
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs, get_module
 from uniprobe.hooks.calls import cache_kwarg, output_cache, transformers_version
-from uniprobe.hooks.capture import input_tensor
+from uniprobe.hooks.hookset import HookSet, input_tensor
 from uniprobe.probes.patching.hooking import record
 
 Forward = Callable[[nn.Module, ModelInputs], Any]
@@ -26,7 +29,7 @@ SUFFIX_KWARGS = frozenset({"input_ids", "attention_mask"})
 
 
 @dataclass
-class Trace:
+class CachedRun:
     """The unpatched target run, as the engine needs it.
 
     Attributes:
@@ -39,7 +42,7 @@ class Trace:
             (plain causal LM, no padding), else None with ``suffix_reason``.
         row_bytes: estimated activation bytes of one batch row.
         batch, n_layers, length: ``B``, number of blocks, positions of the stream.
-        points: the points traced for patching.
+        points: the points recorded for patching.
     """
 
     outputs: Any
@@ -94,13 +97,13 @@ def _kv_of(
 
 
 @torch.no_grad()
-def trace(
+def cached_run(
     model: nn.Module,
     adapter: Adapter,
     inputs: ModelInputs,
     forward: Forward | None = None,
     points: Sequence[str] = (),
-) -> Trace:
+) -> CachedRun:
     """Run ``inputs`` once, recording what the engine reuses (see the module docstring).
 
     ``points``: the points to be patched (their target values are kept).
@@ -112,45 +115,43 @@ def trace(
     ins: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
     outs: list[list[Any]] = [[] for _ in range(n_layers)]
     inner = [0]
-    handles: list[Any] = []
 
-    def block_hooks(i: int) -> None:
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+    def pre(i: int) -> Callable[[nn.Module, tuple, dict], None]:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             ins[i].append(input_tensor(args, kwargs).detach())
             events.append(("pre", i))
 
-        def post(mod: nn.Module, args: tuple, output: Any) -> None:
+        return hook
+
+    def post(i: int) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(mod: nn.Module, args: tuple, output: Any) -> None:
             outs[i].append(output)
             events.append(("post", i))
 
-        handles.append(blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(blocks[i].register_forward_hook(post))
+        return hook
 
-    def point_hook(point: str) -> None:
-        mod = get_module(model, adapter.site(model, point).module)
-        handles.append(mod.register_forward_pre_hook(lambda m, a: events.append((point, -1))))
+    def fired(point: str) -> Callable[[nn.Module, tuple, dict], None]:
+        return lambda mod, args, kwargs: events.append((point, -1))
 
     def size(mod: nn.Module, args: tuple, output: Any) -> None:
         inner[0] = max(inner[0], _numel(output))
 
     suffix_reason = suffix_blocker(model, adapter, inputs, forward)
-    try:
+    with HookSet() as hooks:
         for i in range(n_layers):
-            block_hooks(i)
+            hooks.pre(blocks[i], pre(i))
+            hooks.post(blocks[i], post(i))
         for p in points:
             if not p.startswith("blocks."):
-                point_hook(p)
+                hooks.pre(get_module(model, adapter.site(model, p).module), fired(p))
         if n_layers:
             for mod in blocks[0].modules():
-                handles.append(mod.register_forward_hook(size))
+                hooks.post(mod, size)
         with record(model, adapter, points) as rec:
             if suffix_reason:
                 outputs = (forward or adapter.run)(model, inputs)
             else:
                 outputs = model(**inputs.kwargs, use_cache=True)
-    finally:
-        for h in handles:
-            h.remove()
 
     counts = [len(x) for x in ins]
     resumable, reason = True, ""
@@ -173,7 +174,7 @@ def trace(
         kv, suffix_reason = _kv_of(outputs, n_layers, length) if resumable else (None, reason)
     item = stream.element_size() if stream is not None else 4
     per_batch = 4 * (stream.numel() if stream is not None else 0) + 3 * inner[0] + _numel(outputs)
-    return Trace(
+    return CachedRun(
         outputs=outputs,
         block_inputs=[x[0] for x in ins] if resumable else [],
         block_outputs=[o[0] for o in outs] if resumable else [],

@@ -26,6 +26,7 @@ from torch import nn
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs
 from uniprobe.hooks.layout import TokenLayout
+from uniprobe.probes.patching.cached_run import cached_run
 from uniprobe.probes.patching.engine import (
     DEFAULT_BUDGET,
     Forward,
@@ -39,7 +40,6 @@ from uniprobe.probes.patching.exact import prepare_metric
 from uniprobe.probes.patching.metrics import metric_name
 from uniprobe.probes.patching.results import PatchResult
 from uniprobe.probes.patching.sites import PatchSite, SiteGrid, as_site_list, mapped_sites
-from uniprobe.probes.patching.tracing import trace
 
 
 @dataclass
@@ -186,7 +186,7 @@ def patch_across(
     src_fwd, tgt_fwd = forward_of(adapter, source_forward), forward_of(adapter, target_forward)
     site_list, grid = as_site_list(sites)
     _, states = collect_states(model, adapter, source, [s.point for s in site_list], src_fwd)
-    tr = trace(model, adapter, target, target_forward, [s.point for s in site_list])
+    tr = cached_run(model, adapter, target, target_forward, [s.point for s in site_list])
     b = tr.batch
     clean_v: float
     if clean_target is not None:

@@ -2,7 +2,7 @@
 
 Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
 
-1. **Trace** the unpatched target run once (:mod:`uniprobe.probes.patching.tracing`).
+1. **Run** the unpatched target once and keep it (:mod:`uniprobe.probes.patching.cached_run`).
 2. **No-ops**: a site whose source values equal the target's own values there (positions before
    the first differing token, identical embeddings) cannot change anything; it gets the
    unpatched value without a forward (``skip_noops``).
@@ -10,7 +10,7 @@ Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
    ``mlp_out``, ``resid_post``) leaves blocks ``< l`` unchanged; a model-level point that fires
    after the last block starts at ``L``. For plain causal LMs whose metric reads only the last
    position (``metric.last_position_only``), also by start position: a patch at position ``p``
-   leaves positions ``< p`` unchanged, so their keys/values come from the traced cache and only
+   leaves positions ``< p`` unchanged, so their keys/values come from the cached run and only
    positions ``≥ p`` run (``suffix``).
 4. **Chunk** each group so ``rows × row_bytes ≤ budget_bytes`` and run each chunk as one forward
    of ``n·B`` rows (site ``i``, example ``b`` → row ``i·B + b``): blocks ``< l`` return their
@@ -45,9 +45,9 @@ from torch import nn
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs, get_module
 from uniprobe.hooks.calls import CallPatternError, cache_kwarg, find_cache, output_cache, transformers_version
 from uniprobe.hooks.layout import TokenLayout
+from uniprobe.probes.patching.cached_run import CachedRun, Forward, cached_run, first_dim
 from uniprobe.probes.patching.hooking import Plan, last_position, overwrite, record, stagger
 from uniprobe.probes.patching.sites import PatchSite
-from uniprobe.probes.patching.tracing import Forward, Trace, first_dim, trace
 
 Metric = Callable[[Any], torch.Tensor]
 DEFAULT_BUDGET = 512 * 2**20
@@ -147,7 +147,7 @@ class SiteRun:
         }
 
 
-def start_layer(site: PatchSite, tr: Trace, resume: bool) -> int:
+def start_layer(site: PatchSite, tr: CachedRun, resume: bool) -> int:
     """Where a patched forward for ``site`` may begin (0 = from the embeddings)."""
     if not (resume and tr.resumable):
         return 0
@@ -171,7 +171,7 @@ def evaluate(metric: Metric, outputs: Any, rows: int) -> torch.Tensor:
     return v
 
 
-def is_noop(site: PatchSite, source: dict[str, torch.Tensor], tr: Trace) -> bool:
+def is_noop(site: PatchSite, source: dict[str, torch.Tensor], tr: CachedRun) -> bool:
     """Whether the site writes exactly the values the target already has (bitwise)."""
     tgt = tr.values.get(site.point)
     src = source[site.point]
@@ -229,7 +229,7 @@ def run_sites(
     metric: Metric,
     *,
     forward: Forward | None = None,
-    tr: Trace | None = None,
+    tr: CachedRun | None = None,
     budget_bytes: int = DEFAULT_BUDGET,
     resume: bool = True,
     suffix: bool = True,
@@ -239,13 +239,13 @@ def run_sites(
     """The metric ``[n_sites]`` (mean over the target's ``B`` examples) with each site patched.
 
     ``source[point]`` is ``[B or 1, pos_src, *feat]``: the states written into the target run.
-    ``tr`` is the target's :func:`~uniprobe.probes.patching.tracing.trace` (run here when omitted).
+    ``tr`` is the target's :func:`~uniprobe.probes.patching.cached_run.cached_run` (run here when omitted).
     """
     t0 = time.perf_counter()
     fwd = forward_of(adapter, forward)
     points = list(dict.fromkeys(s.point for s in sites))
     if tr is None or any(p not in tr.points for p in points):
-        tr = trace(model, adapter, target, forward, points)
+        tr = cached_run(model, adapter, target, forward, points)
     b, n_layers, length = tr.batch, tr.n_layers, max(tr.length, 1)
     values = torch.empty(len(sites))
     noop = [skip_noops and is_noop(s, source, tr) for s in sites]
@@ -276,7 +276,7 @@ def run_sites(
     )  # fmt: skip
 
 
-def _suffix_ok(tr: Trace, metric: Metric, resume: bool, suffix: bool) -> tuple[bool, str]:
+def _suffix_ok(tr: CachedRun, metric: Metric, resume: bool, suffix: bool) -> tuple[bool, str]:
     if not suffix:
         return False, "suffix=False"
     if not resume or not tr.resumable:
@@ -297,7 +297,7 @@ def _run_chunk(
     source: dict[str, torch.Tensor],
     metric: Metric,
     fwd: Forward,
-    tr: Trace,
+    tr: CachedRun,
     p0: int | None,
     force: str | None,
 ) -> torch.Tensor:
@@ -362,7 +362,7 @@ def _first(output: Any) -> torch.Tensor:
 
 
 def _suffix_kwargs(
-    model: nn.Module, tr: Trace, n: int, p0: int, active: list[int], last_logits: bool = False
+    model: nn.Module, tr: CachedRun, n: int, p0: int, active: list[int], last_logits: bool = False
 ) -> dict[str, Any]:
     """Model kwargs running positions ``p0..`` of ``n`` copies of the target over its cached prefix.
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.probes.patching.cached_run import cached_run
 from uniprobe.probes.patching.engine import (
     DEFAULT_BUDGET,
     Forward,
@@ -31,7 +32,6 @@ from uniprobe.probes.patching.engine import (
 from uniprobe.probes.patching.metrics import metric_name
 from uniprobe.probes.patching.results import PatchResult
 from uniprobe.probes.patching.sites import PatchSite, SiteGrid, as_site_list
-from uniprobe.probes.patching.tracing import trace
 
 DIRECTIONS: tuple[str, ...] = ("denoise", "noise")
 
@@ -101,7 +101,7 @@ def patch_sweep(
     site_list, grid = as_site_list(sites)
     source_in, target_in = (clean, corrupted) if direction == "denoise" else (corrupted, clean)
     src_out, source = collect_states(model, adapter, source_in, [s.point for s in site_list], fwd)
-    tr = trace(model, adapter, target_in, forward, [s.point for s in site_list])
+    tr = cached_run(model, adapter, target_in, forward, [s.point for s in site_list])
     names = ("clean", "corrupted") if direction == "denoise" else ("corrupted", "clean")
     check_lengths(site_list, source, tr.length, names)
     clean_out, corrupted_out = (src_out, tr.outputs) if direction == "denoise" else (tr.outputs, src_out)

@@ -2,7 +2,8 @@
 
 Autoregressive models (Janus, Emu3, Chameleon, sandbox AR):
 
-- **Teacher-forced** (:func:`janus_teacher_forced` + :func:`janus_image_forward`): one forward over
+- **Teacher-forced** (:func:`teacher_forced` + :func:`image_forward`, the adapter's capabilities;
+  for Janus also :func:`janus_teacher_forced` + :func:`janus_image_forward`): one forward over
   ``prompt <boi> img_0 .. img_{n-2}`` returning the generation head's logits ``[b, n, codebook]``
   for every image position; with :class:`~uniprobe.probes.patching.metrics.SequenceLogProb` this is the
   log-probability of a target image, and it runs through the batched exact engine like any run.
@@ -26,48 +27,52 @@ from typing import Any
 import torch
 from torch import nn
 from uniprobe.hooks.adapters import adapter_for
-from uniprobe.hooks.adapters.base import Adapter, ModelInputs, get_module
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.hooks.adapters.janus import JANUS
 from uniprobe.hooks.calls import Call, CallLog, track_calls
-from uniprobe.hooks.capture import input_tensor, pick
+from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import TokenLayout
 from uniprobe.probes.patching.cross_prompt import Alignment
-from uniprobe.probes.patching.hooking import replace_input, replace_output
 from uniprobe.probes.patching.metrics import JudgeRate
 from uniprobe.probes.patching.results import normalise
 from uniprobe.probes.patching.sites import PatchSite, SiteGrid, point_sites, role_sites
 
-# -- teacher forcing (Janus) ----------------------------------------------------------------------
+# -- teacher forcing (an adapter capability) -----------------------------------------------------
+
+
+def teacher_forced(
+    model: nn.Module,
+    inputs: ModelInputs,
+    image_tokens: torch.Tensor | Sequence[int],
+    *,
+    adapter: Adapter | None = None,
+) -> ModelInputs:
+    """Prompt inputs extended by target ``image_tokens`` ``[B, n]`` / ``[n]`` (the adapter's
+    ``teacher_forced``); run them with :func:`image_forward`."""
+    return _capability(model, adapter, "teacher_forced")(inputs, image_tokens)
+
+
+def image_forward(model: nn.Module, inputs: ModelInputs, *, adapter: Adapter | None = None) -> torch.Tensor:
+    """The adapter's teacher-forced image pass → logits ``[b, n, codebook]`` (row ``k``: token ``k``)."""
+    return _capability(model, adapter, "image_forward")(model, inputs)
+
+
+def _capability(model: nn.Module, adapter: Adapter | None, name: str) -> Callable[..., Any]:
+    adapter = adapter or adapter_for(model)
+    fn = getattr(adapter, name)
+    if fn is None:
+        raise ValueError(f"the {adapter.name!r} adapter has no {name} (teacher-forced image generation)")
+    return fn
 
 
 def janus_teacher_forced(inputs: ModelInputs, image_tokens: torch.Tensor | Sequence[int]) -> ModelInputs:
-    """Generation-mode prompt inputs (ending in ``<boi>``) plus target image tokens ``[B, n]`` or ``[n]``.
-
-    The layout grows by ``n - 1`` ``image_gen`` positions (the fed-back tokens).
-    """
-    ids = inputs.kwargs["input_ids"]
-    img = torch.as_tensor(image_tokens, dtype=torch.long)
-    img = img.expand(ids.shape[0], -1) if img.dim() == 1 else img
-    layout = inputs.layout.extend(img.shape[1] - 1, "image_gen")
-    return ModelInputs({**inputs.kwargs, "image_tokens": img.clone()}, layout)
+    """Janus's ``teacher_forced`` (kept by name; the knowledge lives in the Janus adapter)."""
+    return JANUS.teacher_forced(inputs, image_tokens)
 
 
 def janus_image_forward(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
-    """Teacher-forced Janus image pass → generation-head logits ``[b, n, codebook]``.
-
-    Row ``k`` predicts ``image_tokens[:, k]`` (from the hidden state one position earlier).
-    Positions count real tokens only (left padding), as in the adapter's generation.
-    """
-    kw = inputs.kwargs
-    ids, mask, img = kw["input_ids"], kw["attention_mask"], kw["image_tokens"]
-    text = model.get_input_embeddings()(ids)
-    gen = model.prepare_embeddings_for_image_generation(img[:, :-1])
-    embeds = torch.cat([text, gen.to(text.dtype)], dim=1)
-    mask = torch.cat([mask, mask.new_ones(mask.shape[0], img.shape[1] - 1)], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=mask, position_ids=positions
-    ).last_hidden_state
-    return model.model.generation_head(hidden[:, ids.shape[1] - 1 :])
+    """Janus's ``image_forward`` → generation-head logits ``[b, n, codebook]`` (kept by name)."""
+    return JANUS.image_forward(model, inputs)
 
 
 # -- patching free generation ---------------------------------------------------------------------
@@ -90,7 +95,7 @@ class StepPatch:
     applied: int = 0
 
 
-class _StepPatcher:
+class _StepPatcher(HookSet):
     """Hooks that track the generation step and apply :class:`StepPatch` es (removed on exit)."""
 
     def __init__(
@@ -101,28 +106,23 @@ class _StepPatcher:
         cond_rows: int | None,
         expect: str = "generation",
     ):
+        super().__init__()
         self.model, self.adapter, self.patches, self.cond_rows = model, adapter, list(patches), cond_rows
         self.log = CallLog(model, expect)
-        self._handles: list[Any] = []
 
     @property
     def calls(self) -> list[Call]:
         return self.log.calls
 
-    def __enter__(self) -> _StepPatcher:
-        try:
-            self._handles.append(track_calls(self.model, self.adapter.blocks, self.log))
-            for point in dict.fromkeys(p.point for p in self.patches):
-                self._register(point, [p for p in self.patches if p.point == point])
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+    def install(self) -> None:
+        track_calls(self, self.model, self.adapter.blocks, self.log)
+        for point in dict.fromkeys(p.point for p in self.patches):
+            todo = [p for p in self.patches if p.point == point]
+            self.write(self.model, self.adapter.site(self.model, point), self._applier(todo))
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _applier(self, patches: list[StepPatch]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``t -> t`` patched by those of ``patches`` due at the current step (a closure per point)."""
+        return lambda t: self._apply(t, patches)
 
     def _apply(self, t: torch.Tensor, patches: list[StepPatch]) -> torch.Tensor:
         call = self.log.last
@@ -144,22 +144,6 @@ class _StepPatcher:
             out[torch.tensor(rows)[:, None], torch.tensor(local)[None, :]] = vals
             p.applied += 1
         return out
-
-    def _register(self, point: str, patches: list[StepPatch]) -> None:
-        site = self.adapter.site(self.model, point)
-        module = get_module(self.model, site.module)
-        if site.io == "input":
-
-            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                return replace_input(args, kwargs, self._apply(input_tensor(args, kwargs), patches))
-
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-
-            def post(mod: nn.Module, args: tuple, output: Any) -> Any:
-                return replace_output(output, site.index, self._apply(pick(output, site.index), patches))
-
-            self._handles.append(module.register_forward_hook(post))
 
 
 @torch.no_grad()

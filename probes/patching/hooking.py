@@ -1,6 +1,7 @@
 """Low-level hooks for patching: record tensors at points, overwrite site rows, skip early blocks.
 
-Four context managers, each removing everything it installed on exit (also on error):
+Four context managers, each a :class:`uniprobe.hooks.hookset.HookSet` (so everything it installed
+is removed on exit, also on error):
 
 - :class:`record`: keep the tensor at each point (detached, or live for gradients).
 - :class:`overwrite`: at each point, write ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``
@@ -20,54 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter, get_module
-from uniprobe.hooks.capture import input_tensor, pick
+from uniprobe.hooks.hookset import HookSet, input_tensor, pick, replace_input, replace_output
 from uniprobe.probes import kernels
 
 
-def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` of a module call with its hidden-state input swapped for ``new``."""
-    if args and isinstance(args[0], torch.Tensor):
-        return (new, *args[1:]), kwargs
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return args, {**kwargs, "hidden_states": new}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return args, {**kwargs, key: new}
-    raise TypeError("hooked module was called without a tensor input")
-
-
-def replace_output(output: Any, index: int | None, new: torch.Tensor) -> Any:
-    """``output`` with the tensor :func:`uniprobe.hooks.capture.pick` would read swapped for ``new``."""
-    if isinstance(output, torch.Tensor):
-        return new
-    if isinstance(output, tuple):
-        i = index or 0
-        return (*output[:i], new, *output[i + 1 :])
-    if isinstance(output, list):
-        i = index or 0
-        return [*output[:i], new, *output[i + 1 :]]
-    if isinstance(output, dict):  # a ModelOutput: write in place
-        pick(output, index).copy_(new)
-        return output
-    raise TypeError(f"cannot patch a module output of type {type(output).__name__}")
-
-
-class _Hooks:
-    """Base: a list of handles removed on exit."""
-
-    def __init__(self) -> None:
-        self._handles: list[Any] = []
-
-    def _remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self._remove()
-
-
-class record(_Hooks):  # noqa: N801 — a context manager, like torch.no_grad
+class record(HookSet):  # noqa: N801 — a context manager, like torch.no_grad
     """Keep the tensor at each point: ``rec[point]`` is a list, one entry per module call.
 
     With ``live=True`` tensors stay in the autograd graph (for ``torch.autograd.grad``) and the
@@ -79,35 +37,13 @@ class record(_Hooks):  # noqa: N801 — a context manager, like torch.no_grad
         self.model, self.adapter, self.points, self.live = model, adapter, list(points), live
         self.values: dict[str, list[torch.Tensor]] = {p: [] for p in self.points}
 
-    def __enter__(self) -> record:
-        try:
-            if self.live:
-                first = get_module(self.model, f"{self.adapter.blocks}.0")
-                self._handles.append(first.register_forward_pre_hook(_require_grad, with_kwargs=True))
-            for point in self.points:
-                self._add(point)
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def _add(self, point: str) -> None:
-        site = self.adapter.site(self.model, point)
-        module = get_module(self.model, site.module)
-        store = self.values[point]
-        keep: Callable[[torch.Tensor], torch.Tensor] = (lambda t: t) if self.live else (lambda t: t.detach())
-        if site.io == "input":
-
-            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                store.append(keep(input_tensor(args, kwargs)))
-
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-
-            def post(mod: nn.Module, args: tuple, output: Any) -> None:
-                store.append(keep(pick(output, site.index)))
-
-            self._handles.append(module.register_forward_hook(post))
+    def install(self) -> None:
+        if self.live:
+            self.pre(get_module(self.model, f"{self.adapter.blocks}.0"), _require_grad)
+        for point in self.points:
+            store = self.values[point]
+            keep = store.append if self.live else (lambda t, store=store: store.append(t.detach()))
+            self.read(self.model, self.adapter.site(self.model, point), keep)
 
     def one(self, point: str) -> torch.Tensor:
         """The tensor at ``point``: its single call, or the value every call agreed on.
@@ -152,7 +88,12 @@ class Plan:
         return out
 
 
-class overwrite(_Hooks):  # noqa: N801
+def _applier(plan: Plan, force: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t -> plan.apply(t, force)``: a closure per plan."""
+    return lambda t: plan.apply(t, force)
+
+
+class overwrite(HookSet):  # noqa: N801
     """Apply :class:`Plan` s (point → plan) during the forwards run inside the context."""
 
     def __init__(
@@ -161,31 +102,9 @@ class overwrite(_Hooks):  # noqa: N801
         super().__init__()
         self.model, self.adapter, self.plans, self.force = model, adapter, plans, force
 
-    def __enter__(self) -> overwrite:
-        try:
-            for point, plan in self.plans.items():
-                self._add(point, plan)
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def _add(self, point: str, plan: Plan) -> None:
-        site = self.adapter.site(self.model, point)
-        module = get_module(self.model, site.module)
-        force = self.force
-        if site.io == "input":
-
-            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-                return replace_input(args, kwargs, plan.apply(input_tensor(args, kwargs), force))
-
-            self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-
-            def post(mod: nn.Module, args: tuple, output: Any) -> Any:
-                return replace_output(output, site.index, plan.apply(pick(output, site.index), force))
-
-            self._handles.append(module.register_forward_hook(post))
+    def install(self) -> None:
+        for point, plan in self.plans.items():
+            self.write(self.model, self.adapter.site(self.model, point), _applier(plan, self.force))
 
     def check_fired(self, times: int | None = 1) -> None:
         """Raise when a plan's module ran other than ``times`` times (``None``: at least once) —
@@ -199,7 +118,7 @@ class overwrite(_Hooks):  # noqa: N801
                 )
 
 
-class stagger(_Hooks):  # noqa: N801
+class stagger(HookSet):  # noqa: N801
     """Rows start at different blocks: block ``j`` computes rows ``[:active[j]]`` only.
 
     Rows are ordered by start block, so the rows that have started form a prefix. A block's
@@ -211,7 +130,7 @@ class stagger(_Hooks):  # noqa: N801
     Args:
         active: per block, how many leading rows it computes (non-decreasing).
         carry: ``(j, n_rows) → [n_rows, pos, d]``, the stream of the ``n_rows`` rows not computed.
-        templates: per block, its traced output (to rebuild tuple outputs of skipped blocks).
+        templates: per block, its output in the cached run (to rebuild tuple outputs of skipped blocks).
     """
 
     def __init__(
@@ -226,20 +145,12 @@ class stagger(_Hooks):  # noqa: N801
         super().__init__()
         self.blocks = get_module(model, adapter.blocks)
         self.active, self.rows, self.carry, self.templates = list(active), rows, carry, templates
-        self._saved: list[tuple[nn.Module, Any]] = []
 
-    def __enter__(self) -> stagger:
-        try:
-            for j, m in enumerate(self.active):
-                if m == self.rows:
-                    continue
+    def install(self) -> None:
+        for j, m in enumerate(self.active):
+            if m != self.rows:
                 block = self.blocks[j]
-                self._saved.append((block, block.__dict__.get("forward")))
-                block.forward = self._wrap(j, m, block.forward)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+                self.swap_forward(block, self._wrap(j, m, block.forward))
 
     def _wrap(self, j: int, m: int, original: Callable[..., Any]) -> Callable[..., Any]:
         rows, carry, template = self.rows, self.carry, self.templates[j]
@@ -253,15 +164,6 @@ class stagger(_Hooks):  # noqa: N801
             return replace_output(out, 0, torch.cat([head, rest.to(head.dtype)], dim=0))
 
         return forward
-
-    def __exit__(self, *exc: object) -> None:
-        for block, fwd in self._saved:
-            if fwd is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = fwd
-        self._saved.clear()
-        self._remove()
 
 
 def _cut(value: Any, rows: int, m: int) -> Any:
@@ -282,7 +184,7 @@ def _cut(value: Any, rows: int, m: int) -> Any:
     return value
 
 
-class last_position(_Hooks):  # noqa: N801
+class last_position(HookSet):  # noqa: N801
     """The given position-wise modules compute only the last position of their ``[rows, length,
     d]`` input; the other positions get a broadcast copy of it.
 
@@ -294,17 +196,10 @@ class last_position(_Hooks):  # noqa: N801
     def __init__(self, modules: Sequence[nn.Module], length: int) -> None:
         super().__init__()
         self.modules, self.length = list(modules), length
-        self._saved: list[tuple[nn.Module, Any]] = []
 
-    def __enter__(self) -> last_position:
-        try:
-            for module in self.modules:
-                self._saved.append((module, module.__dict__.get("forward")))
-                module.forward = self._wrap(module.forward)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+    def install(self) -> None:
+        for module in self.modules:
+            self.swap_forward(module, self._wrap(module.forward))
 
     def _wrap(self, original: Callable[..., Any]) -> Callable[..., Any]:
         length = self.length
@@ -319,12 +214,3 @@ class last_position(_Hooks):  # noqa: N801
             return out.expand(x.shape[0], length, *out.shape[2:])
 
         return forward
-
-    def __exit__(self, *exc: object) -> None:
-        for module, fwd in self._saved:
-            if fwd is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = fwd
-        self._saved.clear()
-        self._remove()
