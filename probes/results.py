@@ -8,6 +8,9 @@
     out/directions.json         per probe key: point, layer, role, classes, C, accuracy, ...
     out/probe_map.png           accuracy vs layer, one line per role, control shaded
 
+``ProbeResults.load(out)`` reads them back (``to_dict()`` is what results.json holds): the result
+contract of :mod:`uniprobe.hooks.results_io`.
+
 Directions are in the raw activation space of the store: ``logits = x @ weight.T + bias`` for a raw
 activation ``x`` ``[d]``; ``weight[k]`` is the direction that raises class ``k`` (for steering, or for
 patching along a probe direction). ``mean``/``std`` are the training split's standardisation.

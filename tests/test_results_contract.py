@@ -138,7 +138,9 @@ def test_seed_results_round_trip(tmp_path) -> None:
     assert read_json(tmp_path / "gap" / "out" / "gapeval.json")["score"] == score  # the file's old shape
 
     r3 = R3Result([R3Round(0, 0.5), R3Round(1, 0.75, 0.25, 0.0, 0.75, 0.5)], ["a", "b"])
-    assert _round_trip(r3, tmp_path / "r3", plot=False) == r3
+    assert _round_trip(r3, tmp_path / "r3", title="sandbox-ar: R3") == r3
+    assert (tmp_path / "r3" / "out" / "r3.png").stat().st_size > 1000
+    assert (tmp_path / "r3" / "out" / "r3.md").read_text().startswith("### sandbox-ar: R3")
 
     inj = InjectResult(
         model_arch="ar", settings={"steps": 3}, before={"acc": np.float64(0.5), "t": torch.tensor([1, 2])},

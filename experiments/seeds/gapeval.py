@@ -63,15 +63,17 @@ class GapEvalResult:
     def from_dict(cls, doc: dict) -> GapEvalResult:
         return cls(doc["score"], [CategoryGap(**c) for c in doc["categories"]])
 
-    def save(self, out: str | os.PathLike, plot: bool = True, title: str = "") -> SavedFiles:
-        """Write ``gapeval.json``, ``gapeval.md`` and (``plot``) ``gapeval.png`` to ``out``."""
+    def save(
+        self, out: str | os.PathLike, plot: bool = True, *, title: str = "", plot_title: str | None = None
+    ) -> SavedFiles:
+        """Write ``gapeval.json``, ``gapeval.md`` (headed ``title``) and (``plot``) ``gapeval.png``
+        (titled ``plot_title``, default ``title``) to ``out``."""
         out = result_dir(out)
         files = {"json": write_json(out / "gapeval.json", self.to_dict()), "md": out / "gapeval.md"}
-        heading = f"{title}: GapEval gap score" if title else ""
-        files["md"].write_text(format_gap_score(self.score, self.categories, title=heading) + "\n")
+        files["md"].write_text(format_gap_score(self.score, self.categories, title=title) + "\n")
         if plot:
             files["png"] = out / "gapeval.png"
-            plot_gap_score(self.categories, self.score, str(files["png"]), title=title)
+            plot_gap_score(self.categories, self.score, str(files["png"]), title=plot_title or title)
         return SavedFiles(out, files)
 
     @classmethod

@@ -52,15 +52,17 @@ class R3Result:
     def from_dict(cls, doc: dict) -> R3Result:
         return cls([R3Round(**r) for r in doc["rounds"]], list(doc.get("items", [])))
 
-    def save(self, out: str | os.PathLike, plot: bool = True, title: str = "") -> SavedFiles:
-        """Write ``r3.json``, ``r3.md`` and (``plot``) ``r3.png`` to ``out``."""
+    def save(
+        self, out: str | os.PathLike, plot: bool = True, *, title: str = "", plot_title: str | None = None
+    ) -> SavedFiles:
+        """Write ``r3.json``, ``r3.md`` (headed ``title``) and (``plot``) ``r3.png`` (titled
+        ``plot_title``, default ``title``) to ``out``."""
         out = result_dir(out)
         files = {"json": write_json(out / "r3.json", self.to_dict()), "md": out / "r3.md"}
-        heading = f"{title}: R3 generate → understand → regenerate" if title else ""
-        files["md"].write_text(format_r3(self, title=heading) + "\n")
+        files["md"].write_text(format_r3(self, title=title) + "\n")
         if plot:
             files["png"] = out / "r3.png"
-            plot_r3(self, str(files["png"]), title=f"{title}: R3" if title else "")
+            plot_r3(self, str(files["png"]), title=plot_title or title)
         return SavedFiles(out, files)
 
     @classmethod
