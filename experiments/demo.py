@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from uniprobe.experiments import demo_sections as sections
-from uniprobe.experiments.sandbox.registry import load_named
+from uniprobe.experiments.models import load_model
 from uniprobe.experiments.seeds.r3 import R3Result, format_r3, r3_loop
 from uniprobe.experiments.tasks.suite import Suite
 
@@ -191,7 +191,7 @@ def run_demo(out: str | Path = "artifacts/demo", stars_steps: int | None = None)
     ]
     for name, arch in MODELS:
         print(f"== {name}")
-        loaded = load_named(name)  # verifies the checkpoint's sha256
+        loaded = load_model(name)  # verifies the checkpoint's sha256
         model = loaded.model
         gap = sections.run_gap(model, items, out, name)
         print(gap["markdown"])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from uniprobe.experiments.models import LoadedModel, TokenLimits, encode, token_limits
+from uniprobe.hooks.errors import UniprobeError
 from uniprobe.hooks.layout import ROLES
 
 ALLOWED = ("id", "text", "input_ids", "labels", "meta", "roles", "pixel_values", "image_sizes")
@@ -31,7 +32,7 @@ LINE_ROLES = tuple(r for r in ROLES if r != "pad")
 BOM = b"\xef\xbb\xbf"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UniprobeError, ValueError):
     """A malformed line in a prompts file."""
 
 

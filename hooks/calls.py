@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import get_module
+from uniprobe.hooks.errors import UniprobeError
 from uniprobe.hooks.hookset import HookSet, input_tensor
 
 PATTERNS = ("any", "generation")
@@ -41,7 +42,7 @@ PATTERNS = ("any", "generation")
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
-class CallPatternError(RuntimeError):
+class CallPatternError(UniprobeError, RuntimeError):
     """Backbone calls that do not follow the expected pattern (rows would be mislabelled)."""
 
 

@@ -14,10 +14,12 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+from uniprobe.hooks.errors import UniprobeError
+
 _INSTALLERS = ("pip", "pip3", "uv", "conda", "mamba")
 
 
-class RuntimeInstallError(RuntimeError):
+class RuntimeInstallError(UniprobeError, RuntimeError):
     """Something tried to install a package while uniprobe was running."""
 
 

@@ -19,6 +19,8 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 
+from uniprobe.hooks.errors import UniprobeError
+
 BLOCK_POINTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 MODEL_POINTS: tuple[str, ...] = ("embed", "final_norm", "lm_head.in")
 
@@ -67,7 +69,7 @@ def layer_of(point: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-class UnknownHookPointError(KeyError):
+class UnknownHookPointError(UniprobeError, KeyError):
     """A requested hook point does not exist on this model."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

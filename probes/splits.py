@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from uniprobe.hooks.errors import UniprobeError
 
 
-class ProbeInputError(ValueError):
+class ProbeInputError(UniprobeError, ValueError):
     """Bad input to a probe: unknown label key, too few examples, empty role selection, ..."""
 
 

@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.model and args.model != "none":
         from uniprobe.experiments.models import load_model
-        from uniprobe.experiments.patch_commands import example
+        from uniprobe.experiments.patching import example
 
         loaded = load_model(args.model)
         model, adapter = loaded.model, loaded.adapter

@@ -16,6 +16,7 @@ from uniprobe.experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.sandbox.query import SandboxQuery
 from uniprobe.experiments.tasks.vocab import WordTokenizer
+from uniprobe.hooks.errors import UniprobeError
 from uniprobe.hooks.store.files import save_safetensors
 
 # package data: shipped inside uniprobe.experiments.sandbox, so a wheel install has them too
@@ -27,7 +28,7 @@ SHIPPED: dict[str, Path] = {
 CHECKED_FILES: tuple[str, ...] = ("model.safetensors", "config.json", "tokenizer.json")
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(UniprobeError, RuntimeError):
     """A checkpoint file does not match its recorded sha256."""
 
 

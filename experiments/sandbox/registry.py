@@ -1,4 +1,7 @@
-"""Sandbox models as CLI model specs: ``--model sandbox-ar``, ``sandbox-query`` or a checkpoint folder.
+"""Sandbox models as model specs: ``--model sandbox-ar``, ``sandbox-query`` or a checkpoint folder.
+
+:func:`uniprobe.experiments.models.load_model` resolves those specs with :func:`sandbox_parts`; this
+module never imports ``models`` (the dependency runs one way: the general loader knows the sandbox).
 
 Sandbox models take prompts as text (they build their own batches), so ``info["text_prompts"]``
 is set and a prompts file line ``{"text": ...}`` becomes an example ``{"prompt": ...}``.
@@ -7,8 +10,8 @@ is set and a prompts file line ``{"text": ...}`` becomes an example ``{"prompt":
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from uniprobe.experiments.models import LoadedModel
 from uniprobe.experiments.sandbox.checkpoint import SHIPPED, load_sandbox
 from uniprobe.hooks.adapters import adapter_for
 
@@ -31,15 +34,11 @@ class _SandboxTokenizer:
         return self.tok.decode(ids).split()
 
 
-def load_dir(path: str | Path, verify: bool = True) -> LoadedModel:
-    """Load a sandbox checkpoint folder (sha256-verified)."""
+def sandbox_parts(
+    path: str | Path, verify: bool = True
+) -> tuple[Any, Any, _SandboxTokenizer, dict[str, Any]]:
+    """A sandbox checkpoint folder (sha256-verified) as ``(model, adapter, tokenizer, info)``: the
+    fields of a :class:`~uniprobe.experiments.models.LoadedModel` but its spec."""
     model = load_sandbox(path, verify=verify)
     info = {"arch": model.arch, "text_prompts": True}
-    return LoadedModel(model, adapter_for(model), _SandboxTokenizer(model.tokenizer), info, str(path))
-
-
-def load_named(name: str) -> LoadedModel:
-    """Load a shipped sandbox model by name."""
-    loaded = load_dir(SANDBOX_MODELS[name])
-    loaded.spec = name
-    return loaded
+    return model, adapter_for(model), _SandboxTokenizer(model.tokenizer), info

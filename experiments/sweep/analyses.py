@@ -3,7 +3,7 @@
     probe    uniprobe.probes.linear.probe_store on the run's store → probe/ (results.json/.csv, probe_map.png)
     lens     uniprobe.probes.lens.logit_lens_store on the store, each example's answer tokens → lens/
              (headline: at each example's last decoded position)
-    patch    the ``uniprobe patch`` handler on pairs of the task's prompts → patch/pair-K/;
+    patch    uniprobe.experiments.patching.patch_pair on pairs of the task's prompts → patch/pair-K/;
              ``across: true``: the demo's understanding → generation patching (sandbox arithmetic)
     gapeval  the GapEval gap score of the task's items (sandbox) → gapeval/
     r3       the R3 regenerate loop on the task's items (sandbox) → r3/
@@ -14,12 +14,11 @@ takes a :class:`RunContext` and returns its headline: a flat dict of numbers and
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ def probe(ctx: RunContext) -> dict[str, Any]:
 
 
 def lens(ctx: RunContext) -> dict[str, Any]:
-    from uniprobe.experiments.probe_commands import _token_str
+    from uniprobe.experiments.lensing import token_str
     from uniprobe.probes.lens import logit_lens_store
 
     cfg = ctx.run["lens"]
@@ -80,7 +79,7 @@ def lens(ctx: RunContext) -> dict[str, Any]:
     res = logit_lens_store(
         ctx.store, ctx.loaded.model, answers, adapter=ctx.loaded.adapter,
         points=cfg["points"] or ctx.run["capture"]["points"], roles=cfg["roles"], step=cfg["step"],
-        branch=cfg["branch"], token_str=_token_str(ctx.loaded),
+        branch=cfg["branch"], token_str=token_str(ctx.loaded),
     )  # fmt: skip
     res.meta["title"] = f"{ctx.run['id']}: logit lens on the answers"
     res.save(ctx.dir / "lens")
@@ -126,7 +125,7 @@ def answer_ids(ctx: RunContext, answers: str | list) -> list[list[int]] | list[i
 
 def _word_ids(loaded: LoadedModel, value: Any) -> list[int]:
     """An answer's token ids: an int is an id, a list is its items, a string one token per word."""
-    from uniprobe.experiments.probe_commands import resolve_answers
+    from uniprobe.experiments.lensing import resolve_answers
 
     if isinstance(value, int):
         return [value]
@@ -144,22 +143,17 @@ def patch(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.run["patch"]
     if cfg["across"]:
         return _patch_across(ctx, cfg)
-    from uniprobe.experiments.patch_commands import run_patch
-    from uniprobe.experiments.sweep.models import reuse_loaded
+    from uniprobe.experiments.patching import patch_pair
 
     pairs = cfg["pairs"] or auto_pairs(ctx, cfg["n_pairs"])
     peaks = []
-    with reuse_loaded(ctx.loaded):
-        for k, pair in enumerate(pairs):
-            out = ctx.dir / "patch" / f"pair-{k}"
-            args = argparse.Namespace(
-                model=ctx.loaded.spec, adapter=ctx.run["model"]["adapter"], points=cfg["kinds"],
-                method=cfg["method"], direction=cfg["direction"], align="strict", budget_mb=cfg["budget_mb"],
-                out=str(out), **pair,
-            )  # fmt: skip
-            run_patch(args)
-            grid = json.loads((out / "patch.json").read_text()).get("grid_normalised")
-            peaks.append(_peak(grid))
+    for k, pair in enumerate(pairs):
+        res = patch_pair(
+            ctx.loaded, pair["clean"], pair["corrupted"], pair["target"], pair["foil"], kinds=cfg["kinds"],
+            method=cfg["method"], direction=cfg["direction"], budget_mb=cfg["budget_mb"],
+        )  # fmt: skip
+        res.write(ctx.dir / "patch" / f"pair-{k}")
+        peaks.append(_peak(res.data.get("grid_normalised")))
     (ctx.dir / "patch" / "pairs.json").write_text(json.dumps(pairs, indent=1) + "\n")
     finite = [p for p in peaks if p is not None]
     return {"pairs": len(pairs), "peak_mean": sum(finite) / len(finite) if finite else None}
@@ -182,7 +176,7 @@ def auto_pairs(ctx: RunContext, n: int) -> list[dict[str, str]]:
     """Up to ``n`` clean/corrupted pairs from the task's prompts: equal token length, different
     one-token answers (label ``answer``). Prompts with images are skipped."""
     from uniprobe.experiments.models import encode
-    from uniprobe.experiments.patch_commands import _token_id
+    from uniprobe.experiments.patching import token_id
 
     cands = []
     for text, ex in zip(prompt_texts(ctx), ctx.examples, strict=True):
@@ -190,7 +184,7 @@ def auto_pairs(ctx: RunContext, n: int) -> list[dict[str, str]]:
         if text is None or answer is None:
             continue
         try:
-            _token_id(ctx.loaded, str(answer))
+            token_id(ctx.loaded, str(answer))
         except (ValueError, KeyError):
             continue
         cands.append((text, str(answer), len(encode(ctx.loaded, text))))
@@ -235,18 +229,9 @@ def _patch_across(ctx: RunContext, cfg: dict) -> dict[str, Any]:
 
 # -- sandbox protocols ------------------------------------------------------------------------------
 def gapeval(ctx: RunContext) -> dict[str, Any]:
-    from uniprobe.experiments.sandbox.evaluate import evaluate_items
-    from uniprobe.experiments.seeds.gapeval import format_gap_score, plot_gap_score, sandbox_gap_score
+    from uniprobe.experiments.seeds.protocols import gapeval_report
 
-    out = ctx.dir / "gapeval"
-    out.mkdir(parents=True, exist_ok=True)
-    results = evaluate_items(ctx.loaded.model, ctx.items, cot=False)
-    score, rows = sandbox_gap_score(results)
-    (out / "gapeval.json").write_text(
-        json.dumps({"score": score, "categories": [asdict(r) for r in rows]}, indent=1) + "\n"
-    )
-    (out / "gapeval.md").write_text(format_gap_score(score, rows, title=ctx.run["id"]) + "\n")
-    plot_gap_score(rows, score, str(out / "gapeval.png"), title=ctx.run["id"])
+    score, _, results = gapeval_report(ctx.loaded.model, ctx.items, ctx.dir / "gapeval", title=ctx.run["id"])
     n = len(results)
     return {
         "score": score,
@@ -256,13 +241,11 @@ def gapeval(ctx: RunContext) -> dict[str, Any]:
 
 
 def r3(ctx: RunContext) -> dict[str, Any]:
-    from uniprobe.experiments.seeds.r3 import format_r3, r3_loop
+    from uniprobe.experiments.seeds.protocols import r3_report
 
-    out = ctx.dir / "r3"
-    out.mkdir(parents=True, exist_ok=True)
-    res = r3_loop(ctx.loaded.model, ctx.items, rounds=ctx.run["r3"]["rounds"])
-    (out / "r3.json").write_text(json.dumps(asdict(res), indent=1) + "\n")
-    (out / "r3.md").write_text(format_r3(res, title=ctx.run["id"]) + "\n")
+    res = r3_report(
+        ctx.loaded.model, ctx.items, ctx.dir / "r3", rounds=ctx.run["r3"]["rounds"], title=ctx.run["id"]
+    )
     return {
         "samples": len(res.items),
         "accuracy_start": res.rounds[0].accuracy,

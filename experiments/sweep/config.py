@@ -47,6 +47,7 @@ from uniprobe.experiments.sweep.schema import (
     string,
 )
 from uniprobe.experiments.tasks.prompts import CATEGORIES
+from uniprobe.hooks.dtypes import DTYPES as DTYPE_MAP
 from uniprobe.hooks.layout import ROLES
 from uniprobe.probes.patching.sites import KINDS
 
@@ -54,7 +55,7 @@ ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "gapeval", "r3
 NEEDS_STORE: tuple[str, ...] = ("probe", "lens")  # read the run's captured store
 SANDBOX_ONLY: tuple[str, ...] = ("gapeval", "r3")  # judge drawings with the sandbox's exact judge
 FORMS: tuple[str, ...] = ("understanding", "generation")
-DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+DTYPES: tuple[str, ...] = tuple(DTYPE_MAP)  # the names uniprobe.hooks.dtypes maps
 DISTRIBUTE: tuple[str, ...] = ("auto", "examples", "runs")
 
 

@@ -8,10 +8,9 @@ the adapter registry. Loading a loader runs its file's or module's code.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,24 +68,3 @@ def import_loader(target: str, *, allow_modules: bool = False) -> Callable[[str]
     if not callable(getattr(module, name, None)):
         raise AttributeError(f"loader {target!r}: {where} has no function {name!r}")
     return getattr(module, name)
-
-
-@contextlib.contextmanager
-def reuse_loaded(loaded: LoadedModel) -> Iterator[None]:
-    """Within: ``uniprobe.experiments.models.load_model(loaded.spec, ...)`` returns ``loaded`` itself.
-
-    The sweep calls the CLI's own command handlers (``uniprobe patch``), which load their model by
-    spec; this lets them use the model the sweep already holds instead of loading it again.
-    """
-    from uniprobe.experiments import models
-
-    original = models.load_model
-
-    def load_model(spec: str, *args: Any, **kwargs: Any) -> LoadedModel:
-        return loaded if spec == loaded.spec else original(spec, *args, **kwargs)
-
-    models.load_model = load_model
-    try:
-        yield
-    finally:
-        models.load_model = original

@@ -55,6 +55,8 @@ from uniprobe.experiments.sweep.index import (
 )
 from uniprobe.experiments.sweep.merge import batch_slice, make_parts_dir, merge_parts, part_path, remove_parts
 from uniprobe.experiments.sweep.tasks import capture_mode, run_examples
+from uniprobe.hooks.dtypes import dtype_of
+from uniprobe.hooks.errors import UniprobeError
 
 Echo = Callable[[str], None]
 SWEEP_FILE = "sweep.json"
@@ -63,7 +65,7 @@ LEGACY_KEYS = {"settings", "runs", "source", "created"}  # a sweep.json written 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # what config._safe_name makes; never a path
 
 
-class FailFastError(RuntimeError):
+class FailFastError(UniprobeError, RuntimeError):
     """``--fail-fast``: a run failed and the sweep stopped."""
 
 
@@ -361,14 +363,12 @@ def execute_run(
 
 def capture_settings(ctx: RunContext) -> dict[str, Any]:
     """The run's capture settings, as ``capture_dataset`` / ``capture_identity`` take them."""
-    from uniprobe.experiments.cli import DTYPES
-
     cfg = ctx.run["capture"]
     return {
         "batch_size": cfg["batch_size"],
         "roles": cfg["roles"],
         "mode": capture_mode(ctx.run["task"], cfg["mode"]),
-        "dtype": DTYPES[cfg["dtype"]] if cfg["dtype"] else None,
+        "dtype": dtype_of(cfg["dtype"]),
         "adapter": ctx.loaded.adapter,
         "backend": cfg["backend"],
     }

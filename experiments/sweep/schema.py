@@ -7,10 +7,12 @@ import difflib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from uniprobe.hooks.errors import UniprobeError
+
 Check = Callable[[Any, str], Any]
 
 
-class ConfigError(ValueError):
+class ConfigError(UniprobeError, ValueError):
     """A sweep config that cannot run; the message starts with the offending key path."""
 
 

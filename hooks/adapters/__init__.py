@@ -15,13 +15,14 @@ from uniprobe.hooks.adapters.causal_lm import CAUSAL_LM
 from uniprobe.hooks.adapters.janus import JANUS
 from uniprobe.hooks.adapters.query import TINY_QUERY, load_adapter_file, query_adapter
 from uniprobe.hooks.adapters.unified_vocab import CHAMELEON, EMU3
+from uniprobe.hooks.errors import UniprobeError
 
 ADAPTERS: dict[str, Adapter] = {
     a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY)
 }  # more register themselves on import (the sandbox's: uniprobe.experiments.sandbox.adapter)
 
 
-class NoAdapterError(TypeError):
+class NoAdapterError(UniprobeError, TypeError):
     """The model's family has no adapter."""
 
 

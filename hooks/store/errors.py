@@ -7,32 +7,34 @@ message and exit status 2 (``ValueError``, ``FileExistsError`` or ``RuntimeError
 
 from __future__ import annotations
 
+from uniprobe.hooks.errors import UniprobeError
 
-class StoreExistsError(FileExistsError):
+
+class StoreExistsError(UniprobeError, FileExistsError):
     """A store already exists where a new one was to be created."""
 
 
-class StoreCorruptError(ValueError):
+class StoreCorruptError(UniprobeError, ValueError):
     """A store's manifest or shards are damaged or disagree with each other."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(UniprobeError, ValueError):
     """A resumed capture differs from the capture that started the store (model, points, identity)."""
 
 
-class MixedLabelTypesError(ValueError):
+class MixedLabelTypesError(UniprobeError, ValueError):
     """One label key holds values of different JSON types (``0`` and ``"0"``) across examples."""
 
 
-class EmptyCaptureError(ValueError):
+class EmptyCaptureError(UniprobeError, ValueError):
     """A capture stored no rows at some hook point (so probes could never read it)."""
 
 
-class StoreLockedError(RuntimeError):
+class StoreLockedError(UniprobeError, RuntimeError):
     """Another writer (process) holds the store's writer lock."""
 
 
-class StoreDiskFullError(OSError, RuntimeError):
+class StoreDiskFullError(UniprobeError, OSError, RuntimeError):
     """A write into a store ran out of disk space or quota (``ENOSPC`` / ``EDQUOT``).
 
     An ``OSError`` (``errno`` is set) and a ``RuntimeError`` (so the command line maps it to exit 2).
