@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from uniprobe.experiments.tiny import TINY_BUILDERS, build_tiny
 from uniprobe.hooks.adapters import ADAPTERS, Adapter, adapter_for, load_adapter_file
-from uniprobe.hooks.errors import MissingDependencyError
-from uniprobe.hooks.tiny import TINY_BUILDERS, build_tiny
 
 
 @dataclass
@@ -91,9 +90,9 @@ def load_model(
         model, info = build_tiny(spec)
         return LoadedModel(model, adapter_for(model), _tiny_tokenizer(info), info, spec)
     if spec in sandbox_names():
-        from uniprobe.experiments.sandbox.registry import SANDBOX_MODELS, sandbox_parts
+        from uniprobe.experiments.sandbox.registry import load_named
 
-        return LoadedModel(*sandbox_parts(SANDBOX_MODELS[spec]), spec)
+        return load_named(spec)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
@@ -118,7 +117,7 @@ def has_accelerate() -> bool:
 
 def _check_device_map(device_map: Any) -> None:
     if device_map is not None and not has_accelerate():
-        raise MissingDependencyError(
+        raise ImportError(
             f"device_map={device_map!r} needs the accelerate package (transformers places the weights "
             "through it): pip install accelerate — or load without device_map (the model then goes to "
             "CPU RAM in one piece)"
@@ -133,10 +132,10 @@ def _load_folder(
         "ar",
         "query",
     ):
-        from uniprobe.experiments.sandbox.registry import sandbox_parts
+        from uniprobe.experiments.sandbox.registry import load_dir
 
         _no_load_options(str(path), "a sandbox checkpoint", load_options)
-        return LoadedModel(*sandbox_parts(path), str(path))
+        return load_dir(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a transformers model folder")
     _check_device_map(load_options.get("device_map"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import uniprobe.hooks.calls as calls
+from uniprobe.experiments.tiny import tiny_emu3, tiny_llama
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.backends import run_capture
 from uniprobe.hooks.calls import CallLog, CallPatternError, cache_kwarg, output_cache, transformers_version
-from uniprobe.hooks.tiny import tiny_emu3, tiny_llama
 from uniprobe.probes.patching import LogitDiff, grid_sites, patch_sweep
 from uniprobe.probes.patching.generation import StepPatch, patched_generation
 

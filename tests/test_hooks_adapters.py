@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from torch import nn
+from uniprobe.experiments.tiny import TINY_BUILDERS, build_tiny
 from uniprobe.hooks.adapters import (
     ADAPTERS,
     Adapter,
@@ -25,7 +26,6 @@ from uniprobe.hooks.adapters.query import TINY_QUERY
 from uniprobe.hooks.adapters.unified_vocab import image_token_ids
 from uniprobe.hooks.capture import capture
 from uniprobe.hooks.layout import ROLE_ID
-from uniprobe.hooks.tiny import TINY_BUILDERS, build_tiny
 
 EXPECTED_ADAPTER = {
     "tiny-llama": "causal_lm",

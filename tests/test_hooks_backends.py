@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
+from uniprobe.experiments.tiny import build_tiny
 from uniprobe.hooks.adapters import ModelInputs, adapter_for
 from uniprobe.hooks.backends import BACKENDS, available, run_capture
 from uniprobe.hooks.capture import Captured
 from uniprobe.hooks.layout import ROLE_ID
-from uniprobe.hooks.tiny import build_tiny
 
 POINTS = "embed,blocks.*.*,final_norm,lm_head.in"
 ATOL = 1e-5

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from uniprobe.experiments.tiny import build_tiny
 from uniprobe.hooks.adapters import ModelInputs, Site, adapter_for
 from uniprobe.hooks.adapters.base import Adapter
 from uniprobe.hooks.capture import capture
 from uniprobe.hooks.layout import ROLE_ID, TokenLayout
 from uniprobe.hooks.points import UnknownHookPointError
-from uniprobe.hooks.tiny import build_tiny
 
 N_LAYERS = 3
 # right-padded batch: example 1 has 2 pad positions

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import uniprobe.hooks.guard as guard
 from transformer_lens.model_bridge.sources.transformers import helpers
+from uniprobe.experiments.tiny import build_tiny
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.guard import RuntimeInstallError, disable_transformer_lens_installs, no_runtime_installs
-from uniprobe.hooks.tiny import build_tiny
 
 # TransformerLens's own helper, taken at import (before any test neutralised it): it runs
 # `pip install torchvision` when torchvision does not import

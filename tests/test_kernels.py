@@ -136,8 +136,8 @@ def test_fallback_when_triton_is_absent(no_triton: None) -> None:
 
 
 def test_patching_falls_back_to_torch_kernels_without_triton(no_triton: None) -> None:
+    from uniprobe.experiments.tiny import tiny_llama
     from uniprobe.hooks.adapters import adapter_for
-    from uniprobe.hooks.tiny import tiny_llama
     from uniprobe.probes.patching import LogitDiff, attribution_patch, grid_sites, patch_sweep
 
     model, _ = tiny_llama()

@@ -13,8 +13,8 @@ import torch
 from uniprobe.experiments import models
 from uniprobe.experiments.cli import main
 from uniprobe.experiments.models import has_accelerate, load_model
+from uniprobe.experiments.tiny import build_tiny
 from uniprobe.hooks.backends import run_capture
-from uniprobe.hooks.tiny import build_tiny
 from uniprobe.probes.patching import LogitDiff, grid_sites, patch_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,10 +13,10 @@ import warnings
 
 import pytest
 import torch
+from uniprobe.experiments.tiny import build_tiny
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.backends import run_capture
 from uniprobe.hooks.backends.tl_backend import word_level_tokenizer
-from uniprobe.hooks.tiny import build_tiny
 
 nnsight = pytest.importorskip("nnsight")
 

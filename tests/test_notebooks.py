@@ -55,8 +55,8 @@ def test_real_models_notebook_on_a_checkpoint_folder(family, tmp_path):
     """``CHECKPOINT`` set: the folder is loaded by ``load_model`` with ``DEVICE_MAP``, prompts are
     built with the folder's tokenizer (here word-level ``t0 … t63``; a real one encodes words)."""
     pytest.importorskip("accelerate")
+    from uniprobe.experiments.tiny import build_tiny
     from uniprobe.hooks.backends.tl_backend import word_level_tokenizer
-    from uniprobe.hooks.tiny import build_tiny
 
     model, info = build_tiny(family)
     if family == "tiny-janus":  # a Janus checkpoint names its image-start token here

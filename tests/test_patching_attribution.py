@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from uniprobe.experiments.tiny import build_tiny, tiny_llama
 from uniprobe.hooks.adapters import ModelInputs, adapter_for
 from uniprobe.hooks.layout import TokenLayout
-from uniprobe.hooks.tiny import build_tiny, tiny_llama
 from uniprobe.probes.patching import (
     GridLogProb,
     LogitDiff,

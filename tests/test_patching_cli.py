@@ -88,8 +88,8 @@ def test_bad_tokens_and_points_are_named(tmp_path: Path) -> None:
 
 
 def test_patch_a_local_transformers_folder(tmp_path: Path) -> None:
+    from uniprobe.experiments.tiny import tiny_llama
     from uniprobe.hooks.backends.tl_backend import word_level_tokenizer
-    from uniprobe.hooks.tiny import tiny_llama
 
     model, _ = tiny_llama()
     folder = tmp_path / "llama"

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from uniprobe.experiments.tiny import build_tiny
 from uniprobe.hooks.adapters import ModelInputs, adapter_for
 from uniprobe.hooks.adapters.base import get_module
-from uniprobe.hooks.tiny import build_tiny
 from uniprobe.probes.patching import (
     KINDS,
     GridLogProb,

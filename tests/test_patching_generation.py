@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from uniprobe.experiments.tiny import tiny_janus, tiny_query
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.capture import capture
 from uniprobe.hooks.layout import TokenLayout
-from uniprobe.hooks.tiny import tiny_janus, tiny_query
 from uniprobe.probes.patching import (
     KLToClean,
     SequenceLogProb,

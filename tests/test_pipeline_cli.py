@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from uniprobe.experiments.cli import main
+from uniprobe.experiments.tiny import tiny_janus, tiny_llama
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.pipeline import capture_dataset
 from uniprobe.hooks.store import ActivationStore, StoreExistsError
-from uniprobe.hooks.tiny import tiny_janus, tiny_llama
 
 
 def _examples(n: int = 10) -> list[dict]:
@@ -204,9 +204,9 @@ def test_cli_local_llama_folder(tmp_path, capsys):
 
 
 def test_query_adapter_file_with_a_wrong_path_names_it(tmp_path):
+    from uniprobe.experiments.tiny import tiny_query
     from uniprobe.hooks.adapters import load_adapter_file
     from uniprobe.hooks.capture import capture
-    from uniprobe.hooks.tiny import tiny_query
 
     spec = {
         "blocks": "lm.model.layers",
@@ -226,8 +226,8 @@ def test_query_adapter_file_with_a_wrong_path_names_it(tmp_path):
 
 def test_folder_with_word_level_tokenizer_keeps_multi_digit_words(tmp_path):
     from uniprobe.experiments.models import encode, load_model
+    from uniprobe.experiments.tiny import tiny_qwen2
     from uniprobe.hooks.backends.tl_backend import word_level_tokenizer
-    from uniprobe.hooks.tiny import tiny_qwen2
 
     model, _ = tiny_qwen2()
     model.save_pretrained(tmp_path / "qwen")

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
+from uniprobe.experiments.tiny import tiny_janus, tiny_llama, tiny_query
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.pipeline import capture_dataset
-from uniprobe.hooks.tiny import tiny_janus, tiny_llama, tiny_query
 from uniprobe.probes.lens import LensResult, logit_lens, logit_lens_store, readout
 from uniprobe.probes.tuned_lens import TunedLens, tuned_lens_from_capture, tuned_lens_from_store
 
@@ -162,7 +162,7 @@ def test_readout_uses_the_adapters_final_norm_and_head():
 
 
 def _lens_parser() -> argparse.ArgumentParser:
-    from uniprobe.experiments.cli.probe import add_lens_parser
+    from uniprobe.experiments.probe_commands import add_lens_parser
 
     parser = argparse.ArgumentParser()
     add_lens_parser(parser.add_subparsers(dest="command"))

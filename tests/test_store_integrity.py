@@ -25,6 +25,7 @@ import uniprobe.hooks.store.files as files_module
 import uniprobe.hooks.store.writer as writer_module
 from test_store import BATCH, MODEL, POINTS, as_schema_1, build, make_batch, rewrite_manifest
 from uniprobe.experiments.cli import main
+from uniprobe.experiments.tiny import tiny_llama
 from uniprobe.hooks.pipeline import capture_dataset
 from uniprobe.hooks.store import (
     ActivationStore,
@@ -38,7 +39,6 @@ from uniprobe.hooks.store import (
 from uniprobe.hooks.store.errors import EmptyCaptureError
 from uniprobe.hooks.store.files import is_disk_full
 from uniprobe.hooks.store.lock import LOCK_NAME
-from uniprobe.hooks.tiny import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,9 +16,9 @@ import yaml
 from uniprobe.experiments.cli import main
 from uniprobe.experiments.sweep import ConfigError, FailFastError, load_config, run_sweep
 from uniprobe.experiments.sweep.merge import batch_slice, merge_parts
+from uniprobe.experiments.tiny import tiny_llama
 from uniprobe.hooks.pipeline import capture_dataset
 from uniprobe.hooks.store import ActivationStore
-from uniprobe.hooks.tiny import tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 from uniprobe.experiments.sweep import load_config, run_sweep
-from uniprobe.hooks.tiny import build_tiny, tiny_query
+from uniprobe.experiments.tiny import build_tiny, tiny_query
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -61,7 +61,7 @@ def test_real_recipe_runs_on_a_tiny_model_of_its_class(recipe, tiny, tmp_path):
 LOADER = """
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerFast
-from uniprobe.hooks.tiny import tiny_query
+from uniprobe.experiments.tiny import tiny_query
 
 
 def load(path):

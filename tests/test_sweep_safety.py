@@ -143,7 +143,7 @@ def test_remove_parts_deletes_only_a_marked_parts_folder_and_only_its_part_store
 # -- loaders -----------------------------------------------------------------------------------------
 LOADER = """
 from uniprobe.experiments.models import WordTokenizer
-from uniprobe.hooks.tiny import tiny_llama
+from uniprobe.experiments.tiny import tiny_llama
 
 def load(path):
     return tiny_llama()[0], WordTokenizer(64)

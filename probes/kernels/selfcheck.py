@@ -57,11 +57,24 @@ def _scatter(case: tuple[int, int, int, int], device: str, strided: bool = False
 
 
 def _patching() -> float:
+    from transformers import LlamaConfig, LlamaForCausalLM
     from uniprobe.hooks.adapters import adapter_for
-    from uniprobe.hooks.tiny import tiny_llama
     from uniprobe.probes.patching import LogitDiff, grid_sites, patch_sweep
 
-    model, _ = tiny_llama()
+    # built here rather than by uniprobe.experiments.tiny.tiny_llama: probes never import experiments
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
     adapter = adapter_for(model)
     clean = adapter.prepare(model, [{"input_ids": [1, 5, 6, 7]}])
     corrupted = adapter.prepare(model, [{"input_ids": [1, 9, 6, 7]}])
