@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from uniprobe.experiments.tiny import TINY_BUILDERS, build_tiny
 from uniprobe.hooks.adapters import ADAPTERS, Adapter, adapter_for, load_adapter_file
+from uniprobe.hooks.errors import MissingDependencyError
 
 
 @dataclass
@@ -90,9 +91,9 @@ def load_model(
         model, info = build_tiny(spec)
         return LoadedModel(model, adapter_for(model), _tiny_tokenizer(info), info, spec)
     if spec in sandbox_names():
-        from uniprobe.experiments.sandbox.registry import load_named
+        from uniprobe.experiments.sandbox.registry import SANDBOX_MODELS, sandbox_parts
 
-        return load_named(spec)
+        return LoadedModel(*sandbox_parts(SANDBOX_MODELS[spec]), spec)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(
@@ -117,7 +118,7 @@ def has_accelerate() -> bool:
 
 def _check_device_map(device_map: Any) -> None:
     if device_map is not None and not has_accelerate():
-        raise ImportError(
+        raise MissingDependencyError(
             f"device_map={device_map!r} needs the accelerate package (transformers places the weights "
             "through it): pip install accelerate — or load without device_map (the model then goes to "
             "CPU RAM in one piece)"
@@ -132,10 +133,10 @@ def _load_folder(
         "ar",
         "query",
     ):
-        from uniprobe.experiments.sandbox.registry import load_dir
+        from uniprobe.experiments.sandbox.registry import sandbox_parts
 
         _no_load_options(str(path), "a sandbox checkpoint", load_options)
-        return load_dir(path)
+        return LoadedModel(*sandbox_parts(path), str(path))
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a transformers model folder")
     _check_device_map(load_options.get("device_map"))

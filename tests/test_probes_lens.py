@@ -162,7 +162,7 @@ def test_readout_uses_the_adapters_final_norm_and_head():
 
 
 def _lens_parser() -> argparse.ArgumentParser:
-    from uniprobe.experiments.probe_commands import add_lens_parser
+    from uniprobe.experiments.cli.probe import add_lens_parser
 
     parser = argparse.ArgumentParser()
     add_lens_parser(parser.add_subparsers(dest="command"))

@@ -455,7 +455,7 @@ def test_errors_name_the_problem(store):
 
 
 def test_probe_cli_end_to_end_on_a_tiny_model_store(tmp_path, capsys):
-    from uniprobe.experiments.probe_commands import add_probe_parser
+    from uniprobe.experiments.cli.probe import add_probe_parser
     from uniprobe.experiments.tiny import tiny_llama
     from uniprobe.hooks.pipeline import capture_dataset
 
