@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,129 @@ from typing import Any
 import torch
 from torch import nn
 from uniprobe.experiments.tiny import TINY_BUILDERS, build_tiny
-from uniprobe.hooks.adapters import ADAPTERS, Adapter, adapter_for, load_adapter_file
+from uniprobe.hooks.adapters import ADAPTERS, Adapter, ModelInputs, adapter_for, load_adapter_file
+from uniprobe.hooks.capture import Captured
 from uniprobe.hooks.errors import MissingDependencyError
 
 
 @dataclass
 class LoadedModel:
-    """A model ready for capture: the module, its adapter, a tokenizer (or None), extra info."""
+    """A model ready for capture: the module, its adapter, a tokenizer (or None), extra info.
+
+    The front door's handle (``uniprobe.load_model``): it prepares inputs, captures, maps words to
+    token ids, so a session needs no adapter calls of its own::
+
+        loaded = up.load_model("sandbox-ar")
+        out, cache = loaded.run_with_cache("what is 2 + 1 ?", "blocks.*.resid_post")
+        cache["blocks.3.resid_post"]          # [batch, pos, d_model]
+        loaded.token_str(int(up.logits_of(out)[0, -1].argmax()))
+    """
 
     model: nn.Module
     adapter: Adapter
     tokenizer: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     spec: str = ""
+
+    # -- examples and inputs ----------------------------------------------------------------------
+    def examples(self, items: str | dict | Sequence[str | dict]) -> list[dict[str, Any]]:
+        """Example dicts from prompts: a text becomes ``{"prompt": text}`` (sandbox models, which
+        build their own batches) or ``{"input_ids": ...}``; dicts pass through unchanged."""
+        items = [items] if isinstance(items, (str, dict)) else list(items)
+        out = []
+        for item in items:
+            if isinstance(item, dict):
+                out.append(dict(item))
+            elif self.info.get("text_prompts"):
+                out.append({"prompt": item})
+            else:
+                out.append({"input_ids": self.encode(item)})
+        return out
+
+    def prepare(self, items: str | dict | Sequence[str | dict], mode: str = "understanding") -> ModelInputs:
+        """The adapter's model inputs for ``items`` (texts or example dicts): kwargs plus the
+        :class:`~uniprobe.hooks.layout.TokenLayout` ``[batch, pos]`` of roles."""
+        return self.adapter.prepare(self.model, self.examples(items), mode=mode)
+
+    def run_with_cache(
+        self,
+        items: str | dict | Sequence[str | dict] | ModelInputs,
+        points: str | Sequence[str] = "blocks.*.resid_post",
+        *,
+        roles: Sequence[str] | None = None,
+        mode: str = "understanding",
+        backend: str = "torch",
+        dtype: torch.dtype | None = None,
+    ) -> tuple[Any, Captured]:
+        """Run once with ``points`` hooked: ``(outputs, cache)``, like TransformerLens's ``run_with_cache``.
+
+        ``cache[point]`` is ``[batch, pos, *feature]`` when every position was kept, else read
+        ``cache.rows(point)`` (values ``[n, *feature]`` with example / pos / role / step / branch).
+        ``mode="generate"`` runs the adapter's image generation with every step captured; ``outputs``
+        is then the generated tokens ``[batch, n]``.
+        """
+        from uniprobe.hooks.backends import run_capture
+
+        generate = mode == "generate"
+        inputs = (
+            items
+            if isinstance(items, ModelInputs)
+            else self.prepare(items, "generation" if generate else mode)
+        )
+        if generate:
+            cap = run_capture(
+                self.model, inputs, points, adapter=self.adapter, roles=roles, dtype=dtype, generate=True
+            )
+            return cap.generated, cap
+        if backend != "torch":
+            cap = run_capture(
+                self.model, inputs, points, adapter=self.adapter, backend=backend, roles=roles, dtype=dtype
+            )
+            with torch.no_grad():
+                return self.adapter.run(self.model, inputs), cap
+        from uniprobe.hooks.capture import capture
+
+        with (
+            torch.no_grad(),
+            capture(
+                self.model, points, adapter=self.adapter, layout=inputs.layout, roles=roles, dtype=dtype
+            ) as cap,
+        ):
+            outputs = self.adapter.run(self.model, inputs)
+        return outputs, cap
+
+    def capture_dataset(
+        self, items: Sequence[str | dict], points: str | Sequence[str], out: str | Path, **kwargs: Any
+    ) -> Any:
+        """:func:`uniprobe.hooks.pipeline.capture_dataset` of ``items`` (texts or example dicts) into a
+        store at ``out``; returns the store opened for reading."""
+        from uniprobe.hooks.pipeline import capture_dataset
+
+        kwargs.setdefault("model_info", {"spec": self.spec})
+        return capture_dataset(self.model, self.examples(items), points, out, adapter=self.adapter, **kwargs)
+
+    # -- tokens and points ------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """A prompt's token ids (with the special tokens the tokenizer adds to prompts)."""
+        from uniprobe.experiments.tokens import encode
+
+        return encode(self, text)
+
+    def token_id(self, word: str) -> int:
+        """The single token id of ``word`` (an error when it is not exactly one token)."""
+        from uniprobe.experiments.tokens import token_id
+
+        return token_id(self, word)
+
+    def token_str(self, tid: int) -> str:
+        """The readable form of token id ``tid``."""
+        from uniprobe.experiments.tokens import token_str
+
+        return token_str(self, tid)
+
+    def points(self) -> list[str]:
+        """Every hook point of this model (``blocks.{i}.resid_post``, ``final_norm``, ...)."""
+        return list(self.adapter.points(self.model))
 
 
 def sandbox_names() -> list[str]:
@@ -292,9 +403,4 @@ def _max_positions(config: Any) -> int | None:
 
 def encode(loaded: LoadedModel, text: str) -> list[int]:
     """Token ids of ``text`` with the model's tokenizer (error when the model has none)."""
-    tok = loaded.tokenizer
-    if tok is None:
-        raise ValueError(f"model {loaded.spec!r} has no tokenizer: give 'input_ids' instead of 'text'")
-    if callable(tok) and not isinstance(tok, WordTokenizer):
-        return list(tok(text, add_special_tokens=True)["input_ids"])
-    return tok.encode(text)
+    return loaded.encode(text)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from uniprobe.experiments.patch_commands import add_patch_parser
+from uniprobe.experiments.cli.patch import add_patch_parser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
