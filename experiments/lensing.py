@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uniprobe.experiments import tokens
 from uniprobe.experiments.models import LoadedModel
 from uniprobe.hooks.errors import UsageError
 
@@ -39,28 +40,10 @@ def _vocab_size(loaded: LoadedModel) -> int | None:
 
 
 def _word_id(loaded: LoadedModel, word: str) -> int:
-    tok = loaded.tokenizer
-    if tok is None:
-        raise UsageError(
-            f"answer {word!r} is a word but model {loaded.spec!r} has no tokenizer; pass token ids"
-        )
-    if hasattr(tok, "convert_tokens_to_ids") and callable(tok):  # a transformers tokenizer
-        unk = getattr(tok, "unk_token_id", None)
-        tid = tok.convert_tokens_to_ids(word)
-        if tid is not None and tid != unk:
-            return int(tid)
-        for variant in (word, " " + word):
-            pieces = tok.encode(variant, add_special_tokens=False)
-            if len(pieces) == 1:
-                return int(pieces[0])
-        raise UsageError(
-            f"answer {word!r} is not one token of the tokenizer: it encodes to {pieces} "
-            f"({tok.convert_ids_to_tokens(pieces)}); pass a single-token word or a token id"
-        )
-    pieces = tok.encode(word)
-    if len(pieces) != 1:
-        raise UsageError(f"answer {word!r} encodes to {len(pieces)} tokens {pieces}; pass one token")
-    return int(pieces[0])
+    try:
+        return tokens.token_id(loaded, word)
+    except UsageError as err:
+        raise UsageError(f"answer: {err}") from err
 
 
 def token_str(loaded: LoadedModel) -> Callable[[int], str] | None:

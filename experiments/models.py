@@ -318,7 +318,7 @@ def _folder_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-class WordTokenizer:
+class TinyTokenizer:
     """The tiny models' tokenizer: ``"t5 t6"`` ↔ ``[5, 6]`` (a word is ``t`` + its id)."""
 
     def __init__(self, vocab_size: int) -> None:
@@ -339,8 +339,8 @@ class WordTokenizer:
         return [f"t{i}" for i in ids]
 
 
-def _tiny_tokenizer(info: dict[str, Any]) -> WordTokenizer:
-    return WordTokenizer(int(info.get("vocab_size", 64)))
+def _tiny_tokenizer(info: dict[str, Any]) -> TinyTokenizer:
+    return TinyTokenizer(int(info.get("vocab_size", 64)))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniprobe.experiments.models import LoadedModel, WordTokenizer, encode
+from uniprobe.experiments import tokens
+from uniprobe.experiments.models import LoadedModel, encode
 from uniprobe.hooks.errors import UsageError
 from uniprobe.probes.patching import PatchResult
 from uniprobe.probes.patching.sites import KINDS
@@ -79,21 +80,11 @@ def site_kinds(raw: Sequence[str]) -> list[str]:
 
 
 def token_id(loaded: LoadedModel, text: str) -> int:
-    """The single token id of ``text``, without the special tokens the tokenizer adds to prompts."""
-    tok = loaded.tokenizer
-    if tok is not None and callable(tok) and not isinstance(tok, WordTokenizer):
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
-    else:
-        ids = encode(loaded, text)
-        try:
-            prefix = encode(loaded, "")  # e.g. a <bos> the tokenizer always prepends
-        except (ValueError, KeyError):  # a tokenizer that cannot encode "" has no such prefix
-            prefix = []
-        if prefix and ids[: len(prefix)] == prefix:
-            ids = ids[len(prefix) :]
-    if len(ids) != 1:
-        raise UsageError(f"{text!r} is {len(ids)} tokens {ids}; --target/--foil must be exactly one token")
-    return int(ids[0])
+    """The single token id of ``text`` (:func:`uniprobe.experiments.tokens.token_id`)."""
+    try:
+        return tokens.token_id(loaded, text)
+    except UsageError as err:
+        raise UsageError(f"{err}; --target/--foil must be exactly one token") from err
 
 
 def token_labels(loaded: LoadedModel, ids: list[int]) -> list[str]:

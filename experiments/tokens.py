@@ -2,7 +2,8 @@
 
 Three kinds of tokenizer reach here: a transformers tokenizer (a local model folder), the sandbox's
 word-level tokenizer (one id per vocabulary word), and the tiny test models' ``t0 t1 ...`` tokenizer
-(:class:`uniprobe.experiments.models.TinyTokenizer`). :func:`token_id` gives the single id a word
+(:class:`uniprobe.experiments.models.TinyTokenizer`). Errors are :class:`~uniprobe.hooks.errors.UsageError`
+(a ``ValueError``) naming the word. :func:`token_id` gives the single id a word
 stands for, without the special tokens a tokenizer adds to prompts; :func:`encode` gives a prompt's
 ids, with them; :func:`token_str` the readable form of an id.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from uniprobe.hooks.errors import UsageError
+
 
 def _loaded_tokenizer(loaded: Any, what: str) -> Any:
     tok = loaded.tokenizer
     if tok is None:
-        raise ValueError(f"model {loaded.spec!r} has no tokenizer: give token ids instead of {what}")
+        raise UsageError(f"model {loaded.spec!r} has no tokenizer: give token ids instead of {what}")
     return tok
 
 
@@ -38,7 +41,7 @@ def token_id(loaded: Any, word: str) -> int:
     if words is not None and hasattr(words, "index"):
         if word not in words.index:
             near = [v for v in words.vocab if v[:2] == word[:2]][:5]
-            raise ValueError(f"{word!r} is not a word of {loaded.spec}'s vocabulary (similar: {near})")
+            raise UsageError(f"{word!r} is not a word of {loaded.spec}'s vocabulary (similar: {near})")
         return int(words.index[word])
     if _is_transformers(tok):
         tid = tok.convert_tokens_to_ids(word)
@@ -49,13 +52,13 @@ def token_id(loaded: Any, word: str) -> int:
             pieces = list(tok.encode(variant, add_special_tokens=False))
             if len(pieces) == 1:
                 return int(pieces[0])
-        raise ValueError(
+        raise UsageError(
             f"{word!r} is not one token of {loaded.spec}'s tokenizer: it encodes to {pieces} "
             f"({tok.convert_ids_to_tokens(pieces)}); use a single-token word, or the form id:N"
         )
     pieces = [int(i) for i in tok.encode(word)]
     if len(pieces) != 1:
-        raise ValueError(
+        raise UsageError(
             f"{word!r} is {len(pieces)} tokens {pieces}; use a single-token word, or the form id:N"
         )
     return pieces[0]

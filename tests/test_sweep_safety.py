@@ -142,11 +142,11 @@ def test_remove_parts_deletes_only_a_marked_parts_folder_and_only_its_part_store
 
 # -- loaders -----------------------------------------------------------------------------------------
 LOADER = """
-from uniprobe.experiments.models import WordTokenizer
+from uniprobe.experiments.models import TinyTokenizer
 from uniprobe.experiments.tiny import tiny_llama
 
 def load(path):
-    return tiny_llama()[0], WordTokenizer(64)
+    return tiny_llama()[0], TinyTokenizer(64)
 """
 
 

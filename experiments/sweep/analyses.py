@@ -125,17 +125,13 @@ def answer_ids(ctx: RunContext, answers: str | list) -> list[list[int]] | list[i
 
 def _word_ids(loaded: LoadedModel, value: Any) -> list[int]:
     """An answer's token ids: an int is an id, a list is its items, a string one token per word."""
-    from uniprobe.experiments.lensing import resolve_answers
+    from uniprobe.experiments.tokens import token_id
 
     if isinstance(value, int):
         return [value]
     if isinstance(value, list):
         return [i for v in value for i in _word_ids(loaded, v)]
-    words = str(value).split()
-    tok = getattr(loaded.tokenizer, "tok", None)  # the sandbox's word tokenizer (one id per word)
-    if loaded.info.get("text_prompts") and tok is not None:
-        return [int(tok[w]) for w in words]
-    return resolve_answers(loaded, words)
+    return [token_id(loaded, w) for w in str(value).split()]  # words, never ids: "3" is the word 3
 
 
 # -- patching -------------------------------------------------------------------------------------
