@@ -3,10 +3,18 @@
 No timings are asserted (the bench measures them; tests only check it computes the same thing).
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 from uniprobe.hooks.adapters import adapter_for
 
-from experiments.bench import patching as bench
+# the benchmarks are scripts of the repository, not part of the installed package: load by path
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_patching", Path(__file__).resolve().parents[1] / "experiments" / "bench" / "patching.py"
+)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

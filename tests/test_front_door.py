@@ -38,6 +38,7 @@ def _run(python: str, code: str, cwd: Path, env: dict | None = None) -> subproce
 
 def _shadowing_folder(tmp: Path) -> Path:
     """A research repo with its own ``experiments`` and ``hooks`` packages that would shadow ours."""
+    tmp.mkdir(parents=True, exist_ok=True)
     for name in ("experiments", "hooks", "probes"):
         (tmp / name).mkdir()
         (tmp / name / "__init__.py").write_text("raise ImportError('the user folder was imported')\n")
