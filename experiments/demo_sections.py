@@ -34,17 +34,32 @@ def run_gap(model: Any, items: list[Item], out: Path, name: str) -> dict:
     rows = gap_table(model, results=results)
     summary = summarize(rows)
     md = format_gap_table(rows, title=f"{name}: understanding vs generation")
+    md += "\n" + _count_note(items, rows)
     (out / f"gap-{name}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     (out / f"gap-{name}.md").write_text(md)
     plot_drawings(results, items, out / f"drawings-{name}.png", name)
     score, cats = sandbox_gap_score(results)
-    gap_md = format_gap_score(score, cats)
+    gap_md = format_gap_score(score, cats) + (
+        "\n\nGapEval's n counts prompts: each variant of a mapping A/B pair is one item here, so mapping's"
+        f" n is {sum(c.n for c in cats if c.category == 'mapping')} prompts (the gap table counts pairs)."
+    )
     (out / f"gapeval-{name}.json").write_text(
         json.dumps({"score": score, "categories": [asdict(c) for c in cats]})
     )
     plot_gap_score(cats, score, str(out / f"gapeval-{name}.png"), title=name)
     summary_by_kind = {s["kind"]: s for s in summary}
     return {"rows": rows, "summary": summary_by_kind, "markdown": md, "gapeval": (score, cats, gap_md)}
+
+
+def _count_note(items: list[Item], rows: list[dict]) -> str:
+    """Why the gap table's n column does not sum to the number of test prompts (mapping: per A/B pair)."""
+    mapping = [it for it in items if it.category == "mapping"]
+    pairs = len({it.group for it in mapping})
+    total = sum(r["n"] for r in rows)
+    return (
+        f"n counts items; mapping items count per A/B pair ({len(mapping)} prompts = {pairs} pairs, a pair"
+        f" right only if both variants are), so n sums to {total} for the {len(items)} test prompts."
+    )
 
 
 def plot_drawings(
@@ -182,20 +197,36 @@ def _last_text_positions(rows: list[dict]) -> dict[int, int]:
     return last
 
 
-def _plot_lens(summary: list[dict], path: Path, arch: str) -> None:
+def lens_figure(summary: list[dict], arch: str) -> plt.Figure:
+    """Mean p(answer word) vs layer, one line per role, one panel per group (at most 4 per row); the
+    legend sits below the panels, outside the data; layer ticks are integers."""
+    from matplotlib.ticker import MaxNLocator
+
     groups = sorted({s["group"] for s in summary})
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3), squeeze=False)
-    for ax, group in zip(axes[0], groups, strict=True):
+    ncols = min(len(groups), 4)
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows + 0.6), squeeze=False)
+    for ax, group in zip(axes.flat, groups):
         rows = [s for s in summary if s["group"] == group]
         for role in sorted({s["role"] for s in rows}):
             pts = sorted((s["layer"], s["mean_prob"]) for s in rows if s["role"] == role)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=role)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{role} positions")
         ax.set_title(f"{group}: p(answer word) by layer", fontsize=9)
         ax.set_xlabel("layer")
+        ax.set_ylabel("mean p(answer word)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.set_axis_off()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.suptitle(f"sandbox-{arch}: logit lens on generation runs", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncols=max(1, len(labels)), fontsize=7, frameon=False)
+    return fig
+
+
+def _plot_lens(summary: list[dict], path: Path, arch: str) -> None:
+    fig = lens_figure(summary, arch)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -211,7 +242,10 @@ def run_patching(model: Any, items: list[Item], arch: str, out: Path, n_items: i
     pairs = _patch_pairs(arith, n_items)
     result = patch_map(model, arch, pairs, _align)
     (out / f"patch-{arch}.json").write_text(json.dumps(result, indent=1))
-    _plot_patch(np.array(result["grid"]), result["columns"], out / f"patch-{arch}.png", arch)
+    _plot_patch(
+        np.array(result["grid"]), result["columns"], out / f"patch-{arch}.png", arch,
+        tokens=result["tokens"], source_prompt=result["source_prompt"], n_pairs=len(result["pairs"]),
+    )  # fmt: skip
     return result
 
 
@@ -224,12 +258,14 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
 
     Returns:
         ``grid`` ``[layers][columns]`` mean normalised effect (0: the target run, 1: the clean run),
-        ``columns``, ``layers``, mean ``clean`` / ``corrupted`` metric values, the pair ids, the metric.
+        ``columns`` (what each position is), ``tokens`` (the first pair's tokens there, for the
+        figure), ``source_prompt`` (the first pair's), ``layers``, mean ``clean`` / ``corrupted``
+        metric values, the pair ids, the metric.
     """
     from uniprobe.probes.patching import GridLogProb, SequenceLogProb, patch_across
 
     adapter = adapter_for(model)
-    grids, labels, clean_v, corrupted_v = [], None, [], []
+    grids, labels, tokens, clean_v, corrupted_v = [], None, None, [], []
     for src, dst in pairs:
         source = adapter.prepare(model, [{"prompt": src.und_prompt}])
         drawing = {"target": list(src.target)}  # teacher-force the drawing of the source's answer
@@ -239,6 +275,7 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
         direct = src.cot_draw.format(*[src.answer] * len(src.cot_questions))
         clean = adapter.prepare(model, [{"prompt": direct, **drawing}], "generation")
         align, labels = align_fn(model, source, target, src)
+        tokens = tokens or pair_tokens(model.tokenizer, source, target, align)
         if arch == "ar":
             n = len(src.target)
             metric = SequenceLogProb(
@@ -255,6 +292,8 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
     return {
         "grid": mean.tolist(),
         "columns": labels,
+        "tokens": tokens,
+        "source_prompt": pairs[0][0].und_prompt,
         "layers": list(range(mean.shape[0])),
         "clean": float(np.mean(clean_v)),
         "corrupted": float(np.mean(corrupted_v)),
@@ -294,8 +333,21 @@ def _align(model: Any, source: Any, target: Any, src: Item) -> tuple[Any, list[s
     t_expr = _expr_span(t_ids, len(expr), ops, tok)
     pairs = list(zip(t_expr, s_expr, strict=True))
     pairs.append((t_ids.index(tok["<boi>"]), len(s_ids) - 1))
-    labels = [f"x{k}" if k % 2 == 0 else "op" for k in range(len(expr))] + ["answer slot"]
+    ordinal = {0: "number", 1: "operator"}
+    labels = [f"{ordinal[k % 2]} {k // 2 + 1}" for k in range(len(expr))] + ["answer slot"]
     return alignment(pairs, len(s_ids), len(t_ids), labels), labels
+
+
+def pair_tokens(tok: Any, source: Any, target: Any, align: Any) -> list[str]:
+    """One label per aligned pair, as the prompt reads: the source token, or ``source→target`` where
+    two different markers meet (``<answer>→<boi>``). ``align.pairs`` is ``[(target_pos, source_pos)]``."""
+    s_ids = source.kwargs["input_ids"][0].tolist()
+    t_ids = target.kwargs["input_ids"][0].tolist()
+    out = []
+    for t, s in align.pairs:
+        a, b = tok.decode([s_ids[s]]).strip(), tok.decode([t_ids[t]]).strip()
+        out.append(f"{a}→{b}" if a != b and a.startswith("<") and b.startswith("<") else a)
+    return out
 
 
 def _expr_span(ids: list[int], n: int, ops: set[int], tok: Any) -> list[int]:
@@ -308,15 +360,34 @@ def _expr_span(ids: list[int], n: int, ops: set[int], tok: Any) -> list[int]:
     raise ValueError("expression not found in the prompt")
 
 
-def _plot_patch(grid: np.ndarray, columns: list[str], path: Path, arch: str, title: str = "") -> None:
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(columns), 2.8))
-    im = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(columns)), columns, fontsize=7, rotation=30)
+PATCH_VALUE = "normalised effect\n(patched − corrupted) / (clean − corrupted)"
+
+
+def patch_figure(
+    grid: np.ndarray, columns: list[str], arch: str, title: str = "", tokens: list[str] | None = None,
+    source_prompt: str | None = None, n_pairs: int | None = None,
+) -> plt.Figure:  # fmt: skip
+    """Heatmap ``grid [layer, column]``: layers bottom to top, columns labelled with ``tokens`` (the
+    first pair's, as the prompt reads) when given, else ``columns``; a labelled colour bar."""
+    fig, ax = plt.subplots(figsize=(2.6 + 0.75 * len(columns), 3.4))
+    im = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto", origin="lower")
+    ax.set_xticks(range(len(columns)), tokens or columns, fontsize=8)
     ax.set_yticks(range(grid.shape[0]))
     ax.set_ylabel("layer (resid_pre)")
+    where = f"the first pair's prompt: {source_prompt!r}" if source_prompt else "token"
+    mean = f"; mean over {n_pairs} pairs" if n_pairs and n_pairs > 1 else ""
+    ax.set_xlabel(f"position (token of {where}{mean})" if source_prompt else "position (token)", fontsize=8)
     title = title or f"sandbox-{arch}: understanding → generation patching"
-    ax.set_title(f"{title}\n(normalised effect)", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.05).set_label(PATCH_VALUE, fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def _plot_patch(
+    grid: np.ndarray, columns: list[str], path: Path, arch: str, title: str = "", **labels: Any
+) -> None:
+    """:func:`patch_figure` to ``path`` (PNG); ``labels``: ``tokens``, ``source_prompt``, ``n_pairs``."""
+    fig = patch_figure(grid, columns, arch, title, **labels)
     fig.savefig(path, dpi=110)
     plt.close(fig)
