@@ -293,7 +293,7 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
         "grid": mean.tolist(),
         "columns": labels,
         "tokens": tokens,
-        "source_prompt": pairs[0][0].und_prompt,
+        "source_prompt": str(getattr(pairs[0][0].und_prompt, "text", pairs[0][0].und_prompt)),
         "layers": list(range(mean.shape[0])),
         "clean": float(np.mean(clean_v)),
         "corrupted": float(np.mean(corrupted_v)),

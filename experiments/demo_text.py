@@ -105,12 +105,13 @@ def gapeval_paragraph(gapeval: tuple) -> str:
     best = min(cats, key=lambda c: c.gap)
     return " ".join(
         [
-            "GapEval measures the gap differently: per category (arithmetic and mapping apart, where the",
-            "table above pools them as reasoning), over every prompt, it fits text and image abilities",
-            "(θ) to the joint outcomes and scores δ = θ_text − θ_image, raised when both answers are",
-            "often wrong and lowered when both are often right — so its largest category need not be",
-            "the one with the largest accuracy difference above.",
-            f"The model's GapEval gap score is {score:.3f} (0 = no gap, mean over {len(cats)} categories).",
+            "Fitting GapEval's two-dimensional IRT model to the joint outcomes (per category — arithmetic",
+            "and mapping apart, where the table above pools them as reasoning — over every prompt) gives",
+            f"a gap score of {score:.3f} (0 = no gap, mean over {len(cats)} categories).",
+            "This measures the gap differently from the accuracy difference above: it scores",
+            "δ = θ_text − θ_image between fitted text and image abilities, raised when both answers are",
+            "often wrong and lowered when both are often right, so its largest category need not be the",
+            "one with the largest accuracy difference.",
             f"Its largest category gap is on {worst.category} (gap score {worst.gap:.3f}: δ =",
             f"{worst.delta:+.2f}, {pct(worst.rates['10'])} of its {worst.n} prompts right in text only,",
             f"{pct(worst.rates['00'])} wrong both ways) and its smallest on {best.category}",

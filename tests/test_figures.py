@@ -219,5 +219,7 @@ def test_the_two_largest_gaps_name_their_measures() -> None:
     cat = SimpleNamespace(category="mapping", gap=0.7, delta=1.2, n=120, rates={"10": 0.3, "00": 0.5})
     low = SimpleNamespace(category="direct", gap=0.01, delta=0.0, n=60, rates={"10": 0.0, "00": 0.0})
     g = demo_text.gapeval_paragraph((0.35, [cat, low], ""))
-    assert "GapEval measures the gap differently" in g and "accuracy difference above" in g
+    assert (
+        "Fitting GapEval's two-dimensional IRT model" in g and "differently from the accuracy difference" in g
+    )
     assert "largest category gap is on mapping (gap score 0.700" in g and "of its 120 prompts" in g
