@@ -1,7 +1,7 @@
 """Logit lens (and tuned lens) of answer tokens over a prompts file: what ``uniprobe lens`` runs, and
 the answer-token resolution the sweep's ``lens`` analysis shares.
 
-    run = lens_prompts(loaded, "prompts.jsonl", ["three", "4"], tuned_steps=200)
+    run = lens_prompts(loaded, "prompts.jsonl", ["3", "4", "id:7"], tuned_steps=200)  # words; id:N an id
     run.write("artifacts/lens")   # lens.json, lens_rows.csv, lens_map.png, lens_kl.png (+ tuned lens)
 """
 
@@ -17,17 +17,17 @@ from uniprobe.experiments.models import LoadedModel
 from uniprobe.hooks.errors import UsageError
 
 
-def resolve_answers(loaded: LoadedModel, answers: Sequence[str]) -> list[int]:
-    """Token ids of ``answers``: integers are ids; words must be one token of the model's tokenizer."""
+def resolve_answers(loaded: LoadedModel, answers: Sequence[str | int]) -> list[int]:
+    """Token ids of ``answers`` (:func:`uniprobe.experiments.tokens.parse_token`): each a word of the
+    model's tokenizer (``"3"`` is the word 3; an int is the word of that number), or ``"id:N"`` for
+    token id ``N`` (checked against the readout's vocabulary)."""
     vocab = _vocab_size(loaded)
     ids = []
     for a in answers:
-        tid = int(a) if a.lstrip("-").isdigit() else _word_id(loaded, a)
-        if tid < 0 or (vocab is not None and tid >= vocab):
-            raise UsageError(
-                f"answer token id {tid} is outside the vocabulary (0..{vocab - 1 if vocab else '?'})"
-            )
-        ids.append(tid)
+        try:
+            ids.append(tokens.parse_token(loaded, a, vocab_size=vocab))
+        except UsageError as err:
+            raise UsageError(f"answer: {err}") from err
     return ids
 
 
@@ -39,19 +39,12 @@ def _vocab_size(loaded: LoadedModel) -> int | None:
     return int(out) if out is not None else None
 
 
-def _word_id(loaded: LoadedModel, word: str) -> int:
-    try:
-        return tokens.token_id(loaded, word)
-    except UsageError as err:
-        raise UsageError(f"answer: {err}") from err
-
-
 def token_str(loaded: LoadedModel) -> Callable[[int], str] | None:
-    """A token id → its text, when the tokenizer can say (else ``None``: the lens shows ids)."""
-    tok = loaded.tokenizer
-    if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
+    """A token id → its text (:func:`uniprobe.experiments.tokens.token_str`), ``None`` without a
+    tokenizer (the lens then shows ids)."""
+    if loaded.tokenizer is None:
         return None
-    return lambda t: str(tok.convert_ids_to_tokens([t])[0])
+    return lambda t: tokens.token_str(loaded, t)
 
 
 @dataclass
@@ -99,7 +92,8 @@ def lens_prompts(
 
     Args:
         prompts: a JSON-lines prompts file (see :mod:`uniprobe.experiments.prompts_file`).
-        answers: token ids (as text) or one-token words of the model's tokenizer.
+        answers: one-token words of the model's tokenizer (``"3"`` is the word 3), or ``"id:N"``
+            for token id ``N`` (:func:`resolve_answers`).
         roles: positions to decode (default: all but pad); ``generate``: also decode the image
             positions the model generates.
         tuned_steps: train a tuned lens on these prompts first (0: off); ``tuned_lens``: a tuned
@@ -146,13 +140,15 @@ def lens_prompts(
         }
         for (lens, point), v in kl.items()
     ]
+    texts = [tokens.token_str(loaded, t) for t in answer_ids]  # the tokens' own text, whatever the form
     meta = {
         "model": name,
         "adapter": adapter.name,
         "answers": answer_ids,
-        "answer_words": list(answers),
+        "answer_words": [str(a) for a in answers],
+        "answer_tokens": texts,
         "roles": roles,
         "prompts": str(prompts),
-        "title": f"{name}: lens on answers {', '.join(answers)}",
+        "title": f"{name}: lens on answers {', '.join(texts)}",
     }
     return LensRun(LensResult(rows, kl_rows, meta), len(examples), answer_ids, tuned, report)

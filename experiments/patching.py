@@ -79,12 +79,13 @@ def site_kinds(raw: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(kinds))
 
 
-def token_id(loaded: LoadedModel, text: str) -> int:
-    """The single token id of ``text`` (:func:`uniprobe.experiments.tokens.token_id`)."""
+def token_id(loaded: LoadedModel, text: str | int) -> int:
+    """The token id a target or foil names (:func:`uniprobe.experiments.tokens.parse_token`): a
+    one-token word (``"3"`` is the word 3), or ``"id:N"`` for token id ``N``."""
     try:
-        return tokens.token_id(loaded, text)
+        return tokens.parse_token(loaded, text)
     except UsageError as err:
-        raise UsageError(f"{err}; --target/--foil must be exactly one token") from err
+        raise UsageError(f"{err}; --target/--foil must be exactly one token (a word, or id:N)") from err
 
 
 def token_labels(loaded: LoadedModel, ids: list[int]) -> list[str]:
@@ -122,8 +123,8 @@ def patch_pair(
     loaded: LoadedModel,
     clean: str,
     corrupted: str,
-    target: str,
-    foil: str,
+    target: str | int,
+    foil: str | int,
     *,
     kinds: Sequence[str] = ("resid_pre",),
     method: str = "exact",
@@ -135,7 +136,8 @@ def patch_pair(
     """Patch every (kind, layer, position) site between two prompts of ``loaded``.
 
     Args:
-        clean, corrupted: the prompts (text); ``target`` / ``foil``: one-token answers of each.
+        clean, corrupted: the prompts (text); ``target`` / ``foil``: one-token answers of each, as
+            words (``"3"`` is the word 3) or ``"id:N"`` for token id ``N`` (:func:`token_id`).
         kinds: site kinds (see :data:`uniprobe.probes.patching.sites.KINDS`; commas allowed).
         method: ``"exact"`` (batched patching) or ``"attribution"`` (its linear estimate).
         direction: ``"denoise"`` (clean states into the corrupted run) or ``"noise"``.
@@ -163,12 +165,12 @@ def patch_pair(
     layout = (corrupted_in if denoise else clean_in).layout
     n_layers = adapter.n_layers(model)
     answer_pos = max(layout.positions(0, ["text", "image_und", "cot"]))
-    tokens = token_labels(loaded, target_ids)
+    pos_tokens = token_labels(loaded, target_ids)
     if len(clean_ids) == len(corrupted_ids):  # mark the positions where the prompts differ: "clean/corrupted"
         pairs = zip(token_labels(loaded, clean_ids), token_labels(loaded, corrupted_ids))
-        tokens = [c if c == r else f"{c}/{r}" for c, r in pairs]
+        pos_tokens = [c if c == r else f"{c}/{r}" for c, r in pairs]
     extra = layout.names(0)[len(target_ids) :]  # positions past the prompt (query tokens)
-    labels = tokens + [f"{role[0]}{i}" for i, role in enumerate(extra)]
+    labels = pos_tokens + [f"{role[0]}{i}" for i, role in enumerate(extra)]
     if len(clean_ids) != len(corrupted_ids):
         if align != "end":
             raise UsageError(
@@ -201,8 +203,8 @@ def patch_pair(
     data["model"] = name
     data["metric"] = {
         "name": "logit_diff",
-        "target": {"text": target, "id": target_id},
-        "foil": {"text": foil, "id": foil_id},
+        "target": {"text": tokens.token_str(loaded, target_id), "given": str(target), "id": target_id},
+        "foil": {"text": tokens.token_str(loaded, foil_id), "given": str(foil), "id": foil_id},
         "position": answer_pos,
     }
     data["prompts"] = {
@@ -211,4 +213,6 @@ def patch_pair(
     }
     data["axes"]["position_tokens"] = sites.columns
     data["timing"]["seconds"] = seconds
-    return PairPatch(result, data, sites, f"{name}: {method} patching ({direction})")
+    t_text, f_text = data["metric"]["target"]["text"], data["metric"]["foil"]["text"]
+    title = f"{name}: {method} patching ({direction}), logit {t_text!r} − {f_text!r}"
+    return PairPatch(result, data, sites, title)

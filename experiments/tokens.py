@@ -6,6 +6,12 @@ word-level tokenizer (one id per vocabulary word), and the tiny test models' ``t
 (a ``ValueError``) naming the word. :func:`token_id` gives the single id a word
 stands for, without the special tokens a tokenizer adds to prompts; :func:`encode` gives a prompt's
 ids, with them; :func:`token_str` the readable form of an id.
+
+Answers and targets (``uniprobe lens --answers``, ``uniprobe patch --target/--foil``, the sweep's
+``lens.answers`` and patch pairs, :func:`~uniprobe.experiments.lensing.resolve_answers`) all go
+through :func:`parse_token`, so one string has one meaning everywhere: a *word* by default (``"3"``
+is the word 3, which the sandbox's arithmetic answers are), a token id only in the explicit form
+``"id:3"``. An int given where a word is expected (a sweep label ``3``) is the word of that number.
 """
 
 from __future__ import annotations
@@ -62,6 +68,41 @@ def token_id(loaded: Any, word: str) -> int:
             f"{word!r} is {len(pieces)} tokens {pieces}; use a single-token word, or the form id:N"
         )
     return pieces[0]
+
+
+ID_PREFIX = "id:"
+
+
+def parse_token(loaded: Any, text: str | int, *, vocab_size: int | None = None) -> int:
+    """The token id an answer or target names: ``"id:N"`` is id ``N``; anything else is a word
+    (:func:`token_id`; an int is the word of that number, ``3`` → ``"3"``).
+
+    Args:
+        vocab_size: the ids ``id:N`` may name are ``0 .. vocab_size - 1`` (default: the model's
+            vocabulary, :func:`uniprobe.experiments.models.token_limits`).
+
+    Raises:
+        UsageError: ``id:N`` out of range (naming the vocabulary size) or not an integer; a word that
+            is not exactly one token.
+    """
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise UsageError(f"a token is a word or 'id:N', got {text!r}")
+    text = str(text)
+    if not text.startswith(ID_PREFIX):
+        return token_id(loaded, text)
+    raw = text[len(ID_PREFIX) :].strip()
+    if vocab_size is None:
+        from uniprobe.experiments.models import token_limits
+
+        vocab_size = token_limits(loaded).vocab_size
+    ids = f"0..{vocab_size - 1}" if vocab_size else "0 or more"
+    if not raw.lstrip("-").isdigit():
+        raise UsageError(f"{text!r} is not a token id: write id:N with N an integer in {ids}")
+    tid = int(raw)
+    if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+        size = f"its vocabulary has {vocab_size} tokens, ids {ids}" if vocab_size else "ids are 0 or more"
+        raise UsageError(f"{text!r} is outside the vocabulary of {loaded.spec}: {size}")
+    return tid
 
 
 def token_str(loaded: Any, tid: int) -> str:

@@ -31,12 +31,17 @@ from torch import Tensor
 from uniprobe.hooks.points import expand
 from uniprobe.hooks.store import ActivationStore
 from uniprobe.hooks.store.errors import IncompleteStoreWarning
-from uniprobe.probes.design import ProbeGroup, encode_labels, read_group, role_selections
-from uniprobe.probes.results import ProbeResults
-from uniprobe.probes.splits import (
-    ProbeInputError,
-    make_split,
+from uniprobe.probes.design import (
+    ProbeGroup,
+    coverage,
+    encode_labels,  # noqa: F401 - re-exported (uniprobe.experiments.seeds imports it from here)
+    example_roles,
+    filter_examples,
+    read_group,
+    role_selections,
 )
+from uniprobe.probes.results import ProbeResults
+from uniprobe.probes.splits import ProbeInputError, checked_split
 from uniprobe.probes.trainer import DEFAULT_CS, train_probes
 
 
@@ -66,8 +71,9 @@ def probe_tensors(
     names = names or [(f"group{i}", "all") for i in range(len(xs))]
     if len(names) != len(xs):
         raise ProbeInputError(f"{len(names)} names for {len(xs)} groups")
-    y, classes = encode_labels(list(labels))
-    split = make_split(y, group_values, folds=folds, test_size=test_size, seed=seed, grouping=group_by)
+    y, classes, split = checked_split(
+        list(labels), group_values, folds=folds, test_size=test_size, seed=seed, grouping=group_by
+    )
     groups = [ProbeGroup(p, r, v, torch.arange(len(v))) for (p, r), v in zip(names, xs, strict=True)]
     return train_probes(
         groups,
@@ -103,6 +109,8 @@ def probe_store(
     max_iter: int = 300,
     max_bytes: int = 1 << 30,
     workers: int | None = None,
+    examples: Iterable[str] | None = None,
+    classes: Iterable[Any] | None = None,
 ) -> ProbeResults:
     """One probe per (point, role selection) of ``store``, predicting label ``label``.
 
@@ -111,18 +119,22 @@ def probe_store(
         label: the label key to predict (see ``store.label_keys``).
         points: names or globs of the store's points (``"blocks.*.resid_post"``).
         roles: role selections, each a role name or a list of names read together (``["query",
-            "image_gen"]``); ``None``: every role with rows at a point, one probe each (not ``pad``).
+            "image_gen"]``); ``None``: every role with rows at a point that every labelled example
+            has, one probe each (not ``pad``); roles left out are said in ``meta["notes"]``.
         reduce: how an example's rows of a role become one vector: ``"last"``, ``"first"``,
             ``"mean"`` or an int position among them (see :meth:`ActivationStore.matrix`).
         group_by: a label key whose value keeps items together across the split (``"entity"``,
             ``"template"``); ``None``: a stratified split by example.
         step, branch: generation step(s) and guidance branch to read (image-generation positions).
         max_bytes: activations are read and trained a slice of points at a time, within this.
+        examples: probe only the examples with these ids; ``classes``: only the examples whose
+            label is one of these values (``3`` or ``"3"``). Both read a :meth:`ActivationStore.subset`.
         Others: see :func:`train_probes`.
 
     Raises:
-        ProbeInputError: unknown label / group key, a role selection that is empty or has no rows,
-            a class with fewer training examples than ``folds``.
+        ProbeInputError: unknown label / group key / example id / class, a role selection that is
+            empty or has no rows, a class with fewer training examples than ``folds`` (with advice
+            that was tried and works: fewer folds, or ``classes`` to keep).
     """
     if not isinstance(store, ActivationStore):
         store = ActivationStore.open(store)
@@ -132,11 +144,19 @@ def probe_store(
     for what, key in (("label", label), ("group_by", group_by)):
         if key is not None and key not in keys:
             raise ProbeInputError(f"{what} key {key!r} is not in the store {store.path}; label keys: {keys}")
+    store = filter_examples(store, label, examples, classes)
     names = expand(points, store.points)
-    y, classes = encode_labels(store.labels(label))
-    groups_of = store.labels(group_by) if group_by else None
-    split = make_split(y, groups_of, folds=folds, test_size=test_size, seed=seed, grouping=group_by)
-    selections = role_selections(store, names, roles)
+    values = store.labels(label)
+    notes: list[str] = []
+    labelled = torch.tensor([v is not None for v in values], dtype=torch.bool)
+    selections = role_selections(store, names, roles, labelled, notes)
+    roles_of = example_roles(store)
+    sels = dict.fromkeys(sel for per_point in selections.values() for sel in per_point)
+    reads = {f"role {'+'.join(sel)!r}": coverage(sel, roles_of) for sel in sels}  # the examples each reads
+    y, class_values, split = checked_split(
+        values, store.labels(group_by) if group_by else None, coverage=reads, label=label, folds=folds,
+        test_size=test_size, seed=seed, grouping=group_by,
+    )  # fmt: skip
     # read and train a slice of the points at a time: memory holds one slice of matrices
     per_point = store.n_examples * max(math.prod(store.feature_shape(p)) for p in names) * 4
     chunk = max(1, max_bytes // max(per_point * max(len(selections[p]) for p in names), 1))
@@ -153,7 +173,7 @@ def probe_store(
             train_probes(
                 groups,
                 y,
-                classes,
+                class_values,
                 split,
                 label=label,
                 method=method,
@@ -181,6 +201,7 @@ def probe_store(
             "store_examples": store.n_examples,
             "store_examples_expected": store.expected_examples,
             "examples_used": len(used),
+            "notes": notes,
         }
     )
     return res

@@ -30,6 +30,18 @@ def label_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def encode_labels(values: Sequence[Any]) -> tuple[Tensor, list]:
+    """Label values → (``[N]`` int64 class indices, ``-1`` where ``None``; the sorted class values)."""
+    keys = sorted({label_key(v) for v in values if v is not None})
+    index = {k: i for i, k in enumerate(keys)}
+    first = {}
+    for v in values:
+        if v is not None:
+            first.setdefault(label_key(v), v)
+    y = torch.tensor([-1 if v is None else index[label_key(v)] for v in values], dtype=torch.long)
+    return y, [first[k] for k in keys]
+
+
 @dataclass
 class Split:
     """Train/test split and folds over ``N`` global examples.
@@ -102,8 +114,7 @@ def make_split(
     if len(keys) < folds + 1:
         raise ProbeInputError(
             f"grouping by {grouping or 'groups'!r} gives {len(keys)} groups among the labelled examples; "
-            f"a test side and {folds} folds need at least {folds + 1}. Use fewer folds, another group_by "
-            "key, or no grouping"
+            f"a test side and {folds} folds need at least {folds + 1}"
         )
     order = [keys[i] for i in torch.randperm(len(keys), generator=gen).tolist()]
     n_lab, held, n_test_groups = len(labelled), 0, 0
@@ -151,15 +162,139 @@ def check_class_counts(
     for c, value in enumerate(classes):
         k = counts.get(c, 0)
         if k < folds:
-            fix = (
-                f"pass folds={k} (or fewer)"
+            fix = (  # advice that is sure to work comes from checked_split, which tries it first
+                "pass fewer folds or keep fewer classes (classes=...)"
                 if k >= 2
-                else "drop that class, relabel, or split differently (it has no room in the training split)"
+                else "keep fewer classes (classes=...) or capture more examples of it"
             )
             raise ProbeInputError(
                 f"class {value!r} of label {label!r} has {k} training examples at {where}, fewer than "
                 f"folds={folds}; {fix}"
             )
+
+
+def split_problems(
+    y: Tensor, classes: Sequence[Any], split: Split, coverage: dict[str, Tensor], folds: int, label: str
+) -> list[tuple[int, str]]:
+    """``(class index, message)`` for every class with fewer than ``folds`` training examples among
+    the examples some probe reads (``coverage``: where → ``[N]`` bool examples it reads)."""
+    out = []
+    for where, mask in coverage.items():
+        counts = Counter(y[split.train & mask].tolist())
+        for c, value in enumerate(classes):
+            k = counts.get(c, 0)
+            if k < folds:
+                out.append((c, f"class {value!r} of label {label!r} has {k} training examples at {where}, "
+                            f"fewer than folds={folds}"))  # fmt: skip
+    return out
+
+
+def checked_split(
+    values: Sequence[Any],
+    groups: Sequence[Any] | None = None,
+    *,
+    coverage: dict[str, Tensor] | None = None,
+    label: str = "label",
+    folds: int = 5,
+    test_size: float = 0.2,
+    seed: int = 0,
+    grouping: str | None = None,
+) -> tuple[Tensor, list, Split]:
+    """Encode ``values`` (``N`` label values, ``None``: unlabelled) and split them, checking that every
+    probe (``coverage``: where → ``[N]`` bool of the examples it reads; default: all) has at least
+    ``folds`` training examples of every class.
+
+    Returns:
+        ``(y [N], classes, split)`` as :func:`encode_labels` and :func:`make_split` give them.
+
+    Raises:
+        ProbeInputError: too few groups or training examples. Its advice (fewer folds; keeping only
+            some classes, as ``classes=`` / ``--classes`` would) was tried here first and works: a
+            grouped split changes with the number of folds and with the examples kept, so a guess
+            such as "folds=k" may not.
+    """
+    n = len(values)
+    coverage = coverage or {"every probe": torch.ones(n, dtype=torch.bool)}
+    if len(groups or values) != n:
+        raise ProbeInputError(f"groups has {len(groups or [])} entries for {n} examples")
+    args = (values, groups, coverage, label, test_size, seed, grouping)
+    try:
+        return _attempt(*args, folds, None)
+    except ProbeInputError as err:
+        if folds < 2 or not 0 < test_size < 1:
+            raise
+        raise ProbeInputError(f"{err}; {_advice(*args, folds)}") from None
+
+
+def _attempt(
+    values: Sequence[Any],
+    groups: Sequence[Any] | None,
+    coverage: dict[str, Tensor],
+    label: str,
+    test_size: float,
+    seed: int,
+    grouping: str | None,
+    folds: int,
+    drop: set[str] | None,
+) -> tuple[Tensor, list, Split]:
+    """One try: the examples of the classes in ``drop`` left out (as a ``classes`` filter would)."""
+    keep = [i for i, v in enumerate(values) if not drop or v is None or label_key(v) not in drop]
+    y, classes = encode_labels([values[i] for i in keep])
+    kept_groups = None if groups is None else [groups[i] for i in keep]
+    cov = {w: m[torch.tensor(keep, dtype=torch.long)] for w, m in coverage.items()}
+    split = make_split(y, kept_groups, folds=folds, test_size=test_size, seed=seed, grouping=grouping)
+    problems = split_problems(y, classes, split, cov, folds, label)
+    if problems:
+        err = ProbeInputError(problems[0][1])
+        err.failing = sorted({label_key(classes[c]) for c, _ in problems})  # type: ignore[attr-defined]
+        raise err
+    if len(classes) < 2:
+        raise ProbeInputError(f"label {label!r} would keep {len(classes)} class(es); a probe needs two")
+    return y, classes, split
+
+
+def _advice(
+    values: Sequence[Any],
+    groups: Sequence[Any] | None,
+    coverage: dict[str, Tensor],
+    label: str,
+    test_size: float,
+    seed: int,
+    grouping: str | None,
+    folds: int,
+) -> str:
+    """A fix that was tried and works: fewer folds, else keeping fewer classes (with fewer folds)."""
+    args = (values, groups, coverage, label, test_size, seed, grouping)
+
+    def works(f: int, drop: set[str] | None) -> list[str] | None:  # None: works; else the failing classes
+        try:
+            _attempt(*args, f, drop)
+        except ProbeInputError as err:
+            return getattr(err, "failing", [])
+        return None
+
+    for f in range(folds - 1, 1, -1):
+        if works(f, None) is None:
+            return f"pass folds={f} (--folds {f}), which was tried and works"
+    drop: set[str] = set()
+    first = {label_key(v): v for v in reversed(values) if v is not None}
+    present = sorted(first)
+    while len(present) - len(drop) > 2:
+        failing = works(folds, drop)
+        if not failing:  # too few groups / classes, not a class: dropping classes will not help
+            break
+        drop |= set(failing)
+        for f in range(folds, 1, -1):
+            if len(present) - len(drop) >= 2 and works(f, drop) is None:
+                kept = [first[k] for k in present if k not in drop]
+                fold = "" if f == folds else f" and folds={f} (--folds {f})"
+                return (
+                    f"keep only classes {', '.join(map(str, kept))} (classes={kept!r}, --classes "
+                    f"{' '.join(map(str, kept))}){fold}, which was tried and works"
+                )
+    return "no smaller number of folds or set of classes fixes it: capture more examples" + (
+        f", or group by a key with more values than {grouping!r}" if grouping else ""
+    )
 
 
 def shuffled_labels(y: Tensor, sides: Sequence[Tensor], seed: int) -> Tensor:

@@ -174,7 +174,7 @@ def test_lens_cli_end_to_end(tmp_path, capsys):
     prompts.write_text("\n".join(json.dumps({"text": f"t1 t{5 + i} t{9 + i} t3"}) for i in range(5)) + "\n")
     out = tmp_path / "lens"
     args = _lens_parser().parse_args(
-        ["lens", "--model", "tiny-query", "--prompts", str(prompts), "--answers", "t7", "12",
+        ["lens", "--model", "tiny-query", "--prompts", str(prompts), "--answers", "t7", "id:12",
          "--tuned-steps", "10", "--out", str(out)]
     )  # fmt: skip
     assert args.func(args) == 0
@@ -193,7 +193,7 @@ def test_lens_cli_end_to_end(tmp_path, capsys):
     with pytest.raises(ValueError, match="banana"):
         bad.func(bad)
     far = _lens_parser().parse_args(
-        ["lens", "--model", "tiny-llama", "--prompts", str(prompts), "--answers", "999", "--out", str(out)]
+        ["lens", "--model", "tiny-llama", "--prompts", str(prompts), "--answers", "id:999", "--out", str(out)]
     )
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match="outside the vocabulary.*0..63"):
         far.func(far)

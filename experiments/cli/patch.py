@@ -4,6 +4,7 @@
                    [--points resid_pre attn_out mlp_out] [--method exact|attribution]
                    [--direction denoise|noise] [--align strict|end] --out DIR
 
+TOKEN is a word of the model's tokenizer (``3`` is the word 3) or ``id:N`` for token id N.
 Writes ``DIR/patch.json`` (grid, axes, baselines, metric, timing) and ``DIR/patch.png`` (layer ×
 position heatmaps, token labels); the work is :func:`uniprobe.experiments.patching.patch_pair`.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from uniprobe.experiments.patching import ALIGNS, DIRECTIONS, METHODS
-from uniprobe.probes.patching.sites import KINDS
+from uniprobe.experiments.cli._choices import PATCH_ALIGNS as ALIGNS
+from uniprobe.experiments.cli._choices import PATCH_DIRECTIONS as DIRECTIONS
+from uniprobe.experiments.cli._choices import PATCH_KINDS as KINDS
+from uniprobe.experiments.cli._choices import PATCH_METHODS as METHODS
 
 
 def add_patch_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,8 +27,16 @@ def add_patch_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter spec file (JSON/YAML) for a query-based checkpoint")
     p.add_argument("--clean", required=True, help="prompt whose answer is the target token")
     p.add_argument("--corrupted", required=True, help="prompt that differs in the key detail")
-    p.add_argument("--target", required=True, help="answer token of the clean prompt (one token)")
-    p.add_argument("--foil", required=True, help="answer token of the corrupted prompt (one token)")
+    p.add_argument(
+        "--target",
+        required=True,
+        help="answer of the clean prompt: one-token word (3 is the word 3), or id:N for token id N",
+    )
+    p.add_argument(
+        "--foil",
+        required=True,
+        help="answer of the corrupted prompt: one-token word, or id:N for token id N",
+    )
     p.add_argument(
         "--points", nargs="+", default=["resid_pre"], help=f"site kinds: {', '.join(KINDS)} (commas allowed)"
     )
@@ -59,7 +70,7 @@ def run_patch(args: argparse.Namespace) -> int:
     print(
         f"{args.method} patching of {len(result.sites)} sites in {res.data['timing']['seconds']:.2f}s; "
         f"baselines clean {result.clean:.4f}, corrupted {result.corrupted:.4f} "
-        f"(logit {args.target} − {args.foil})"
+        f"(logit {res.data['metric']['target']['text']!r} − {res.data['metric']['foil']['text']!r})"
     )
     for note in result.info.get("notes", []):
         print(f"note: {note}")

@@ -1,8 +1,11 @@
 """``uniprobe probe`` and ``uniprobe lens``: linear probes on a store, the lens of answer tokens.
 
     uniprobe probe STORE --label KEY [--points GLOB] [--roles ROLE ...] [--reduce last]
-                   [--group-by KEY] [--method logistic|ridge] --out DIR
+                   [--group-by KEY] [--method logistic|ridge] [--examples ID ... | FILE]
+                   [--classes VALUE ...] --out DIR
     uniprobe lens --model SPEC --prompts FILE --answers TOKEN ... --out DIR [--tuned-steps N]
+
+TOKEN is a word of the model's tokenizer (``3`` is the word 3) or ``id:N`` for token id N.
 
 ``probe`` writes results.json, results.csv, probe_map.png and directions.safetensors (+ .json);
 ``lens`` writes lens.json, lens_rows.csv, lens_map.png, lens_kl.png (and tuned_lens.safetensors);
@@ -15,7 +18,7 @@ import argparse
 import sys
 from typing import Any
 
-from uniprobe.hooks.layout import ROLES
+from uniprobe.experiments.cli._choices import ROLES
 
 
 def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -28,7 +31,7 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--roles",
         nargs="+",
         help="role selections, one probe each; join roles read together with '+' (query+image_gen); "
-        "default: every role present",
+        "default: every role present that every labelled example has (the others are named in a note)",
     )
     p.add_argument(
         "--reduce", default="last", help="last, first, mean, or an int position among the role's rows"
@@ -36,6 +39,10 @@ def add_probe_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--group-by", help="label key whose items stay on one side of the split (entity, template)"
     )
+    p.add_argument(
+        "--examples", nargs="+", help="probe only these example ids (or a file of ids, one per line)"
+    )
+    p.add_argument("--classes", nargs="+", help="probe only examples whose label is one of these values")
     p.add_argument("--method", choices=("logistic", "ridge"), default="logistic")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds for choosing C")
     p.add_argument("--test-size", type=float, default=0.2)
@@ -52,6 +59,19 @@ def _reduce(value: str) -> str | int:
         return int(value)
     except ValueError:
         return value
+
+
+def example_ids(values: list[str] | None) -> list[str] | None:
+    """``--examples``: ids, where a value naming an existing file stands for the ids in it (one per
+    line or separated by spaces)."""
+    if values is None:
+        return None
+    from pathlib import Path
+
+    out: list[str] = []
+    for v in values:
+        out += Path(v).read_text().split() if Path(v).is_file() else [v]
+    return out
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -71,9 +91,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
             store, args.label, points=args.points, roles=roles, reduce=_reduce(args.reduce),
             group_by=args.group_by, method=args.method, folds=args.folds, seed=args.seed,
             test_size=args.test_size, step=args.step, branch=args.branch,
+            examples=example_ids(args.examples), classes=args.classes,
         )  # fmt: skip
     files = res.save(args.out)
     meta = res.meta
+    for note in meta.get("notes", []):
+        print(f"note: {note}")
     print(
         f"{len(res)} probes of {meta['label']!r} ({len(meta['classes'])} classes, {meta['method']}, "
         f"split by {meta['grouping']}: {meta['n_train']} train / {meta['n_test']} test)"
@@ -106,7 +129,10 @@ def add_lens_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter spec file (JSON/YAML) for a query-based checkpoint")
     p.add_argument("--prompts", required=True, help="JSON lines: {'text' or 'input_ids', 'roles', ...}")
     p.add_argument(
-        "--answers", nargs="+", required=True, help="answer tokens: token ids, or words the tokenizer has"
+        "--answers",
+        nargs="+",
+        required=True,
+        help="answer tokens: one-token words (3 is the word 3), or id:N for token id N",
     )
     p.add_argument("--points", default="blocks.*.resid_post")
     p.add_argument("--roles", nargs="+", choices=ROLES, help="positions to decode (default: all but pad)")
@@ -134,7 +160,8 @@ def cmd_lens(args: argparse.Namespace) -> int:
     )  # fmt: skip
     files = run.write(args.out)
     print(
-        f"lens of {args.model} on {run.n_examples} prompts, answers {run.answers} ({' '.join(args.answers)})"
+        f"lens of {args.model} on {run.n_examples} prompts, answers {run.answers} "
+        f"({', '.join(run.result.meta['answer_tokens'])})"
     )
     print(f"  {'lens':<6} {'layer':>5} {'role':<10} {'token':>6} {'mean p':>8} {'mean rank':>9} {'top-1':>6}")
     for s in run.result.summary():

@@ -110,7 +110,8 @@ def lens_headline(rows: list[dict], where: Path) -> dict[str, Any]:
 
 
 def answer_ids(ctx: RunContext, answers: str | list) -> list[list[int]] | list[int]:
-    """Token ids the lens reports: from ``label:KEY`` (each example's own answer words) or a list."""
+    """Token ids the lens reports: from ``label:KEY`` (each example's own answer words) or a list.
+    Words and ints are words (label ``3`` is the word 3); only ``id:N`` names a token id."""
     if isinstance(answers, list):
         return [i for a in answers for i in _word_ids(ctx.loaded, a)]
     key = answers.removeprefix("label:")
@@ -124,14 +125,13 @@ def answer_ids(ctx: RunContext, answers: str | list) -> list[list[int]] | list[i
 
 
 def _word_ids(loaded: LoadedModel, value: Any) -> list[int]:
-    """An answer's token ids: an int is an id, a list is its items, a string one token per word."""
-    from uniprobe.experiments.tokens import token_id
+    """An answer's token ids (:func:`uniprobe.experiments.tokens.parse_token`): a list is its items,
+    a string one token per word (or ``id:N``), an int the word of that number (sandbox answers)."""
+    from uniprobe.experiments.tokens import parse_token
 
-    if isinstance(value, int):
-        return [value]
     if isinstance(value, list):
         return [i for v in value for i in _word_ids(loaded, v)]
-    return [token_id(loaded, w) for w in str(value).split()]  # words, never ids: "3" is the word 3
+    return [parse_token(loaded, w) for w in str(value).split()]
 
 
 # -- patching -------------------------------------------------------------------------------------

@@ -87,6 +87,17 @@ def list_of(inner: Check, min_len: int = 1, scalar_ok: bool = False) -> Check:
     return check
 
 
+def token_spec(value: Any, path: str) -> str:
+    """An answer / target token: a word (an int is the word of that number, ``3`` → ``"3"``) or
+    ``"id:N"`` for token id ``N`` (its range is checked against the model when the run loads it)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    text = string(value, path)
+    if text.startswith("id:") and not text[3:].strip().isdigit():
+        raise ConfigError(f"{path}: {value!r} is not a token id; write id:N with N an integer from 0")
+    return text
+
+
 def reduce_value(value: Any, path: str) -> str | int:
     if value in ("last", "first", "mean") or (isinstance(value, int) and not isinstance(value, bool)):
         return value
