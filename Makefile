@@ -21,7 +21,7 @@ TORCH := torch==2.13.0
 VERSIONS := import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in \
 	('torch', 'transformers', 'transformer-lens', 'nnsight', 'numpy', 'safetensors', 'matplotlib')))
 
-.PHONY: demo test lint bench lock test-latest test-oldest clean-venv
+.PHONY: demo test lint docs bench lock test-latest test-oldest clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,11 @@ lint: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# the API reference and guides (docs/, mkdocs.yml) into build/site/; warnings (docstring problems too) fail it
+docs: $(DEV)
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+test: lint docs
 	$(BIN)/python -m pytest -q
 
 bench: $(DEV)

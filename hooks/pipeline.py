@@ -1,13 +1,20 @@
 """Capture over a dataset, batch by batch, into an :class:`ActivationStore`.
 
-Memory is bounded by one batch: each batch is prepared by the adapter, run once with the
-requested points hooked, and written as one shard before the next begins. Batching is
-deterministic (examples in order, fixed batch size), so an interrupted capture resumed with
-``resume=True`` skips the finished shards and writes the rest — nothing finished is redone.
+Memory is bounded by one shard: each batch is prepared by the adapter and run once with the
+requested points hooked; the batches of a shard (``shard_size`` consecutive examples) accumulate and
+are written as one file before the next shard begins. Sharding is deterministic (examples in order,
+fixed batch and shard size), so an interrupted capture resumed with ``resume=True`` skips the
+finished shards and writes the rest — nothing finished is redone.
+
+**Shard size.** ``shard_size=None`` (the default) picks ``batch_size × k`` examples per shard, the
+largest ``k ≥ 1`` that keeps a shard under :data:`AUTO_SHARD_EXAMPLES` examples (256) and, as
+estimated from the first batch's bytes per example, under :data:`AUTO_SHARD_BYTES` (64 MiB). The
+estimate is deterministic (same model, examples and settings → same size); a resume takes the size
+the store recorded; the resolved size is part of the capture identity.
 
 Resuming continues exactly the capture that was started: the store records the capture's identity
 (:func:`uniprobe.hooks.store.identity.capture_identity`: a digest of the examples in order, batch size,
-roles, positions, mode, dtype, adapter, backend) and refuses a resume that differs in any of them.
+shard size, roles, positions, mode, dtype, adapter, backend) and refuses a resume that differs in any of them.
 Before anything is written the examples' labels are checked (one type per key); before the store is
 marked complete every point must have stored rows (:class:`EmptyCaptureError` otherwise, the store
 staying incomplete), and a requested role that no example has is warned about with the row counts.
@@ -15,6 +22,7 @@ staying incomplete), and a requested role that no example has is warned about wi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import warnings
@@ -28,13 +36,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from uniprobe.hooks.adapters import Adapter, adapter_for
 from uniprobe.hooks.backends import run_capture
+from uniprobe.hooks.errors import UniprobeError
 from uniprobe.hooks.layout import ROLES
+from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store import ActivationStore
 from uniprobe.hooks.store.errors import EmptyCaptureError
+from uniprobe.hooks.store.format import read_manifest_json
 from uniprobe.hooks.store.identity import capture_identity
 from uniprobe.hooks.store.integrity import LabelTypes
 
 EXAMPLE_KEYS = ("id", "labels", "meta")
+AUTO_SHARD_EXAMPLES = 256
+"""At most this many examples per shard when ``shard_size`` is not given."""
+AUTO_SHARD_BYTES = 64 * 2**20
+"""At most about this many bytes of values per shard when ``shard_size`` is not given."""
 
 
 def config_hash(model: nn.Module) -> str:
@@ -69,6 +84,7 @@ def capture_dataset(
     positions: Iterable[int] | None = None,
     mode: str = "understanding",
     batch_size: int = 16,
+    shard_size: int | None = None,
     backend: str = "torch",
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
@@ -86,9 +102,13 @@ def capture_dataset(
         mode: ``"understanding"``; ``"generation"`` (teacher-forced: prompt image tokens are
             ``image_gen``); or ``"generate"``: the adapter's image generation runs, every step is
             captured (tagged by step and guidance branch) and the tokens go to ``meta["generated"]``.
+        batch_size: examples per forward pass.
+        shard_size: examples per shard file (consecutive examples; several batches accumulate into
+            one shard, the last batch of a shard may be smaller). None: automatic, ``batch_size × k``
+            up to 256 examples or ~64 MiB per shard, whichever comes first (see the module docstring).
         overwrite / resume: what to do when ``out`` already holds a store (default: refuse). A
             resume must repeat the capture that started the store (same examples in the same
-            order, batch size, roles, positions, mode, dtype, adapter, backend, model, points).
+            order, batch size, shard size, roles, positions, mode, dtype, adapter, backend, model, points).
 
     Raises:
         ResumeMismatchError: ``resume`` with other settings than the store was started with.
@@ -99,8 +119,12 @@ def capture_dataset(
     adapter = adapter or adapter_for(model)
     if mode not in ("understanding", "generation", "generate"):
         raise ValueError(f"mode {mode!r}: choose understanding, generation or generate")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not _whole(batch_size):
         raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    if shard_size is not None and not _whole(shard_size):
+        raise ValueError(
+            f"shard_size must be a whole number of at least 1 or None (automatic), got {shard_size!r}"
+        )
     names = adapter.expand(model, points)
     if roles is not None:
         roles = list(roles)
@@ -109,28 +133,60 @@ def capture_dataset(
     positions = None if positions is None else list(positions)
     LabelTypes(_label_view(examples))  # refuse 0 / "0" before any work
     record = model_record(model, adapter, **(model_info or {}))
+
+    def run(batch: list[dict[str, Any]]) -> tuple[Any, Any]:
+        inputs = adapter.prepare(model, batch, mode="generation" if mode == "generate" else mode)
+        cap = run_capture(
+            model, inputs, names, adapter=adapter, backend=backend, roles=roles, positions=positions,
+            dtype=dtype, generate=mode == "generate",
+        )  # fmt: skip
+        return inputs, cap
+
+    first = None  # the first batch, run once to size the shards, reused as shard 0's first batch
+    if shard_size is None and resume:
+        shard_size = _stored_shard_size(Path(out))  # the size this capture resolved when it started
+    if shard_size is None:
+        first = run(list(examples[:batch_size])) if len(examples) else None
+        shard_size = (
+            auto_shard_size(first[1], names, min(batch_size, len(examples)), batch_size)
+            if first
+            else batch_size
+        )
     identity = capture_identity(
-        examples, batch_size=batch_size, roles=roles, positions=positions, mode=mode, dtype=dtype,
-        adapter=adapter, backend=backend,
+        examples, batch_size=batch_size, shard_size=shard_size, roles=roles, positions=positions, mode=mode,
+        dtype=dtype, adapter=adapter, backend=backend,
     )  # fmt: skip
     store = ActivationStore.create(
         out, model=record, points=names, attrs=attrs, overwrite=overwrite, resume=resume, identity=identity
     )
     with store:  # the writer lock goes with the writer, also on errors and Ctrl-C
-        batches = [list(examples[i : i + batch_size]) for i in range(0, len(examples), batch_size)]
-        todo = [i for i in range(len(batches)) if not store.has_shard(i)]
-        for index in tqdm(todo, desc=f"capture → {Path(out).name}", unit="batch", disable=not progress):
-            batch = batches[index]
-            inputs = adapter.prepare(model, batch, mode="generation" if mode == "generate" else mode)
-            cap = run_capture(
-                model, inputs, names, adapter=adapter, backend=backend, roles=roles, positions=positions,
-                dtype=dtype, generate=mode == "generate",
-            )  # fmt: skip
-            records = _example_records(batch, inputs, index, batch_size)
-            if cap.generated is not None:
-                for rec, tokens in zip(records, cap.generated.tolist(), strict=True):
-                    rec["meta"]["generated"] = tokens
-            store.write_shard(index, {p: cap.rows(p) for p in names}, records)
+        starts = range(0, len(examples), shard_size)
+        todo = [i for i in range(len(starts)) if not store.has_shard(i)]
+        n_batches = sum(-(-min(shard_size, len(examples) - starts[i]) // batch_size) for i in todo)
+        bar = tqdm(total=n_batches, desc=f"capture → {Path(out).name}", unit="batch", disable=not progress)
+        for index in todo:
+            start = starts[index]
+            shard = list(examples[start : start + shard_size])
+            parts: dict[str, list[Rows]] = {p: [] for p in names}
+            records: list[dict] = []
+            for offset in range(0, len(shard), batch_size):
+                batch = shard[offset : offset + batch_size]
+                if first is not None and start + offset == 0:
+                    inputs, cap = first
+                else:
+                    inputs, cap = run(batch)
+                recs = _example_records(batch, inputs, start + offset)
+                if cap.generated is not None:
+                    for rec, tokens in zip(recs, cap.generated.tolist(), strict=True):
+                        rec["meta"]["generated"] = tokens
+                for p in names:
+                    rows = cap.rows(p)  # batch-local example indices → shard-local
+                    parts[p].append(dataclasses.replace(rows, example=rows.example + offset))
+                records.extend(recs)
+                bar.update(1)
+            first = None
+            store.write_shard(index, {p: Rows.cat(r) for p, r in parts.items()}, records)
+        bar.close()
         check_rows_stored(store, roles, mode)
         store.finalize()
     return ActivationStore.open(out)
@@ -178,12 +234,36 @@ def check_rows_stored(store: ActivationStore, roles: list[str] | None, mode: str
             )
 
 
-def _example_records(batch: list[dict[str, Any]], inputs: Any, index: int, batch_size: int) -> list[dict]:
+def _stored_shard_size(out: Path) -> int | None:
+    """The shard size recorded in the identity of the store at ``out``, if it can be read."""
+    try:
+        size = (read_manifest_json(out).get("identity") or {}).get("shard_size")
+    except (OSError, ValueError, UniprobeError):
+        return None
+    return size if _whole(size) else None
+
+
+def _whole(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def auto_shard_size(cap: Any, names: list[str], n_batch: int, batch_size: int) -> int:
+    """Examples per shard when none was asked: ``batch_size × k``, the largest ``k ≥ 1`` with at most
+    :data:`AUTO_SHARD_EXAMPLES` examples and about :data:`AUTO_SHARD_BYTES` bytes of values, the
+    bytes per example measured on the first batch (``n_batch`` examples of capture ``cap``)."""
+    nbytes = sum(cap.rows(p).values.numel() * cap.rows(p).values.element_size() for p in names)
+    per_example = max(1, nbytes // max(1, n_batch))
+    limit = min(AUTO_SHARD_EXAMPLES, AUTO_SHARD_BYTES // per_example)
+    return batch_size * max(1, limit // batch_size)
+
+
+def _example_records(batch: list[dict[str, Any]], inputs: Any, start: int) -> list[dict]:
+    """Records of ``batch``, whose first example is the capture's example ``start`` (the default id)."""
     records = []
     for j, ex in enumerate(batch):
         records.append(
             {
-                "id": str(ex.get("id", index * batch_size + j)),
+                "id": str(ex.get("id", start + j)),
                 "labels": dict(ex.get("labels", {})),
                 "meta": dict(ex.get("meta", {})),
                 "layout": inputs.layout.roles[j].tolist(),

@@ -133,6 +133,18 @@ class LensResult:
             )
         return out
 
+    def to_pandas(self, table: str = "rows") -> Any:
+        """A pandas DataFrame (pandas is optional: ``pip install pandas``): ``table="rows"`` one row per
+        (lens, point, example, position, answer token) as :attr:`rows`; ``"summary"`` one per lens ×
+        layer × role × token (:meth:`summary`); ``"kl"`` one per lens × point (:attr:`kl`)."""
+        from uniprobe.hooks.tables import import_pandas
+
+        pd = import_pandas("LensResult.to_pandas()")
+        tables = {"rows": lambda: self.rows, "summary": self.summary, "kl": lambda: self.kl}
+        if table not in tables:
+            raise ValueError(f"table must be one of {sorted(tables)}, got {table!r}")
+        return pd.DataFrame(tables[table]())
+
     def to_dict(self) -> dict:
         """``{"meta", "summary", "kl", "rows"}``: what ``lens.json`` (+ ``lens_rows.json``) hold."""
         return {"meta": self.meta, "summary": self.summary(), "kl": self.kl, "rows": self.rows}

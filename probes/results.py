@@ -136,6 +136,16 @@ class ProbeResults:
         """Write :meth:`to_dict` to ``path`` (atomically)."""
         write_json(path, self.to_dict())
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per probe, columns :data:`COLUMNS` (point, layer, role, sizes,
+        accuracy with ``ci_low`` / ``ci_high``, control, selectivity, C, ...) then any extra keys
+        (pandas is optional: ``pip install pandas``). Missing values are None / NaN."""
+        from uniprobe.hooks.tables import import_pandas
+
+        pd = import_pandas("ProbeResults.to_pandas()")
+        cols = list(COLUMNS) + sorted({k for r in self.rows for k in r} - set(COLUMNS))
+        return pd.DataFrame([{k: r.get(k) for k in cols} for r in self.rows], columns=cols)
+
     def to_csv(self, path: str | os.PathLike) -> None:
         cols = list(COLUMNS) + sorted({k for r in self.rows for k in r} - set(COLUMNS))
         with open(path, "w", newline="") as f:

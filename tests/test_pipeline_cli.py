@@ -50,19 +50,24 @@ def test_interrupted_capture_resumes_without_redoing_finished_shards(tmp_path):
 
     handle = model.model.layers[0].register_forward_pre_hook(boom)
     with pytest.raises(KeyboardInterrupt):
-        capture_dataset(model, examples, "blocks.*.resid_post", tmp_path / "s", batch_size=4, progress=False)
+        capture_dataset(
+            model, examples, "blocks.*.resid_post", tmp_path / "s", batch_size=4, shard_size=4, progress=False
+        )
     handle.remove()
     partial = ActivationStore.create(tmp_path / "s2", model={"x": 1}, points=["p"])  # unrelated store
     del partial
     with pytest.raises(StoreExistsError, match="resume"):
-        capture_dataset(model, examples, "blocks.*.resid_post", tmp_path / "s", batch_size=4, progress=False)
+        capture_dataset(
+            model, examples, "blocks.*.resid_post", tmp_path / "s", batch_size=4, shard_size=4, progress=False
+        )
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("shard-*.safetensors")}
     assert len(before) == 2
     ran = {"n": 0}
     handle = model.model.layers[0].register_forward_pre_hook(lambda m, a: ran.__setitem__("n", ran["n"] + 1))
     store = capture_dataset(
-        model, examples, "blocks.*.resid_post", tmp_path / "s", batch_size=4, resume=True, progress=False
-    )
+        model, examples, "blocks.*.resid_post", tmp_path / "s", batch_size=4, shard_size=4, resume=True,
+        progress=False,
+    )  # fmt: skip
     handle.remove()
     assert ran["n"] == 1  # only the unfinished batch ran
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("shard-*.safetensors")}

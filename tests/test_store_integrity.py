@@ -62,6 +62,7 @@ def _interrupted_capture(model, examples, out: Path, after_batches: int = 2, **k
     handle = model.model.layers[0].register_forward_pre_hook(boom)
     try:
         with pytest.raises(KeyboardInterrupt):
+            kw.setdefault("shard_size", kw.get("batch_size"))  # a shard per batch: interrupted between shards
             capture_dataset(model, examples, "blocks.*.resid_post", out, progress=False, **kw)
     finally:
         handle.remove()
@@ -97,7 +98,7 @@ def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path, model,
     out = tmp_path / "s"
     _interrupted_capture(model, examples, out, batch_size=4)
     before = _store_files(out)
-    kw = {"batch_size": 4, **change}
+    kw = {"batch_size": 4, "shard_size": 4, **change}
     which = kw.pop("examples", None)
     data = examples[::-1] if which == "reversed" else _examples(12) if which == "other" else examples
     with pytest.raises(ResumeMismatchError) as err:
@@ -108,10 +109,10 @@ def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path, model,
     assert _store_files(out) == before  # refused before anything was written (no lock left either)
     # the same settings continue it, and the result is exactly one capture
     store = capture_dataset(
-        model, examples, "blocks.*.resid_post", out, batch_size=4, resume=True, progress=False
+        model, examples, "blocks.*.resid_post", out, batch_size=4, shard_size=4, resume=True, progress=False
     )
     full = capture_dataset(
-        model, examples, "blocks.*.resid_post", tmp_path / "ref", batch_size=4, progress=False
+        model, examples, "blocks.*.resid_post", tmp_path / "ref", batch_size=4, shard_size=4, progress=False
     )
     assert store.complete and store.examples == full.examples
     ActivationStore.open(out, verify="full")
@@ -136,7 +137,7 @@ def test_identity_is_recorded_in_manifest_and_shard_headers(tmp_path, model):
     assert store.expected_examples == 10
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "s" / "shard-00001.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / "s" / "shard-00000.safetensors"), framework="pt") as f:
         header = json.loads(f.metadata()["uniprobe.shard"])
     assert header["identity"] == identity and header["roles"] == store.manifest["roles"]
 

@@ -42,7 +42,7 @@ def write_config(tmp_path: Path, **extra) -> Path:
         "models": [{"path": "tiny-llama"}, {"path": "tiny-qwen2"}],
         "tasks": [{"name": "sums", "prompts": "prompts.jsonl"}],
         "analyses": ["capture", "probe", "lens", "patch"],
-        "capture": {"batch_size": 4, "roles": ["text"]},
+        "capture": {"batch_size": 4, "shard_size": 4, "roles": ["text"]},
         "probe": {"folds": 2, "n_boot": 20},
         "patch": {"n_pairs": 1},
         **extra,
@@ -155,7 +155,7 @@ def test_merged_rank_stores_equal_a_single_capture(tmp_path):
         {"id": f"e{i}", "input_ids": [1, 5 + i % 7, 6 + i % 5, 7][: 2 + i % 3], "labels": {"y": i % 3}}
         for i in range(11)
     ]
-    kw = {"batch_size": 3, "progress": False, "model_info": {"spec": "tiny-llama"}}
+    kw = {"batch_size": 3, "shard_size": 3, "progress": False, "model_info": {"spec": "tiny-llama"}}
     single = capture_dataset(model, examples, "blocks.*.resid_post", tmp_path / "single", **kw)
     parts = []
     for rank in range(3):
@@ -188,7 +188,7 @@ def test_killed_sweep_resumes_without_recomputing(tmp_path):
         models=[{"path": "tiny-llama"}],
         tasks=[
             {"name": "first", "prompts": "prompts.jsonl"},
-            {"name": "second", "prompts": "long.jsonl", "capture": {"batch_size": 1}},
+            {"name": "second", "prompts": "long.jsonl", "capture": {"batch_size": 1, "shard_size": 1}},
         ],
         analyses=["capture", "probe"],
     )

@@ -31,7 +31,7 @@ def _config(tmp_path: Path, distribute: str, models: list[str]) -> Path:
         "models": [{"path": m} for m in models],
         "tasks": [{"name": "sums", "prompts": "prompts.jsonl"}],
         "analyses": ["capture", "probe"],
-        "capture": {"batch_size": 3, "points": ["blocks.*.resid_post", "final_norm"]},
+        "capture": {"batch_size": 3, "shard_size": 3, "points": ["blocks.*.resid_post", "final_norm"]},
         "probe": {"folds": 2, "n_boot": 20},
         "sweep": {"distribute": distribute, "timeout_minutes": 10},
     }

@@ -4,4 +4,5 @@ import sys
 
 from uniprobe.experiments.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing it (the docs' API reader does) runs nothing
+    sys.exit(main())

@@ -40,8 +40,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
     examples = read_prompts(args.prompts, loaded)  # every line checked before the store is created
     store = capture_dataset(
         loaded.model, examples, args.points, args.out, adapter=loaded.adapter, roles=args.roles,
-        mode=args.mode, batch_size=args.batch_size, backend=args.backend, dtype=dtype_of(args.dtype),
-        overwrite=args.overwrite, resume=args.resume, model_info={"spec": args.model},
+        mode=args.mode, batch_size=args.batch_size, shard_size=args.shard_size, backend=args.backend,
+        dtype=dtype_of(args.dtype), overwrite=args.overwrite, resume=args.resume,
+        model_info={"spec": args.model},
     )  # fmt: skip
     print(store.summary())
     return 0
@@ -87,6 +88,10 @@ def add_parsers(sub: Any) -> None:
         help="model folder only: transformers device_map ('auto', 'cpu', 'cuda:0', ...); needs accelerate",
     )
     p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument(
+        "--shard-size", type=positive_int, default=None,
+        help="examples per shard file (default: batch size × k, up to 256 examples or ~64 MiB per shard)",
+    )  # fmt: skip
     p.add_argument("--out", required=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted capture")

@@ -366,6 +366,7 @@ def capture_settings(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.run["capture"]
     return {
         "batch_size": cfg["batch_size"],
+        "shard_size": cfg["shard_size"],
         "roles": cfg["roles"],
         "mode": capture_mode(ctx.run["task"], cfg["mode"]),
         "dtype": dtype_of(cfg["dtype"]),
@@ -375,11 +376,11 @@ def capture_settings(ctx: RunContext) -> dict[str, Any]:
 
 
 def capture_slice(ctx: RunContext, ranks: Ranks) -> None:
-    """Capture this rank's batches of the run's examples (all of them in a single process)."""
+    """Capture this rank's shards of the run's examples (all of them in a single process)."""
     from uniprobe.hooks.pipeline import capture_dataset
 
     cfg = ctx.run["capture"]
-    size = cfg["batch_size"]
+    size = cfg["shard_size"]  # ranks split at shard boundaries: the merged shards are a single process's
     examples, target = ctx.examples, ctx.store
     if ranks.world > 1:
         mine = batch_slice(math.ceil(len(examples) / size), ranks.rank, ranks.world)
@@ -404,7 +405,7 @@ def finish_analyses(ctx: RunContext, ranks: Ranks, captured_now: bool, say: Echo
     done = results["analyses"]
     if "capture" in ctx.run["analyses"]:
         if ranks.world > 1 and captured_now:
-            n_batches = math.ceil(len(ctx.examples) / ctx.run["capture"]["batch_size"])
+            n_batches = math.ceil(len(ctx.examples) / ctx.run["capture"]["shard_size"])
             parts = [
                 part_path(ctx.store, r, ranks.world)
                 for r in range(ranks.world)

@@ -1,10 +1,11 @@
 """The identity of a capture: what a resumed capture must repeat exactly.
 
 A store's shards are numbered batches of a deterministic capture, so resuming with other settings
-would merge two captures: another batch size or another (or reordered) prompts file puts other
-examples under the finished shards' global indices, other roles / positions / mode / dtype /
-adapter / backend store other rows. :func:`capture_identity` records those settings (with a digest
-of the prompts) in the manifest; :meth:`ActivationStore.create(..., resume=True)
+would merge two captures: another batch size, another shard size (examples per shard file) or
+another (or reordered) prompts file puts other examples under the finished shards' global indices,
+other roles / positions / mode / dtype / adapter / backend store other rows. :func:`capture_identity`
+records those settings (with a digest of the prompts) in the manifest;
+:meth:`ActivationStore.create(..., resume=True)
 <uniprobe.hooks.store.ActivationStore.create>` compares it, with the model and points, and refuses a
 difference naming every differing field.
 """
@@ -21,6 +22,7 @@ import torch
 IDENTITY_FIELDS: tuple[str, ...] = (
     "prompts",
     "batch_size",
+    "shard_size",
     "roles",
     "positions",
     "mode",
@@ -87,6 +89,7 @@ def capture_identity(
     examples: Sequence[Mapping[str, Any]],
     *,
     batch_size: int,
+    shard_size: int | None = None,
     roles: Iterable[str] | None,
     positions: Iterable[int] | None,
     mode: str,
@@ -95,10 +98,11 @@ def capture_identity(
     backend: str,
 ) -> dict[str, Any]:
     """The JSON identity of a capture (see the module docstring); roles and positions are filters,
-    so their order does not count."""
+    so their order does not count. ``shard_size`` None: one shard per batch (``batch_size``)."""
     return {
         "prompts": prompts_digest(examples),
         "batch_size": int(batch_size),
+        "shard_size": int(batch_size if shard_size is None else shard_size),
         "roles": None if roles is None else sorted(set(roles)),
         "positions": None if positions is None else sorted({int(p) for p in positions}),
         "mode": mode,

@@ -44,14 +44,44 @@ class Matrix:
         values: ``[n_kept, *feature]`` (``[n_kept, d_model]`` for residual points), the store's dtype.
         example: ``[n_kept]`` int64 global example indices, ascending.
         labels: label key → list of ``n_kept`` values (``None`` where an example lacks the key).
+        ids: the ``n_kept`` example ids (strings), or None when the matrix was built by hand.
     """
 
     values: torch.Tensor
     example: torch.Tensor
     labels: dict[str, list]
+    ids: list[str] | None = None
 
     def __len__(self) -> int:
         return self.values.shape[0]
+
+    def numpy(self) -> Any:
+        """``values`` as a numpy array ``[n_kept, *feature]`` (bfloat16, which numpy lacks, as float32)."""
+        values = self.values.detach().cpu()
+        return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+
+    def to_pandas(self, features: str = "columns") -> Any:
+        """A pandas DataFrame, one row per kept example (pandas is optional: ``pip install pandas``).
+
+        Columns: ``example`` (global index), ``id``, one column per label key, then the values:
+        ``features="columns"`` (default) one float column per feature, named ``f0``, ``f1``, ...
+        (values flattened to ``[n_kept, prod(feature)]``); ``features="array"`` one column ``values``
+        whose cells are numpy arrays ``[*feature]`` (compact for wide points).
+        """
+        from uniprobe.hooks.tables import import_pandas
+
+        pd = import_pandas("Matrix.to_pandas()")
+        if features not in ("columns", "array"):
+            raise ValueError(f"features must be 'columns' or 'array', got {features!r}")
+        values = self.numpy()
+        ids = self.ids if self.ids is not None else [None] * len(self)
+        head = pd.DataFrame({"example": self.example.tolist(), "id": ids, **self.labels})
+        if features == "array":
+            head["values"] = list(values)
+            return head
+        flat = values.reshape(len(self), -1)
+        body = pd.DataFrame(flat, columns=[f"f{i}" for i in range(flat.shape[1])])
+        return pd.concat([head, body], axis=1)
 
 
 def reduce_per_example(r: Rows, reduce: str | int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,4 +427,5 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         example, values = reduce_per_example(r, reduce, f"point {point!r}, role {role!r}")
         exs = self._ex
         labels = {k: [exs[e]["labels"].get(k) for e in example.tolist()] for k in self.label_keys}
-        return Matrix(values=values, example=example, labels=labels)
+        ids = [exs[e]["id"] for e in example.tolist()]
+        return Matrix(values=values, example=example, labels=labels, ids=ids)

@@ -67,6 +67,32 @@ class PatchResult:
             raise ValueError("these sites were not built as a grid; read .values / .sites")
         return self.grid.reshape(self.normalised if normalised else self.values)
 
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per site (pandas is optional: ``pip install pandas``): ``point``,
+        ``label``, ``positions`` and ``source_positions`` (tuples), ``value`` (the metric patched),
+        ``normalised``, and ``kind`` / ``layer`` / ``column`` when the sites form a grid."""
+        from uniprobe.hooks.tables import import_pandas
+
+        pd = import_pandas("PatchResult.to_pandas()")
+        frame = pd.DataFrame(
+            {
+                "point": [s.point for s in self.sites],
+                "label": [s.label for s in self.sites],
+                "positions": [tuple(s.positions) for s in self.sites],
+                "source_positions": [tuple(s.src) for s in self.sites],
+                "value": self.values.detach().cpu().double().numpy(),
+                "normalised": self.normalised.detach().cpu().double().numpy(),
+            }
+        )
+        if self.grid is not None:
+            n_kind, n_layer, n_col = len(self.grid.kinds), len(self.grid.layers), len(self.grid.columns)
+            if n_kind * n_layer * n_col == len(self.sites):  # sites in [kind, layer, column] order
+                idx = range(len(self.sites))
+                frame["kind"] = [self.grid.kinds[i // (n_layer * n_col)] for i in idx]
+                frame["layer"] = [self.grid.layers[i // n_col % n_layer] for i in idx]
+                frame["column"] = [self.grid.columns[i % n_col] for i in idx]
+        return frame
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON: grid (raw and normalised), axes, baselines, metric, timing."""
         out: dict[str, Any] = {
