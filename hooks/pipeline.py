@@ -237,7 +237,9 @@ def check_rows_stored(store: ActivationStore, roles: list[str] | None, mode: str
 def _stored_shard_size(out: Path) -> int | None:
     """The shard size recorded in the identity of the store at ``out``, if it can be read."""
     try:
-        size = (read_manifest_json(out).get("identity") or {}).get("shard_size")
+        identity = read_manifest_json(out).get("identity") or {}
+        # a store from before shard sizes existed wrote one shard per batch
+        size = identity.get("shard_size", identity.get("batch_size"))
     except (OSError, ValueError, UniprobeError):
         return None
     return size if _whole(size) else None

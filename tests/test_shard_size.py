@@ -88,3 +88,12 @@ def test_bad_shard_size_is_refused(tmp_path, bad):
     model, _ = tiny_llama()
     with pytest.raises(ValueError, match="shard_size"):
         _capture(model, _examples(3), tmp_path / "s", shard_size=bad)
+
+
+def test_a_store_from_before_shard_sizes_resumes_one_shard_per_batch() -> None:
+    from uniprobe.hooks.store.identity import identity_differences
+
+    old = {"batch_size": 4, "mode": "understanding"}
+    assert identity_differences(old, {"batch_size": 4, "shard_size": 4, "mode": "understanding"}) == []
+    diff = identity_differences(old, {"batch_size": 4, "shard_size": 8, "mode": "understanding"})
+    assert diff == ["shard_size: store 4 vs now 8"]

@@ -120,7 +120,12 @@ def _show(value: Any) -> str:
 
 
 def identity_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
-    """``"field: store X vs now Y"`` for every field that differs."""
+    """``"field: store X vs now Y"`` for every field that differs.
+
+    A store captured before shard sizes existed wrote one shard per batch: its missing
+    ``shard_size`` is its ``batch_size``."""
+    if "shard_size" not in stored and "batch_size" in stored:
+        stored = {**stored, "shard_size": stored["batch_size"]}
     out = []
     for key in dict.fromkeys([*IDENTITY_FIELDS, *stored, *requested]):
         old, new = stored.get(key), requested.get(key)
