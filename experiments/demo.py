@@ -11,14 +11,18 @@ sentence of the report is computed from the numbers beside it.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from uniprobe.experiments import demo_sections as sections
+from uniprobe.experiments.demo_resume import SectionLog, timing_table, written_since
 from uniprobe.experiments.models import load_model
+from uniprobe.experiments.progress import bar
 from uniprobe.experiments.seeds.r3 import R3Result, format_r3, r3_loop
 from uniprobe.experiments.tasks.suite import Suite
 
@@ -163,97 +167,208 @@ def cot_paragraph(summary: dict) -> str:
     )
 
 
-def run_demo(out: str | Path = "artifacts/demo", stars_steps: int | None = None) -> int:
+SECTIONS = ("gap", "capture", "probes", "lens", "patching", "stars", "r3")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's sizes. Smaller than the protocols' own defaults so that the demo takes minutes; every
+    number it reports means what the full protocol's does (``uniprobe seeds stars`` runs STARS with
+    :class:`~uniprobe.experiments.seeds.stars.StarsSettings`' defaults, ``uniprobe seeds r3`` 3 rounds)."""
+
+    stars_prompts_per_level: int = 16  # the protocol's default: 64
+    stars_steps: int = 50  # the protocol's default: 150
+    r3_rounds: int = 2  # `uniprobe seeds r3`: 3
+    patch_items: int = 6
+
+
+class _ModelSections:
+    """The sections of one model, each returning its report text (``{key: markdown}``); the model is
+    loaded (and its sha256 checked) only if some section has to run."""
+
+    def __init__(self, name: str, arch: str, out: Path, suite: Suite, settings: DemoSettings) -> None:
+        self.name, self.arch, self.out, self.suite, self.settings = name, arch, out, suite, settings
+        self.items = suite.items
+        self._model = None
+        self._stores: dict | None = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.name).model  # verifies the checkpoint's sha256
+        return self._model
+
+    def run(self, section: str) -> dict[str, str]:
+        torch.manual_seed(0)  # each section seeded alike, so a resumed demo equals an uninterrupted one
+        return getattr(self, f"_{section}")()
+
+    def _gap(self) -> dict[str, str]:
+        gap = sections.run_gap(self.model, self.items, self.out, self.name)
+        print(gap["markdown"])
+        name, (_, _, gapeval_md) = self.name, gap["gapeval"]
+        text = "\n".join(
+            [
+                gap_paragraph(name, gap["summary"]),
+                "",
+                gap["markdown"],
+                "",
+                f"![drawings](drawings-{name}.png)",
+            ]
+            + ["", gapeval_paragraph(gap["gapeval"]), "", gapeval_md, "", f"![gap score](gapeval-{name}.png)"]
+        )
+        return {"gap": text, "cot": cot_paragraph(gap["summary"])}
+
+    def _capture(self) -> dict[str, str]:
+        self._stores = sections.capture_stores(self.model, self.items, self.out, self.arch)
+        return {}
+
+    def _probes(self) -> dict[str, str]:
+        if self._stores is None:  # captured by an earlier, interrupted run: reopen
+            from uniprobe.hooks.store import ActivationStore
+
+            self._stores = {
+                run: ActivationStore.open(self.out / f"store-{self.arch}-{run}") for run in ("und", "gen")
+            }
+        return {"probes": probe_paragraph(self.arch, sections.run_probes(self._stores, self.arch, self.out))}
+
+    def _lens(self) -> dict[str, str]:
+        return {
+            "lens": lens_paragraph(self.arch, sections.run_lens(self.model, self.items, self.arch, self.out))
+        }
+
+    def _patching(self) -> dict[str, str]:
+        patch = sections.run_patching(
+            self.model, self.items, self.arch, self.out, n_items=self.settings.patch_items
+        )
+        return {"patch": patch_paragraph(self.arch, patch)}
+
+    def _stars(self) -> dict[str, str]:
+        from uniprobe.experiments.seeds.stars import StarsSettings, run_stars
+        from uniprobe.experiments.seeds.stars_report import format_stars, stars_paragraph
+
+        s = self.settings
+        settings = StarsSettings(maps=False, steps=s.stars_steps, prompts_per_level=s.stars_prompts_per_level)
+        stars = run_stars(self.model, self.out / f"stars-{self.name}", settings, suite=self.suite)
+        table = format_stars(stars, paragraph=False).split("\n", 2)[2]  # without its title
+        return {"stars": "**STARS self-training.** " + stars_paragraph(stars) + "\n\n" + table}
+
+    def _r3(self) -> dict[str, str]:
+        r3 = r3_loop(self.model, self.items, rounds=self.settings.r3_rounds)
+        (self.out / f"r3-{self.name}.json").write_text(json.dumps(asdict(r3), indent=1))
+        return {"r3": "**R3.** " + r3_paragraph(r3) + "\n\n" + format_r3(r3)}
+
+
+def model_report(name: str, arch: str, text: dict[str, str]) -> list[str]:
+    """One model's part of the report, from its sections' text."""
+    return [
+        f"## {name}", "", "### 1. The gap", "", text["gap"], "",
+        "### 2. Where the answer becomes readable (probes, logit lens)", "", text["probes"], text["lens"], "",
+        f"![probe map](probe-map-{arch}.png) ![logit lens](lens-{arch}.png)", "",
+        "### 3. Where it is used (patching)", "", text["patch"], "", f"![patching map](patch-{arch}.png)", "",
+        "### 4. What CoT, STARS and R3 change", "", text["cot"], "", text["stars"], "",
+        f"![STARS](stars-{name}/stars.png)", "", text["r3"], "",
+        f"Stores: `store-{arch}-und` (understanding form of every item) and `store-{arch}-gen` "
+        "(generation form: prompt and drawing positions); reopen with `uniprobe inspect`.", "",
+    ]  # fmt: skip
+
+
+def settings_paragraph(settings: DemoSettings) -> str:
+    """The demo's sizes next to the full protocols'."""
+    from uniprobe.experiments.seeds.stars import StarsSettings
+
+    full = StarsSettings()
+    return " ".join(
+        [
+            "The demo runs smaller protocols than the full ones: STARS on",
+            f"{settings.stars_prompts_per_level} prompts per level for {settings.stars_steps} steps (the",
+            f"full protocol, `uniprobe seeds stars`: {full.prompts_per_level} and {full.steps}), R3 for",
+            f"{settings.r3_rounds} rounds (`uniprobe seeds r3`: 3), patching on {settings.patch_items} item",
+            "pairs. Each number means what the full protocol's does.",
+        ]
+    )
+
+
+def run_demo(
+    out: str | Path = "artifacts/demo",
+    stars_steps: int | None = None,
+    settings: DemoSettings | None = None,
+    progress: bool = True,
+) -> int:
     """Run every section for both sandbox models; write ``report.md`` and ``report.html``; returns 0.
 
     Per model, in the order the report answers them: the gap table (and GapEval score); where the
     answer becomes readable (probe and logit-lens maps); where it is used (patching map); what CoT,
-    STARS self-training and the R3 loop change.
+    STARS self-training and the R3 loop change. A section finished by an earlier run with the same
+    ``out`` and settings is kept, not run again (:mod:`uniprobe.experiments.demo_resume`). The report
+    ends with the seconds each section took. ``progress=False`` (or ``TQDM_DISABLE``) hides the bars.
     """
     from uniprobe.experiments.report_html import write_html
-    from uniprobe.experiments.seeds.stars import StarsSettings, run_stars
-    from uniprobe.experiments.seeds.stars_report import format_stars, stars_paragraph
 
-    t0 = time.time()
-    torch.manual_seed(0)
+    settings = settings or DemoSettings()
+    if stars_steps:
+        settings = replace(settings, stars_steps=stars_steps)
+    t0, c0 = time.perf_counter(), time.process_time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     suite = Suite(0)
-    items = suite.items
+    log = SectionLog(out / "sections", identity=asdict(settings))
+    records: dict[tuple[str, str], dict] = {}
     report = [
         "# uniprobe demo: does understanding flow into generation?",
         "",
-        f"Two tiny unified models trained on the sandbox world (`artifacts/sandbox`), {len(items)} test "
-        "items, each asked as a question (understanding) and as a drawing prompt (generation, judged "
-        "exactly). For each model: the gap; where the answer becomes readable; where it is used; what "
-        "CoT, STARS and R3 change.",
+        "Two tiny unified models trained on the sandbox world (`artifacts/sandbox`), "
+        f"{len(suite.items)} test items, each asked as a question (understanding) and as a drawing prompt "
+        "(generation, judged exactly). For each model: the gap; where the answer becomes readable; where "
+        "it is used; what CoT, STARS and R3 change.",
         "",
     ]
-    for name, arch in MODELS:
-        print(f"== {name}")
-        loaded = load_model(name)  # verifies the checkpoint's sha256
-        model = loaded.model
-        gap = sections.run_gap(model, items, out, name)
-        print(gap["markdown"])
-        stores = sections.capture_stores(model, items, out, arch)
-        probes = sections.run_probes(stores, arch, out)
-        lens = sections.run_lens(model, items, arch, out)
-        patch = sections.run_patching(model, items, arch, out, n_items=12)
-        settings = StarsSettings(maps=False, **({"steps": stars_steps} if stars_steps else {}))
-        stars = run_stars(model, out / f"stars-{name}", settings, suite=suite, progress=False)
-        r3 = r3_loop(model, items, rounds=2)
-        (out / f"r3-{name}.json").write_text(json.dumps(asdict(r3), indent=1))
-        report += [
-            f"## {name}",
-            "",
-            "### 1. The gap",
-            "",
-            gap_paragraph(name, gap["summary"]),
-            "",
-            gap["markdown"],
-            "",
-            f"![drawings](drawings-{name}.png)",
-            "",
-            gapeval_paragraph(gap["gapeval"]),
-            "",
-            gap["gapeval"][2],
-            "",
-            f"![gap score](gapeval-{name}.png)",
-            "",
-            "### 2. Where the answer becomes readable (probes, logit lens)",
-            "",
-            probe_paragraph(arch, probes),
-            lens_paragraph(arch, lens),
-            "",
-            f"![probe map](probe-map-{arch}.png) ![logit lens](lens-{arch}.png)",
-            "",
-            "### 3. Where it is used (patching)",
-            "",
-            patch_paragraph(arch, patch),
-            "",
-            f"![patching map](patch-{arch}.png)",
-            "",
-            "### 4. What CoT, STARS and R3 change",
-            "",
-            cot_paragraph(gap["summary"]),
-            "",
-            "**STARS self-training.** " + stars_paragraph(stars),
-            "",
-            format_stars(stars, paragraph=False).split("\n", 2)[2],  # without its title
-            "",
-            f"![STARS](stars-{name}/stars.png)",
-            "",
-            "**R3.** " + r3_paragraph(r3),
-            "",
-            format_r3(r3),
-            "",
-            f"Stores: `store-{arch}-und` (understanding form of every item) and `store-{arch}-gen` "
-            "(generation form: prompt and drawing positions); reopen with `uniprobe inspect`.",
-            "",
-        ]
-    report.append(f"_Generated by `uniprobe demo` in {time.time() - t0:.0f} s._")
+    # the sections' bar only on a terminal: nested bars in a log are cursor codes; there, one line each
+    lines = progress and not sys.stderr.isatty()
+    with bar(
+        total=len(MODELS) * len(SECTIONS), desc="demo", unit="section", progress=progress and not lines
+    ) as pbar:
+        for name, arch in MODELS:
+            print(f"== {name}")
+            run = _ModelSections(name, arch, out, suite, settings)
+            text: dict[str, str] = {}
+            for section in SECTIONS:
+                pbar.set_description(f"demo: {name} {section}")
+                if lines:
+                    step = len(records) + 1
+                    print(f"demo: {name} {section} ({step}/{len(MODELS) * len(SECTIONS)})", file=sys.stderr)
+                record = log.get(name, section)
+                if record is not None:
+                    record["kept"] = True
+                    pbar.write(f"{name} {section}: kept from an earlier run", file=sys.stderr)
+                else:
+                    since, w, c = time.time(), time.perf_counter(), time.process_time()
+                    part = run.run(section)
+                    spent = (time.perf_counter() - w, time.process_time() - c)
+                    record = log.put(name, section, part, spent, written_since(out, since))
+                records[(name, section)] = record
+                text.update(record["text"])
+                pbar.update(1)
+            report += model_report(name, arch, text)
+    kept = any(r.get("kept") for r in records.values())
+    report += [
+        "## Where the time went",
+        "",
+        settings_paragraph(settings),
+        "",
+        timing_table(records, [m for m, _ in MODELS], list(SECTIONS)),
+        "",
+        "Wall seconds measured in this run"
+        + (" (`*`: a section kept from an earlier, interrupted run, with that run's seconds)" if kept else "")
+        + f"; load average at the end {os.getloadavg()[0]:.1f}.",
+        "",
+        f"_Generated by `uniprobe demo` in {time.perf_counter() - t0:.0f} s "
+        f"({time.process_time() - c0:.0f} s CPU)._",
+    ]
     md = "\n".join(report) + "\n"
     (out / "report.md").write_text(md)
     write_html(md, out / "report.html", title="uniprobe demo")
-    print(f"wrote {out / 'report.md'} and report.html ({time.time() - t0:.0f} s)")
+    print(f"wrote {out / 'report.md'} and report.html ({time.perf_counter() - t0:.0f} s)")
+    if kept:
+        n = sum(1 for r in records.values() if r.get("kept"))
+        print(f"{n} sections were kept from an earlier run; delete {out / 'sections'} to run them all again")
     return 0

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+from uniprobe.hooks.names import ROLES
 
-ROLES: tuple[str, ...] = ("text", "image_und", "query", "cot", "image_gen", "pad")
 ROLE_ID: dict[str, int] = {name: i for i, name in enumerate(ROLES)}
 
 

@@ -11,7 +11,7 @@ from uniprobe.hooks.store import ActivationStore
 
 @pytest.mark.slow
 def test_demo_writes_report_with_every_section(tmp_path):
-    assert run_demo(tmp_path) == 0
+    assert run_demo(tmp_path, progress=False) == 0
     report = (tmp_path / "report.md").read_text()
     for name, arch in (("sandbox-ar", "ar"), ("sandbox-query", "query")):
         assert f"## {name}" in report
@@ -52,5 +52,9 @@ def test_demo_writes_report_with_every_section(tmp_path):
     for part in report.split("\n## sandbox-")[1:]:
         heads = [part.index(h) for h in ("### 1. The gap", "### 2. Where", "### 3. Where", "### 4. What")]
         assert heads == sorted(heads)
+    # where the time went: seconds per section per model, measured in this run; the demo's settings
+    timing = report[report.index("## Where the time went") :]
+    assert "| stars |" in timing and "| **total** |" in timing and "`uniprobe seeds stars`" in timing
+    assert len(list((tmp_path / "sections").glob("*.json"))) == 14  # every section's DONE record
     page = (tmp_path / "report.html").read_text()
     assert "<table>" in page and 'src="probe-map-ar.png"' in page and "<h2>sandbox-query</h2>" in page

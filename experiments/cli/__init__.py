@@ -37,6 +37,12 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE (sysexits.h)
 # library messages name keyword arguments; on the command line they are flags
 _FLAG_SPELLING = {"resume=True": "--resume", "overwrite=True": "--overwrite"}
+# the commands that keep finished work when interrupted (every other one starts over)
+_ON_INTERRUPT = {
+    "capture": "finished shards are kept; add --resume to the same command to continue",
+    "sweep": "finished runs are kept; run the same command again to continue",
+    "demo": "finished sections are kept; run the same command (same --out) again to continue",
+}
 
 
 def _version() -> str:
@@ -62,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def on_interrupt(command: str) -> str:
+    """What an interrupted ``command`` kept on disk and how to continue (the Ctrl-C message)."""
+    return _ON_INTERRUPT.get(command, "nothing was kept; running the command again starts it over")
+
+
 def is_user_error(err: BaseException) -> bool:
     """Whether ``err`` is about the user's input (one line) rather than a bug (a traceback)."""
     return isinstance(err, (UniprobeError, *USER_OS_ERRORS)) or (
@@ -75,11 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(
-            "interrupted; finished shards and runs are kept — re-run the same command to continue "
-            "(add --resume for `uniprobe capture`)",
-            file=sys.stderr,
-        )
+        print(f"uniprobe {args.command}: interrupted; {on_interrupt(args.command)}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - every exception ends here, as a user error or a bug
         if not is_user_error(err):

@@ -12,8 +12,7 @@ import argparse
 from typing import Any
 
 from uniprobe.experiments.cli._args import positive_int
-from uniprobe.hooks.dtypes import DTYPES
-from uniprobe.hooks.layout import ROLES
+from uniprobe.experiments.cli._choices import DTYPE_NAMES, ROLES
 
 
 def cmd_points(args: argparse.Namespace) -> int:
@@ -82,7 +81,7 @@ def add_parsers(sub: Any) -> None:
         help="generation: teacher-forced image tokens; generate: run image generation, capture every step",
     )
     p.add_argument("--backend", choices=("torch", "nnsight", "transformer_lens"), default="torch")
-    p.add_argument("--dtype", choices=tuple(DTYPES))
+    p.add_argument("--dtype", choices=DTYPE_NAMES)
     p.add_argument(
         "--device-map",
         help="model folder only: transformers device_map ('auto', 'cpu', 'cuda:0', ...); needs accelerate",

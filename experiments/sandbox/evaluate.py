@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 
+from uniprobe.experiments.progress import bar, chunks
 from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.prompts import Item
@@ -25,17 +26,36 @@ KIND: dict[str, str] = {
 
 
 def evaluate_items(
-    model: SandboxModel, items: Sequence[Item], cot: bool = True, batch_size: int = 64
+    model: SandboxModel,
+    items: Sequence[Item],
+    cot: bool = True,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "evaluate",
 ) -> list[dict]:
     """Per item: ``understanding`` answer and correctness, ``generation`` grid and verdict, and with
-    ``cot`` the CoT grid and verdict. Grids are ``int64 [H, W]`` numpy arrays."""
-    answers = model.understand([it.und_prompt for it in items], batch_size=batch_size)
-    grids = model.generate_image([it.draw_prompt for it in items], cot=False, batch_size=batch_size)
-    cot_grids = (
-        model.generate_image([it.draw_prompt for it in items], cot=True, batch_size=batch_size)
-        if cot
-        else None
-    )
+    ``cot`` the CoT grid and verdict. Grids are ``int64 [H, W]`` numpy arrays.
+
+    The model runs one ``batch_size`` chunk at a time (the chunks its own batching would make, and
+    decoding is greedy, so the results are the same) so that a bar on stderr can count prompts.
+    """
+    items = list(items)
+    answers: list[str] = []
+    grids: list = []
+    cot_grids: list | None = [] if cot else None
+    passes = 3 if cot else 2  # understanding, drawing, drawing with CoT
+    with bar(total=passes * len(items), desc=desc, unit="prompt", progress=progress) as pbar:
+        for span in chunks(len(items), batch_size):
+            part = [items[k] for k in span]
+            answers += model.understand([it.und_prompt for it in part], batch_size=batch_size)
+            pbar.update(len(part))
+            grids += model.generate_image([it.draw_prompt for it in part], cot=False, batch_size=batch_size)
+            pbar.update(len(part))
+            if cot_grids is not None:
+                cot_grids += model.generate_image(
+                    [it.draw_prompt for it in part], cot=True, batch_size=batch_size
+                )
+                pbar.update(len(part))
     out = []
     for k, it in enumerate(items):
         rec = {
@@ -63,15 +83,17 @@ def gap_table(
     cot: bool = True,
     batch_size: int = 64,
     results: list[dict] | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Rows ``{"kind", "category", "task", "level", "n", "understanding", "generation", "generation_cot"}``.
 
     Accuracies are fractions in [0, 1]; ``n`` counts items (mapping: A/B groups). Pass ``results``
-    from :func:`evaluate_items` to aggregate without running the model again.
+    from :func:`evaluate_items` to aggregate without running the model again; ``progress=False``
+    hides the evaluation's bar.
     """
     if results is None:
         items = items if items is not None else (suite or Suite(0)).items
-        results = evaluate_items(model, items, cot=cot, batch_size=batch_size)
+        results = evaluate_items(model, items, cot=cot, batch_size=batch_size, progress=progress)
     metrics = ["understanding", "generation"] + (["generation_cot"] if "generation_cot" in results[0] else [])
     groups: dict[tuple, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     by_group: dict[str, list[dict]] = defaultdict(list)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from uniprobe.experiments.progress import bar
 from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.sandbox.checkpoint import build_model, save_sandbox
 from uniprobe.experiments.tasks.suite import Suite, TrainExample
@@ -193,8 +193,8 @@ def fit(
         Path(log_path).write_text("")
     records: list[dict] = []
     t0 = time.time()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=2)
-    for step in bar:
+    pbar = bar(range(steps), desc=desc, progress=progress)  # stderr; TQDM_DISABLE / CI obeyed
+    for step in pbar:
         # when the time budget binds, the schedule follows elapsed time so the cosine still completes
         elapsed = time.time() - t0
         progress_step = step if time_budget_s is None else max(step, int(steps * elapsed / time_budget_s))
@@ -209,7 +209,7 @@ def fit(
         elapsed = time.time() - t0
         stop = time_budget_s is not None and elapsed > time_budget_s
         if step % log_every == 0 or step == steps - 1 or stop:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            pbar.set_postfix(loss=f"{loss.item():.3f}")
             rec = {
                 "step": step,
                 "loss": round(loss.item(), 5),

@@ -138,13 +138,13 @@ def generation_stream(suite: Suite, inj: Injection, arch: str, settings: InjectS
             yield TrainExample(Prompt(f"draw a portrait of {c.name}"), target=tuple(world.encode(grid)))
 
 
-def measure(model: Any, inj: Injection, suite: Suite) -> dict:
+def measure(model: Any, inj: Injection, suite: Suite, progress: bool = True) -> dict:
     """Accuracies on the new characters' items (per kind and per row) and on the original suite
     (understanding of the pre-trained characters' facts and of direct items, direct drawing)."""
-    results = evaluate_items(model, inj.items, cot=True)
+    results = evaluate_items(model, inj.items, cot=True, progress=progress, desc="inject: new facts")
     rows = gap_table(model, results=results)
     old = [it for it in suite.items if it.category in ("direct", "knowledge_forward")]
-    old_res = evaluate_items(model, old, cot=False)
+    old_res = evaluate_items(model, old, cot=False, progress=progress, desc="inject: original suite")
 
     def acc(category: str, metric: str) -> float:
         rows = [r for r in old_res if r["category"] == category]
@@ -188,7 +188,7 @@ def run_inject(
         model_arch=arch,
         settings=asdict(settings),
         characters=[{"name": c.name, **c.attrs} for c in inj.characters],
-        before=measure(model, inj, suite),
+        before=measure(model, inj, suite, progress),
     )
     models = {"before": model}
     streams = {"understanding": understanding_stream, "generation": generation_stream}
@@ -198,7 +198,7 @@ def run_inject(
             tuned, streams[direction](suite, inj, arch, settings), settings.steps, settings.lr,
             settings.batch_size, warmup=settings.warmup, progress=progress, desc=f"inject ({direction})",
         )  # fmt: skip
-        result[direction] = {"after": measure(tuned, inj, suite), "final_loss": log[-1]["loss"]}
+        result[direction] = {"after": measure(tuned, inj, suite, progress), "final_loss": log[-1]["loss"]}
         models[direction] = tuned
     if maps:
         result["maps"] = {}

@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from uniprobe.experiments.progress import bar
 from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.generators import tile_phrase
 from uniprobe.experiments.tasks.prompts import Item, Prompt
@@ -95,21 +96,29 @@ def _agrees(it: Item, answer: str, count: str) -> bool:
     return count == answer
 
 
-def r3_loop(model: object, items: Sequence[Item], rounds: int = 3, batch_size: int = 64) -> R3Result:
-    """Run R3 for ``rounds`` regeneration rounds; every sample keeps its latest drawing."""
+def r3_loop(
+    model: object, items: Sequence[Item], rounds: int = 3, batch_size: int = 64, progress: bool = True
+) -> R3Result:
+    """Run R3 for ``rounds`` regeneration rounds; every sample keeps its latest drawing.
+
+    A bar on stderr counts the first drawing and each round (``progress=False`` hides it)."""
     items = eligible(items)
     if not items:
         raise ValueError("no items R3 can run on (arithmetic or favourite fruit/flower items)")
+    pbar = bar(total=rounds + 1, desc="R3", unit="round", progress=progress)
     grids = model.generate_image([it.draw_prompt for it in items], batch_size=batch_size)
     right = [world.satisfies(g, it.criterion) for g, it in zip(grids, items, strict=True)]
     history = [R3Round(0, sum(right) / len(items))]
     active = list(range(len(items)))
     answers = model.understand([Prompt(it.cot_questions[0]) for it in items], batch_size=batch_size)
     answers = [" ".join(w for w in a.split() if not w.startswith("<")) for a in answers]
+    pbar.update(1)
     for r in range(1, rounds + 1):
+        pbar.update(1)  # counted as it starts: the postfix then says what the round is doing
         if not active:
             history.append(R3Round(r, history[-1].accuracy))
             continue
+        pbar.set_postfix(redrawing=len(active))
         questions = [
             Prompt(f"how many {_object(items[k], answers[k])} in <image> ?", (tuple(world.encode(grids[k])),))
             for k in active
@@ -130,6 +139,7 @@ def r3_loop(model: object, items: Sequence[Item], rounds: int = 3, batch_size: i
         worse = sum(1 for k in range(n) if before[k] and not right[k]) / n
         history.append(R3Round(r, sum(right) / n, improved, worse, 1 - improved - worse, len(redo) / n))
         active = redo
+    pbar.close()
     return R3Result(history, [it.id for it in items])
 
 

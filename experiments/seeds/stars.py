@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from uniprobe.experiments.progress import bar, chunks
 from uniprobe.experiments.sandbox.evaluate import evaluate_items
 from uniprobe.experiments.sandbox.train import DEFAULTS, fit
 from uniprobe.experiments.seeds.results import StarsResult
@@ -73,20 +74,28 @@ def self_training_prompts(suite: Suite, settings: StarsSettings) -> list[Item]:
     return items
 
 
-def self_judge(model: Any, items: list[Item]) -> tuple[list[TrainExample], dict]:
+def self_judge(model: Any, items: list[Item], progress: bool = True) -> tuple[list[TrainExample], dict]:
     """Draw with CoT, keep what the model's own understanding accepts.
 
     Returns the kept (prompt without CoT → drawing) examples and filter statistics: per level, how many
     were drawn, how many CoT answers were right, how many drawings were kept, right by the exact judge,
     and right among the kept (the filter's precision).
     """
-    grids = model.generate_image([it.draw_prompt for it in items], cot=True)
-    answers = [a.strip() for a in model.understand([it.und_prompt for it in items])]
-    questions = [
-        Prompt(f"how many {gen.tile_phrase(it.labels['entity'])} in <image> ?", (tuple(world.encode(g)),))
-        for it, g in zip(items, grids, strict=True)
-    ]
-    counts = [c.strip() for c in model.understand(questions)]
+    grids: list = []
+    answers: list[str] = []
+    counts: list[str] = []
+    # in the model's own 64-prompt chunks (greedy decoding: same results), so the bar can count prompts
+    with bar(total=3 * len(items), desc="STARS self-judge", unit="prompt", progress=progress) as pbar:
+        for span in chunks(len(items), 64):
+            part = [items[k] for k in span]
+            drawn = model.generate_image([it.draw_prompt for it in part], cot=True)
+            grids += drawn
+            pbar.update(len(part))
+            answers += [a.strip() for a in model.understand([it.und_prompt for it in part])]
+            pbar.update(len(part))
+            questions = [_count_question(it, g) for it, g in zip(part, drawn, strict=True)]
+            counts += [c.strip() for c in model.understand(questions)]
+            pbar.update(len(part))
     kept = []
     stats = defaultdict(lambda: {"drawn": 0, "answer_right": 0, "kept": 0, "right": 0, "kept_right": 0})
     for it, g, a, c in zip(items, grids, answers, counts, strict=True):
@@ -102,9 +111,17 @@ def self_judge(model: Any, items: list[Item]) -> tuple[list[TrainExample], dict]
     return kept, {str(k): v for k, v in sorted(stats.items())}
 
 
-def per_level(model: Any, items: list[Item]) -> dict[str, dict]:
+def _count_question(it: Item, grid: Any) -> Prompt:
+    """``how many X in <image> ?`` about the model's own drawing ``grid`` (``int64 [H, W]``)."""
+    phrase = gen.tile_phrase(it.labels["entity"])
+    return Prompt(f"how many {phrase} in <image> ?", (tuple(world.encode(grid)),))
+
+
+def per_level(
+    model: Any, items: list[Item], progress: bool = True, desc: str = "evaluate"
+) -> dict[str, dict]:
     """Accuracy per level: understanding, drawing without and with CoT."""
-    res = evaluate_items(model, items, cot=True)
+    res = evaluate_items(model, items, cot=True, progress=progress, desc=desc)
     out: dict[str, dict] = {}
     for level in LEVELS:
         rows = [r for r in res if r["level"] == level]
@@ -156,14 +173,14 @@ def run_stars(
     out.mkdir(parents=True, exist_ok=True)
     test = [it for it in suite.items if it.category == "arithmetic"]
     prompts = self_training_prompts(suite, settings)
-    kept, filt = self_judge(model, prompts)
+    kept, filt = self_judge(model, prompts, progress=progress)
     if not kept:
         raise RuntimeError(
             "STARS kept no sample: the model's own judge accepted none of its CoT drawings. "
             "Is the checkpoint trained (uniprobe gap shows understanding and CoT accuracy)?"
         )
     result = StarsResult(model_arch=model.arch, settings=asdict(settings), filter=filt)
-    result["before"] = per_level(model, test)
+    result["before"] = per_level(model, test, progress, desc="STARS test, before")
     tuned = copy.deepcopy(model)
     rng = random.Random(settings.seed + 3)
     replay = suite.training_examples(settings.seed + 2000, **DEFAULTS[model.arch]["data"])
@@ -177,7 +194,7 @@ def run_stars(
         progress=progress, desc="STARS fine-tune",
     )  # fmt: skip
     result["final_loss"] = log[-1]["loss"]
-    result["after"] = per_level(tuned, test)
+    result["after"] = per_level(tuned, test, progress, desc="STARS test, after")
     result["weight_change"] = weight_change(model, tuned)
     if settings.maps:
         from uniprobe.experiments.demo_sections import capture_stores, run_patching, run_probes

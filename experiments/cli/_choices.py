@@ -1,0 +1,17 @@
+"""Choices the parser offers, without importing the libraries that define them (torch, transformers).
+
+Each tuple is a copy of the library's own (named beside it); ``tests/test_cli_startup.py`` checks that
+they agree, so a new choice in the library fails a test until it is added here.
+"""
+
+from __future__ import annotations
+
+from uniprobe.hooks.names import DTYPE_NAMES, ROLES
+from uniprobe.hooks.points import BLOCK_POINTS
+
+PATCH_KINDS: tuple[str, ...] = BLOCK_POINTS  # uniprobe.probes.patching.sites.KINDS
+PATCH_METHODS: tuple[str, ...] = ("exact", "attribution")  # uniprobe.experiments.patching.METHODS
+PATCH_DIRECTIONS: tuple[str, ...] = ("denoise", "noise")  # uniprobe.experiments.patching.DIRECTIONS
+PATCH_ALIGNS: tuple[str, ...] = ("strict", "end")  # uniprobe.experiments.patching.ALIGNS
+
+__all__ = ["DTYPE_NAMES", "PATCH_ALIGNS", "PATCH_DIRECTIONS", "PATCH_KINDS", "PATCH_METHODS", "ROLES"]

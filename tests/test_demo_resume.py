@@ -1,0 +1,84 @@
+"""An interrupted `uniprobe demo` continues: finished sections are kept (not run again), the others run,
+the report ends with a table of where the time went. The sections are stubbed (the real ones are
+tests/test_demo.py's, slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from uniprobe.experiments import demo
+from uniprobe.experiments.demo_resume import SectionLog, timing_table, written_since
+
+TEXT = {
+    "gap": {"gap": "GAP", "cot": "COT"},
+    "capture": {},
+    "probes": {"probes": "PROBES"},
+    "lens": {"lens": "LENS"},
+    "patching": {"patch": "PATCH"},
+    "stars": {"stars": "**STARS self-training.** S"},
+    "r3": {"r3": "**R3.** R"},
+}
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Stub sections: each writes a file and returns its text; ``stop`` makes one raise Ctrl-C."""
+    ran: list[tuple[str, str]] = []
+    stop: dict[str, tuple[str, str] | None] = {"at": None}
+
+    def run(self, section):
+        if stop["at"] == (self.name, section):
+            raise KeyboardInterrupt
+        (self.out / f"{section}-{self.name}.txt").write_text(section)
+        ran.append((self.name, section))
+        return TEXT[section]
+
+    monkeypatch.setattr(demo._ModelSections, "run", run)
+    return ran, stop
+
+
+def test_a_rerun_keeps_finished_sections_and_runs_the_rest(tmp_path, calls):
+    ran, stop = calls
+    stop["at"] = ("sandbox-query", "lens")
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(tmp_path, progress=False)
+    first = list(ran)
+    assert len(first) == len(demo.SECTIONS) + 3 and not (tmp_path / "report.md").exists()
+    stop["at"] = None
+    ran.clear()
+    assert demo.run_demo(tmp_path, progress=False) == 0
+    assert ran == [("sandbox-query", s) for s in demo.SECTIONS[3:]]  # only what had not finished
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("**R3.** R") == 2 and "## Where the time went" in report
+    assert "`uniprobe seeds stars`" in report and "kept from an earlier, interrupted run" in report
+    table = report[report.index("| section |") :]
+    assert table.count("*") >= len(demo.SECTIONS) + 3  # the kept sections are marked
+    # other settings: nothing is kept
+    ran.clear()
+    demo.run_demo(tmp_path, progress=False, settings=demo.DemoSettings(stars_steps=7))
+    assert len(ran) == 2 * len(demo.SECTIONS)
+
+
+def test_a_section_whose_files_are_gone_runs_again(tmp_path, calls):
+    ran, _ = calls
+    demo.run_demo(tmp_path, progress=False)
+    (tmp_path / "stars-sandbox-ar.txt").unlink()
+    ran.clear()
+    demo.run_demo(tmp_path, progress=False)
+    assert ran == [("sandbox-ar", "stars")]
+
+
+def test_section_log_records_are_whole_and_checked(tmp_path):
+    log = SectionLog(tmp_path / "sections", identity={"steps": 1})
+    (tmp_path / "a.png").write_text("x")
+    assert written_since(tmp_path, 0.0) == ["a.png"]
+    log.put("m", "gap", {"gap": "G"}, (2.04, 3.0), ["a.png"])
+    assert log.get("m", "gap")["text"] == {"gap": "G"} and log.get("m", "lens") is None
+    assert not list((tmp_path / "sections").glob("*.tmp"))
+    assert SectionLog(tmp_path / "sections", identity={"steps": 2}).get("m", "gap") is None
+    (tmp_path / "sections" / "m.lens.json").write_text("{not json")  # a torn write reads as not done
+    assert log.get("m", "lens") is None
+    rec = json.loads((tmp_path / "sections" / "m.gap.json").read_text())
+    table = timing_table({("m", "gap"): {**rec, "kept": True}}, ["m"], ["gap"])
+    assert "| gap | 2 s* |" in table and "| CPU (all threads) | 3 s |" in table
