@@ -45,6 +45,7 @@ from uniprobe.experiments.sweep.schema import (
     reduce_value,
     section,
     string,
+    token_spec,
 )
 from uniprobe.experiments.tasks.prompts import CATEGORIES
 from uniprobe.hooks.dtypes import DTYPES as DTYPE_MAP
@@ -67,22 +68,22 @@ def _role_selection(value: Any, path: str) -> str:
 
 
 def _answers(value: Any, path: str) -> str | list:
+    """``label:KEY`` (each example's own answer, from its label) or a list of tokens: words (``3`` is
+    the word 3) or ``id:N`` (:func:`~uniprobe.experiments.sweep.schema.token_spec`)."""
     if isinstance(value, str):
         if not value.startswith("label:") or value == "label:":
             raise ConfigError(
                 f"{path}: {value!r} is not 'label:KEY' (answers from a label) nor a list of answer tokens"
             )
         return value
-    return list_of(lambda v, p: v if isinstance(v, int | str) else string(v, p))(value, path)
+    return list_of(token_spec)(value, path)
 
 
 def _pair(value: Any, path: str) -> dict:
-    keys = ("clean", "corrupted", "target", "foil")
-    return section(
-        {k: (lambda v, p: str(v) if isinstance(v, int) else string(v, p), REQUIRED) for k in keys},
-        value,
-        path,
-    )
+    keys = ("clean", "corrupted")
+    spec = {k: (lambda v, p: str(v) if isinstance(v, int) else string(v, p), REQUIRED) for k in keys}
+    spec.update({k: (token_spec, REQUIRED) for k in ("target", "foil")})
+    return section(spec, value, path)
 
 
 MODEL = {
