@@ -17,154 +17,25 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from uniprobe.experiments import demo_sections as sections
 from uniprobe.experiments.demo_resume import SectionLog, timing_table, written_since
+from uniprobe.experiments.demo_text import (
+    cot_paragraph,
+    gap_paragraph,
+    gapeval_paragraph,
+    lens_paragraph,
+    opening_paragraph,
+    patch_paragraph,
+    probe_paragraph,
+    r3_paragraph,
+)
 from uniprobe.experiments.models import load_model
 from uniprobe.experiments.progress import bar
-from uniprobe.experiments.seeds.r3 import R3Result, format_r3, r3_loop
+from uniprobe.experiments.seeds.r3 import format_r3, r3_loop
 from uniprobe.experiments.tasks.suite import Suite
 
 MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"))
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
-def gap_paragraph(name: str, summary: dict) -> str:
-    """The gap in words, from the per-kind summary."""
-    d, r = summary["direct"], summary["reasoning"]
-    kf, ki = summary["knowledge (forward)"], summary["knowledge (inverse)"]
-    worst = min((r, kf, ki), key=lambda s: s["generation"] - s["understanding"])
-    recovers = worst["generation_cot"] - worst["generation"] > 0.05
-    return " ".join(
-        [
-            f"**{name}** draws {pct(d['generation'])} of direct prompts correctly.",
-            f"Asked as questions, it answers {pct(kf['understanding'])} of forward and",
-            f"{pct(ki['understanding'])} of inverse knowledge items, but draws them",
-            f"{pct(kf['generation'])} and {pct(ki['generation'])} of the time; reasoning items are",
-            f"understood {pct(r['understanding'])} and drawn {pct(r['generation'])}.",
-            f"The largest gap is on {worst['kind']} ({pct(worst['understanding'])} understood vs",
-            f"{pct(worst['generation'])} drawn);",
-            f"explicit CoT {'recovers' if recovers else 'does not recover'} it",
-            f"({pct(worst['generation'])} → {pct(worst['generation_cot'])}).",
-        ]
-    )
-
-
-def gapeval_paragraph(gapeval: tuple) -> str:
-    """The GapEval score in words: its value and the category that drives it."""
-    score, cats, _ = gapeval
-    worst = max(cats, key=lambda c: c.gap)
-    best = min(cats, key=lambda c: c.gap)
-    return " ".join(
-        [
-            "Fitting GapEval's two-dimensional IRT model to the joint outcomes gives",
-            f"a gap score of {score:.3f}",
-            f"(0 = no gap). It is largest on {worst.category} (gap {worst.gap:.3f}: δ = θ_text − θ_image =",
-            f"{worst.delta:+.2f}, {pct(worst.rates['10'])} of items right in text only) and smallest on",
-            f"{best.category} ({best.gap:.3f}).",
-        ]
-    )
-
-
-def r3_paragraph(r3: R3Result) -> str:
-    """What the R3 loop changed, from its rounds."""
-    first, last, one = r3.rounds[0], r3.rounds[-1], r3.rounds[1]
-    later = r3.rounds[2:]
-    still = all(r.improved == 0 and r.worse == 0 for r in later)
-    tail = "later rounds change nothing" if later and still else "later rounds keep changing samples"
-    return " ".join(
-        [
-            "The model judges its own drawing with its understanding and redraws when they disagree:",
-            f"accuracy goes from {pct(first.accuracy)} to {pct(last.accuracy)} over",
-            f"{len(r3.rounds) - 1} rounds ({pct(one.improved)} of samples improved and {pct(one.worse)}",
-            f"got worse in round 1; {tail}).",
-        ]
-    )
-
-
-def _readable(r: dict) -> bool:
-    """Above its shuffled-label control and the majority-class rate, with the CI's lower end."""
-    return r["ci_low"] > max(r["control"], r.get("chance", 0.0))
-
-
-def _probe_phrase(r: dict) -> str:
-    return (
-        f"layer {r['layer']}: {pct(r['accuracy'])} (95% CI {pct(r['ci_low'])}–{pct(r['ci_high'])}; "
-        f"control {pct(r['control'])}, majority class {pct(r.get('chance', 0.0))})"
-    )
-
-
-def probe_paragraph(arch: str, rows: list[dict]) -> str:
-    """Where the arithmetic answer becomes readable, and whether it is at the drawing positions."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        if r["role"] not in best or r["selectivity"] > best[r["role"]]["selectivity"]:
-            best[r["role"]] = r
-    und, prompt = best["und:text"], best["gen:text"]
-    draw_role = f"gen:{sections.GEN_ROLE[arch]}"
-    draw = best[draw_role]
-    return " ".join(
-        [
-            "Linear probes for the arithmetic answer (split grouped by drawn object):",
-            f"in the understanding run it is {'readable' if _readable(und) else 'not reliably readable'}",
-            f"at the last prompt position, best at {_probe_phrase(und)}.",
-            f"In the generation run it is {'readable' if _readable(prompt) else 'not readable'} at the",
-            f"prompt's last position (best at {_probe_phrase(prompt)}) and",
-            f"{'readable' if _readable(draw) else 'not readable'} at the {draw_role[4:]} positions where the",
-            f"model draws (best at {_probe_phrase(draw)}).",
-        ]
-    )
-
-
-def lens_paragraph(arch: str, summary: list[dict]) -> str:
-    """Where the logit lens sees the answer word in generation runs."""
-    parts = []
-    for group in ("arithmetic", "knowledge"):
-        rows = [s for s in summary if s["group"] == group]
-        top = max(rows, key=lambda s: s["mean_prob"])
-        parts.append(
-            f"for {group} prompts the answer word is most visible at {top['role']} positions of layer "
-            f"{top['layer']} (mean p = {top['mean_prob']:.2f}, top-1 at {pct(top['top1'])} of positions)"
-        )
-    return "Through the logit lens on the generation runs, " + "; ".join(parts) + "."
-
-
-def patch_paragraph(arch: str, result: dict) -> str:
-    """Which layers and positions carry the understood answer into the drawing."""
-    grid = np.asarray(result["grid"])
-    cols = result["columns"]
-    layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
-    slot = grid[:, cols.index("answer slot")]
-    carries = float(np.nanmax(slot)) > 0.5
-    return " ".join(
-        [
-            "Understanding-run states written into generation runs of another expression (mean over",
-            f"{len(result['pairs'])} item pairs; {result['metric']}: corrupted {result['corrupted']:.2f},",
-            f"direct-prompt reference {result['clean']:.2f}). The largest normalised effect is",
-            f"{grid[layer, col]:+.2f} at layer {layer}, position {cols[col]}.",
-            "Writing the understanding run's <answer> state over <boi> has a largest effect of",
-            f"{np.nanmax(slot):+.2f} (1 = the direct prompt's drawing): the understood answer",
-            f"{'does' if carries else 'does not'} carry into the drawing from there.",
-        ]
-    )
-
-
-def cot_paragraph(summary: dict) -> str:
-    """What writing the answer first (CoT) changes, per kind, from the gap summary."""
-    parts = [
-        f"{kind} {pct(summary[kind]['generation'])} → {pct(summary[kind]['generation_cot'])}"
-        for kind in ("reasoning", "knowledge (forward)", "knowledge (inverse)")
-        if kind in summary
-    ]
-    return (
-        "With CoT (the model writes its own answer, then draws), drawing accuracy goes "
-        + "; ".join(parts)
-        + "."
-    )
 
 
 SECTIONS = ("gap", "capture", "probes", "lens", "patching", "stars", "r3")
@@ -316,10 +187,7 @@ def run_demo(
     report = [
         "# uniprobe demo: does understanding flow into generation?",
         "",
-        "Two tiny unified models trained on the sandbox world (`artifacts/sandbox`), "
-        f"{len(suite.items)} test items, each asked as a question (understanding) and as a drawing prompt "
-        "(generation, judged exactly). For each model: the gap; where the answer becomes readable; where "
-        "it is used; what CoT, STARS and R3 change.",
+        opening_paragraph(suite.items),
         "",
     ]
     # the sections' bar only on a terminal: nested bars in a log are cursor codes; there, one line each
