@@ -60,7 +60,7 @@ def opening_paragraph(items: Sequence[Any]) -> str:
     per_cat = ", ".join(f"{n} {cat.replace('_', ' ')}" for cat, n in cats.items())
     return "\n\n".join(
         [
-            "Two tiny unified models trained on the sandbox world (`artifacts/sandbox`), "
+            "Two tiny unified models trained on the sandbox world (`artifacts/sandbox/RESULTS.md`), "
             f"{c['prompts']} test prompts ({per_cat}), each asked as a question (understanding) and "
             "as a drawing prompt (generation, judged exactly). For each model: the gap; where the "
             "answer becomes readable; where it is used; what CoT, STARS and R3 change.",
