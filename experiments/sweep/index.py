@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
+from uniprobe.hooks import jsonio
 from uniprobe.hooks.store import atomic_write_text
 
 DONE = "DONE.json"
@@ -29,19 +29,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, default=_plain) + "\n")
+    """``obj`` as JSON, atomically (:func:`uniprobe.hooks.jsonio.write_json`)."""
+    jsonio.write_json(path, obj)
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    """Parse ``path``; a damaged file is an error naming it (:func:`uniprobe.hooks.jsonio.read_json`)."""
+    return jsonio.read_json(path)
 
 
 def run_state(run_dir: Path) -> dict[str, Any]:
