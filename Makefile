@@ -32,7 +32,7 @@ $(BASE): $(BIN)/python setup.cfg pyproject.toml $(LOCK)
 	touch $(BASE)
 
 $(DEV): $(BASE)
-	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,gpu]"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,gpu,diffusion]"
 	touch $(DEV)
 
 demo: $(BASE)
@@ -57,7 +57,7 @@ lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q $(TORCH)
-	.venv-lock/bin/python -m pip install -q ".[dev,gpu]"
+	.venv-lock/bin/python -m pip install -q ".[dev,gpu,diffusion]"
 	{ echo "# The lock: exact versions of every package make test / make demo install (make lock)."; \
 	  echo "# torch is installed first as $(TORCH); regenerated $$(date -u +%F) with $$(.venv-lock/bin/python -V)."; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -iv '^uniprobe' | sed 's/+cpu$$//'; } > $(LOCK)
@@ -67,14 +67,14 @@ lock:
 test-latest:
 	test -x .venv-latest/bin/python || $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q $(TORCH)
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,gpu]"
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,gpu,diffusion]"
 	.venv-latest/bin/python -c "$(VERSIONS)"
 	.venv-latest/bin/python -m pytest -q -m "not slow"
 
 test-oldest:
 	test -x .venv-oldest/bin/python || $(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install -q $(TORCH)
-	.venv-oldest/bin/python -m pip install -q -c $(OLDEST) -e ".[dev,gpu]"
+	.venv-oldest/bin/python -m pip install -q -c $(OLDEST) -e ".[dev,gpu,diffusion]"
 	.venv-oldest/bin/python -c "$(VERSIONS)"
 	.venv-oldest/bin/python -m pytest -q -m "not slow"
 
