@@ -57,6 +57,11 @@ def test_attribution_kernel_matches_reference(interpreted: dict[str, Any]) -> No
     assert len(checks) == 5  # 4 float32 shapes (d up to 300: several feature tiles) + float16
 
 
+def test_head_attribution_kernel_matches_reference(interpreted: dict[str, Any]) -> None:
+    checks = _check(interpreted, "head attribution")
+    assert len(checks) == 5  # 3 float32 shapes (d_head 130: two tiles), a strided head view, float16
+
+
 def test_scatter_kernel_matches_reference_exactly(interpreted: dict[str, Any]) -> None:
     checks = _check(interpreted, "scatter")
     assert len(checks) == 5 and all(c["max_abs_diff"] == 0.0 for c in checks)  # incl. empty, strided
@@ -79,6 +84,20 @@ def test_reference_semantics() -> None:
     out = reference.scatter_rows(dest, values, torch.tensor([1, 0]), torch.tensor([2, 0]))
     assert out is dest and torch.equal(dest[1, 2], values[0]) and torch.equal(dest[0, 0], values[1])
     assert dest.abs().sum() == values.sum()  # nothing else written
+
+
+def test_head_reference_is_the_per_head_einsum() -> None:
+    g = torch.Generator().manual_seed(1)
+    clean, corrupted, grad = (torch.randn(2, 3, 4, 5, generator=g) for _ in range(3))
+    got = kernels.head_attribution_scores(clean, corrupted, grad)
+    assert got.shape == (2, 3, 4) and got.dtype == torch.float32
+    want = torch.einsum("bphd,bphd->bph", clean.double() - corrupted.double(), grad.double())
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)  # float32 accumulation
+    # heads summed = the whole-vector attribution score of the flat [.., h*d] tensors
+    flat = kernels.attribution_scores(*(t.reshape(2, 3, 20) for t in (clean, corrupted, grad)))
+    torch.testing.assert_close(got.sum(-1), flat, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="split the heads first"):
+        kernels.head_attribution_scores(torch.zeros(3), torch.zeros(3), torch.zeros(3))
 
 
 def test_shape_errors_are_clear() -> None:

@@ -2,6 +2,7 @@
 
     from uniprobe.probes.kernels import attribution_scores, scatter_rows
     scores = attribution_scores(clean, corrupted, grad)      # [*lead, d] x3 -> [*lead]
+    heads = head_attribution_scores(clean, corrupted, grad)  # [*lead, h, d_head] x3 -> [*lead, h]
     scatter_rows(stream, values, rows, positions)            # stream[rows, positions] = values
 
 One dispatcher (:func:`backend_for`): ``force=None`` picks Triton when every tensor is on a
@@ -67,6 +68,20 @@ def attribution_scores(
     return reference.attribution_scores(clean, corrupted, grad)
 
 
+def head_attribution_scores(
+    clean: torch.Tensor, corrupted: torch.Tensor, grad: torch.Tensor, *, force: str | None = None
+) -> torch.Tensor:
+    """``einsum("...hd,...hd->...h", clean − corrupted, grad)`` in float32: per-head attribution.
+
+    Shapes: ``[*lead, heads, d_head]`` ×3 → ``[*lead, heads]``, e.g. ``[batch, pos, h, d] → [batch, pos, h]``.
+    The Triton kernel reads strided head views (e.g. ``z.view(b, p, h, d)`` of a larger buffer) in place.
+    """
+    if backend_for(clean, corrupted, grad, force=force) == "triton":
+        reference._check_heads(clean, corrupted, grad)
+        return _triton_kernels().head_attribution_scores(clean, corrupted, grad)
+    return reference.head_attribution_scores(clean, corrupted, grad)
+
+
 def scatter_rows(
     dest: torch.Tensor,
     values: torch.Tensor,
@@ -82,4 +97,11 @@ def scatter_rows(
     return reference.scatter_rows(dest, values, rows, positions)
 
 
-__all__ = ["BACKENDS", "attribution_scores", "backend_for", "scatter_rows", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "attribution_scores",
+    "backend_for",
+    "head_attribution_scores",
+    "scatter_rows",
+    "triton_available",
+]

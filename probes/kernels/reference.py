@@ -4,6 +4,8 @@ Both functions define the semantics the Triton kernels must match:
 
 - :func:`attribution_scores`: ``einsum("...d,...d->...", clean - corrupted, grad)`` accumulated in
   float32; leading dims are anything (``[layer, pos]``, ``[layer, batch, pos]``, ...).
+- :func:`head_attribution_scores`: ``einsum("...hd,...hd->...h", clean - corrupted, grad)`` in float32:
+  the per-head score of head-level attribution patching (``[*lead, heads, d_head] → [*lead, heads]``).
 - :func:`scatter_rows`: ``dest[rows[i], positions[i], :] = values[i, :]`` in place; the
   ``(row, position)`` pairs must be distinct (a later duplicate would win in torch, but the
   Triton kernel gives no order guarantee).
@@ -26,6 +28,19 @@ def attribution_scores(clean: torch.Tensor, corrupted: torch.Tensor, grad: torch
     _check_same_shape(clean, corrupted, grad)
     diff = clean.float() - corrupted.float()
     return einsum(diff, grad.float(), "... d, ... d -> ...")
+
+
+def head_attribution_scores(clean: torch.Tensor, corrupted: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``(clean − corrupted) · grad`` reduced over ``d_head``, one score per head.
+
+    Args:
+        clean, corrupted, grad: ``[*lead, heads, d_head]`` (same shape; any strides).
+    Returns:
+        ``[*lead, heads]`` float32.
+    """
+    _check_heads(clean, corrupted, grad)
+    diff = clean.float() - corrupted.float()
+    return einsum(diff, grad.float(), "... h d, ... h d -> ... h")
 
 
 def scatter_rows(
@@ -51,6 +66,19 @@ def _check_same_shape(*tensors: torch.Tensor) -> None:
         raise ValueError(f"attribution_scores needs clean, corrupted and grad of one shape, got {shapes}")
     if tensors[0].dim() < 1:
         raise ValueError("attribution_scores needs tensors with a feature dim [..., d]")
+
+
+def _check_heads(*tensors: torch.Tensor) -> None:
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(
+            f"head_attribution_scores needs clean, corrupted and grad of one shape, got {shapes}"
+        )
+    if tensors[0].dim() < 2:
+        raise ValueError(
+            "head_attribution_scores needs tensors [..., heads, d_head]; split the heads first "
+            f"(uniprobe.hooks.attention.split_heads), got shape {tuple(tensors[0].shape)}"
+        )
 
 
 def _check_scatter(

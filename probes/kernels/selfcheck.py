@@ -23,6 +23,7 @@ from uniprobe.probes import kernels
 from uniprobe.probes.kernels import reference
 
 ATTRIBUTION_SHAPES: tuple[tuple[int, ...], ...] = ((3, 5, 7), (2, 1, 17), (4, 33, 130), (2, 3, 2, 300))
+HEAD_SHAPES: tuple[tuple[int, ...], ...] = ((2, 5, 4, 8), (1, 3, 7, 130), (3, 9, 2, 64))
 SCATTER_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (4, 9, 37, 11),
     (1, 3, 5, 3),
@@ -43,6 +44,19 @@ def _attribution(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> flo
     c, r, gr = (torch.randn(*shape, generator=g).to(device=device, dtype=dtype) for _ in range(3))
     got = kernels.attribution_scores(c, r, gr, force="triton")
     want = reference.attribution_scores(c, r, gr)
+    assert got.shape == shape[:-1] and got.dtype == torch.float32
+    return float((got - want).abs().max()) if got.numel() else 0.0
+
+
+def _head_attribution(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, strided: bool = False
+) -> float:
+    g = torch.Generator().manual_seed(sum(shape) + 7)
+    c, r, gr = (torch.randn(*shape, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    if strided:  # a head view of a wider buffer (row and head strides ≠ h·d, d): read in place
+        c, r, gr = (torch.cat([t, t], dim=-1)[..., : shape[-1]] for t in (c, r, gr))
+    got = kernels.head_attribution_scores(c, r, gr, force="triton")
+    want = reference.head_attribution_scores(c, r, gr)
     assert got.shape == shape[:-1] and got.dtype == torch.float32
     return float((got - want).abs().max()) if got.numel() else 0.0
 
@@ -94,6 +108,28 @@ def run(device: str, patching: bool = False) -> dict[str, Any]:
         )
     checks.append(
         ("attribution (6, 9, 64) float16", lambda: _attribution((6, 9, 64), torch.float16, device), 1e-3)
+    )
+    for shape in HEAD_SHAPES:
+        checks.append(
+            (
+                f"head attribution {shape} float32",
+                lambda s=shape: _head_attribution(s, torch.float32, device),
+                1e-4,
+            )
+        )
+    checks.append(
+        (
+            "head attribution (2, 6, 4, 16) strided heads",
+            lambda: _head_attribution((2, 6, 4, 16), torch.float32, device, strided=True),
+            1e-4,
+        )
+    )
+    checks.append(
+        (
+            "head attribution (2, 5, 3, 32) float16",
+            lambda: _head_attribution((2, 5, 3, 32), torch.float16, device),
+            1e-3,
+        )
     )
     for case in SCATTER_SHAPES:
         checks.append((f"scatter {case}", lambda c=case: _scatter(c, device), 0.0))
