@@ -30,13 +30,17 @@ cache offset ``k_len − q_len``), boolean 4-D (True = may attend), additive flo
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter, Site, get_module
 from uniprobe.hooks.calls import transformers_version
 from uniprobe.hooks.errors import UniprobeError
+from uniprobe.hooks.hookset import HookSet
 
 IMPL_NAME = "uniprobe"
 _REQUIRED = ("head_dim", "num_key_value_groups", "o_proj")
@@ -126,3 +130,242 @@ def head_outputs(z: torch.Tensor, o_proj: nn.Linear, n_heads: int | None = None)
         raise ValueError(f"z has {h} heads × {d} dims but o_proj reads {o_proj.in_features} features")
     w = o_proj.weight.view(o_proj.out_features, h, d)
     return torch.einsum("...hd,mhd->...hm", z.to(w.dtype), w)
+
+
+# -- interception of the attention function -------------------------------------------------------
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[b, kv_heads, k, d]`` → ``[b, kv_heads·groups, k, d]`` (GQA: each kv head serves ``groups``
+    query heads), written as transformers' own ``repeat_kv`` so the recomputed patterns match eager."""
+    if groups == 1:
+        return x
+    b, h, k, d = x.shape
+    return x[:, :, None].expand(b, h, groups, k, d).reshape(b, h * groups, k, d)
+
+
+@dataclass
+class AttnCall:
+    """One call of the attention function, as the model made it.
+
+    Attributes:
+        module: the attention module; ``layer``: its block index; ``impl``: the model's own
+            implementation name (``"sdpa"``, ``"eager"``, ...).
+        query: ``[b, heads, q, d_head]``; key, value: ``[b, kv_heads, k, d_head]`` (after q/k norms,
+            RoPE and the cache update, so ``k`` counts the cached positions too).
+        attention_mask: what the model passed (None, bool ``[b|1, 1, q, k]`` True = may attend, or an
+            additive float mask). Callbacks may replace it, or query/key/value, before the kernel runs.
+        scaling: the softmax scale.
+    """
+
+    module: nn.Module
+    layer: int
+    impl: str
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
+    @property
+    def offset(self) -> int:
+        """Stream position of the first query (keys cover ``0 .. k-1``; queries the last ``q`` of them)."""
+        return self.key.shape[-2] - self.query.shape[-2]
+
+    def query_positions(self) -> torch.Tensor:
+        """``[q]`` absolute stream positions of the queries."""
+        return torch.arange(self.offset, self.key.shape[-2], device=self.query.device)
+
+    def allowed(self) -> torch.Tensor:
+        """Bool ``[b|1, 1|heads, q, k]``: True where the model's mask lets a query attend a key."""
+        k = self.key.shape[-2]
+        mask = self.attention_mask
+        if mask is None:  # sdpa's causal fast path: the causal mask at this cache offset
+            qpos = self.query_positions()
+            return (torch.arange(k, device=qpos.device)[None, :] <= qpos[:, None])[None, None]
+        mask = mask[..., :k]
+        if mask.dtype == torch.bool:
+            return mask
+        return mask > torch.finfo(mask.dtype).min / 2
+
+    def additive_mask(self) -> torch.Tensor:
+        """The mask as eager attention adds it: float ``[b|1, 1|heads, q, k]`` (0 or the dtype's min)."""
+        mask = self.attention_mask
+        if mask is not None and mask.dtype != torch.bool:
+            return mask[..., : self.key.shape[-2]]
+        zero = torch.zeros((), dtype=self.query.dtype, device=self.query.device)
+        return torch.where(self.allowed(), zero, torch.finfo(self.query.dtype).min)
+
+    def scores(self) -> torch.Tensor:
+        """``[b, heads, q, k]`` pre-softmax scores with the mask added (eager's ``attn_weights`` before
+        its softmax; the same operations in the same order)."""
+        keys = repeat_kv(self.key, self.query.shape[1] // self.key.shape[1])
+        return torch.matmul(self.query, keys.transpose(2, 3)) * self.scaling + self.additive_mask()
+
+    def pattern(self) -> torch.Tensor:
+        """``[b, heads, q, k]`` attention weights, computed as eager does (softmax in float32)."""
+        return nn.functional.softmax(self.scores(), dim=-1, dtype=torch.float32).to(self.query.dtype)
+
+    def remove_edges(self, edges: torch.Tensor) -> None:
+        """Forbid the ``edges`` (bool ``[rows|1, 1|heads, q, k]``, True = remove) in this call's mask,
+        keeping the mask's form (bool for sdpa, additive float for eager). ``rows`` may exceed the
+        call's batch (a staggered forward computes a prefix of the rows): the first ``b`` are used."""
+        b = self.query.shape[0]
+        edges = edges[:b].to(self.query.device)
+        mask = self.attention_mask
+        if mask is not None and mask.dtype != torch.bool:
+            self.attention_mask = mask[..., : self.key.shape[-2]].masked_fill(
+                edges, torch.finfo(mask.dtype).min
+            )
+        elif self.impl == "eager":
+            self.attention_mask = self.additive_mask().masked_fill(edges, torch.finfo(self.query.dtype).min)
+        else:
+            self.attention_mask = self.allowed() & ~edges
+
+
+Callback = Callable[[AttnCall], None]
+
+
+class _State:
+    """What the dispatcher needs for one module: its real config, implementation and callbacks."""
+
+    def __init__(self, module: nn.Module, layer: int, config: Any) -> None:
+        self.module, self.layer, self.config = module, layer, config
+        self.impl = getattr(config, "_attn_implementation", None) or "eager"
+        self.callbacks: list[Callback] = []
+        self.dispatched = 0
+
+    def original(self) -> Callable[..., Any]:
+        if self.impl == "eager":  # transformers' default: the modeling module's own function
+            fn = getattr(sys.modules[type(self.module).__module__], "eager_attention_forward", None)
+            if fn is None:
+                raise AttentionDispatchError(
+                    f"{type(self.module).__name__} (transformers {transformers_version()}): its module "
+                    f"{type(self.module).__module__} has no eager_attention_forward to fall back to"
+                )
+            return fn
+        from transformers import AttentionInterface
+
+        return AttentionInterface().get_interface(self.impl, None)
+
+
+class ConfigView:
+    """A module's config as it was, except ``_attn_implementation == "uniprobe"`` (the real config is
+    shared by every layer and never changed)."""
+
+    def __init__(self, state: _State) -> None:
+        object.__setattr__(self, "_uniprobe_state", state)
+        object.__setattr__(self, "_attn_implementation", IMPL_NAME)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_uniprobe_state").config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._uniprobe_state.config, name, value)
+
+
+def _dispatch(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+    """The registered attention function: callbacks see (and may change) the call, then the model's
+    own implementation runs."""
+    view = module.config
+    if not isinstance(view, ConfigView):
+        raise AttentionDispatchError(
+            f"{type(module).__name__} asked for the {IMPL_NAME!r} attention outside an interception"
+        )
+    state = view._uniprobe_state
+    state.dispatched += 1
+    scaling = float(kwargs.get("scaling", getattr(module, "scaling", query.shape[-1] ** -0.5)))
+    call = AttnCall(module, state.layer, state.impl, query, key, value, attention_mask, scaling)
+    for fn in state.callbacks:
+        fn(call)
+    return state.original()(module, call.query, call.key, call.value, call.attention_mask, *args, **kwargs)
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(IMPL_NAME, _dispatch)
+        _REGISTERED = True
+
+
+class intercept_attention(HookSet):  # noqa: N801 — a context manager, like capture
+    """For blocks ``layers``, route the attention function through ``callback(call: AttnCall)``.
+
+    Nested interceptions of one module share its view (callbacks run in installation order). On a
+    clean exit every intercepted module that ran must have dispatched once per call, else
+    :class:`AttentionDispatchError`.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, layers: Iterable[int], callback: Callback) -> None:
+        super().__init__()
+        self.model, self.adapter, self.callback = model, adapter, callback
+        self.layers = sorted(set(int(i) for i in layers))
+        self._views: list[tuple[nn.Module, _State]] = []
+        self._calls: dict[int, int] = {}
+        self._dispatched0: dict[int, int] = {}
+
+    def install(self) -> None:
+        _register()
+        for layer in self.layers:
+            module = attention_module(self.model, self.adapter, layer)
+            if not hasattr(module, "config"):
+                raise AttentionDispatchError(
+                    f"{type(module).__name__} (transformers {transformers_version()}) has no config; its "
+                    "attention function cannot be intercepted"
+                )
+            view = module.config
+            if not isinstance(view, ConfigView):
+                state = _State(module, layer, view)
+                if state.impl.startswith("flash") or state.impl == "flex_attention":
+                    raise AttentionDispatchError(
+                        f"layer {layer}: attention implementation {state.impl!r} takes no explicit mask and "
+                        "returns no weights; load the model with attn_implementation='sdpa' or 'eager'"
+                    )
+                module.config = ConfigView(state)
+            state = module.config._uniprobe_state
+            state.callbacks.append(self.callback)
+            self._views.append((module, state))
+            self._calls[layer] = 0
+            self._dispatched0[layer] = state.dispatched
+            self.pre(module, self._counter(layer))
+
+    def _counter(self, layer: int) -> Callable[..., None]:
+        def count(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._calls[layer] += 1
+
+        return count
+
+    def remove(self) -> None:
+        for module, state in reversed(self._views):
+            if self.callback in state.callbacks:
+                state.callbacks.remove(self.callback)
+            if not state.callbacks and isinstance(module.config, ConfigView):
+                module.config = state.config
+        self._views.clear()
+        super().remove()
+
+    def check_dispatched(self) -> None:
+        """Raise unless every intercepted module that ran called the attention function each time."""
+        for module, state in self._views:
+            calls = self._calls[state.layer]
+            got = state.dispatched - self._dispatched0[state.layer]
+            if calls and got < calls:
+                raise AttentionDispatchError(
+                    f"layer {state.layer}: {type(module).__name__} ran {calls} time(s) but called the "
+                    f"attention function {got} time(s) (transformers {transformers_version()}): "
+                    "this model's attention does not dispatch through transformers' AttentionInterface, "
+                    "so patterns/knockout cannot be applied; report the model class and transformers version"
+                )
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self.check_dispatched()
+        finally:
+            self.remove()
