@@ -280,6 +280,14 @@ def tiny_query(seed: int = 0, layers: int = 2, hidden: int = HIDDEN) -> tuple[nn
     return model, {**info, "n_queries": model.n_queries, "codebook": 16}
 
 
+def tiny_diffusion_query(**kwargs: Any) -> tuple[nn.Module, dict]:
+    """A tiny query model whose decoder is a diffusers DiT (needs the ``diffusion`` extra; built in
+    :mod:`uniprobe.experiments.tiny_diffusion`, imported only when asked for)."""
+    from uniprobe.experiments.tiny_diffusion import tiny_diffusion_query as build
+
+    return build(**kwargs)
+
+
 TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
     "tiny-llama": tiny_llama,
     "tiny-qwen2": tiny_qwen2,
@@ -287,6 +295,7 @@ TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
     "tiny-emu3": tiny_emu3,
     "tiny-chameleon": tiny_chameleon,
     "tiny-query": tiny_query,
+    "tiny-diffusion-query": tiny_diffusion_query,
 }
 
 

@@ -201,3 +201,57 @@ def track_calls(hooks: HookSet, model: nn.Module, blocks: str, log: CallLog) -> 
         log.begin(*call_extent(args, kwargs, input_tensor(args, kwargs)))
 
     return hooks.pre(get_module(model, f"{blocks}.0"), pre_hook)
+
+
+class DecoderStep(NamedTuple):
+    """One forward of a diffusion decoder: denoising ``step`` (0 = its first call in the capture),
+    the ``timestep`` it was given (the model's own units), and the ``rows`` it ran."""
+
+    step: int
+    timestep: float
+    rows: int
+
+
+def decoder_timestep(decoder: nn.Module, args: tuple, kwargs: dict) -> float:
+    """The one ``timestep`` of a decoder call (``timestep`` argument, by name); every row must share it."""
+    try:
+        bound = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError) as err:
+        bound = {}
+        why = f" ({err})"
+    else:
+        why = ""
+    t = bound.get("timestep")
+    if t is None:
+        raise CallPatternError(
+            f"{type(decoder).__name__} ({_diffusers_version()}): a decoder call without a 'timestep' "
+            f"argument{why}; denoising steps cannot be tagged (is the adapter's decoder a diffusers "
+            "denoiser whose forward takes timestep=?)"
+        )
+    t = torch.as_tensor(t).detach().flatten().float().cpu()
+    if t.numel() > 1 and not bool((t == t[0]).all()):
+        raise CallPatternError(
+            f"{type(decoder).__name__} ({_diffusers_version()}): one decoder call ran rows at different "
+            f"timesteps {t.tolist()[:8]}; a step's rows must share one timestep to be tagged by it "
+            "(run one timestep per call)"
+        )
+    return float(t[0])
+
+
+def _diffusers_version() -> str:
+    try:
+        return f"diffusers {importlib.metadata.version('diffusers')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "diffusers not installed"
+
+
+def track_decoder_steps(hooks: HookSet, model: nn.Module, decoder: str, steps: list[DecoderStep]) -> Any:
+    """Put the denoising-step tracker on the ``decoder`` module (a path) in ``hooks``: every decoder
+    forward appends a :class:`DecoderStep` to ``steps`` before its inner modules run."""
+    module = get_module(model, decoder)
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        first = input_tensor(args, kwargs)
+        steps.append(DecoderStep(len(steps), decoder_timestep(mod, args, kwargs), int(first.shape[0])))
+
+    return hooks.pre(module, pre_hook)

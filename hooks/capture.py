@@ -17,6 +17,13 @@ dtype/device at once, so memory holds only the selection. With classifier-free g
 batch is doubled (``cfg_batch`` = conditional batch size): row ``r`` is example ``r % B`` on
 branch ``r // B`` (0 conditional, 1 unconditional). On exit — also when the forward raised —
 every handle is removed.
+
+Diffusion decoders. When the adapter names a ``decoder`` (a diffusers denoiser, one forward per
+denoising step), a second tracker on that module logs each of its calls as a
+:class:`~uniprobe.hooks.calls.DecoderStep` (step, timestep, rows). Points inside the decoder (its
+blocks, its conditioning input, ``decoder.out``) are tagged with that *denoising* step
+(``cap.timesteps[step]`` is its timestep), the CFG branch as above, role ``image_gen`` and the
+decoder's own token positions (0..k-1; a 4-D ``[rows, C, H, W]`` output is one position).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter
-from uniprobe.hooks.calls import Call, CallLog, track_calls
+from uniprobe.hooks.calls import Call, CallLog, DecoderStep, track_calls, track_decoder_steps
 from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import ROLE_ID, TokenLayout, role_ids
 from uniprobe.hooks.rows import Rows
@@ -58,6 +65,8 @@ class Captured:
         self.records: dict[str, list[Rows]] = {p: [] for p in self.points}
         self.log = log or CallLog()
         self.generated: torch.Tensor | None = None  # image tokens, when the capture ran a generation
+        self.decoder_steps: list[DecoderStep] = []  # one per diffusion-decoder call (see the module doc)
+        self.decoder_points: set[str] = set()  # points tagged by decoder step instead of backbone call
 
     # -- bookkeeping ------------------------------------------------------------------------
     @property
@@ -68,6 +77,11 @@ class Captured:
     def begin_call(self, offset: int, length: int) -> None:
         """Called once per backbone forward (by the tracker, or a backend that ran one call)."""
         self.log.begin(offset, length)
+
+    @property
+    def timesteps(self) -> dict[int, float]:
+        """Denoising step → the timestep the decoder was given (empty without a diffusion decoder)."""
+        return {s.step: s.timestep for s in self.decoder_steps}
 
     def _call(self) -> tuple[int, int, int | None]:
         return self.log.calls[-1] if self.log.calls else (0, 0, None)
@@ -80,7 +94,12 @@ class Captured:
         """
         step, offset, length = self._call()
         t = tensor.detach()
-        if t.dim() == 2:
+        if point in self.decoder_points:  # the decoder's own positions, its denoising step
+            if not self.decoder_steps:
+                raise RuntimeError(f"{point!r} fired outside a decoder call (no denoising step to tag)")
+            t = t[:, None] if t.dim() != 3 else t
+            step, offset, length = self.decoder_steps[-1].step, 0, t.shape[1]
+        elif t.dim() == 2:
             t = t[:, None]
         n_rows, k = t.shape[0], t.shape[1]
         length = k if length is None else length
@@ -90,7 +109,9 @@ class Captured:
         b = self.cfg_batch or n_rows
         example = torch.arange(n_rows) % b
         branch = torch.arange(n_rows) // b
-        if self.layout is not None:
+        if point in self.decoder_points:
+            roles = torch.full((n_rows, k), ROLE_ID["image_gen"], dtype=torch.long)
+        elif self.layout is not None:
             roles = self.layout.roles_at(int(pos[0]), k)
             if roles.shape[0] != b:
                 raise ValueError(
@@ -103,7 +124,7 @@ class Captured:
         keep = torch.ones(n_rows, k, dtype=torch.bool)
         if self.roles is not None:
             keep &= torch.isin(roles, self.roles)
-        if self.positions is not None:
+        if self.positions is not None and point not in self.decoder_points:  # positions: the backbone's
             keep &= torch.isin(pos, self.positions)[None, :]
         r_idx, p_idx = keep.nonzero(as_tuple=True)
         values = t[r_idx.to(t.device), p_idx.to(t.device)].to(device=self.device, dtype=self.dtype or t.dtype)
@@ -208,6 +229,9 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
     def install(self) -> None:
         result = self.result
         track_calls(self, self.model, self.adapter.blocks, result.log)
+        if self.adapter.decoder:
+            track_decoder_steps(self, self.model, self.adapter.decoder, result.decoder_steps)
+            result.decoder_points = self.adapter.decoder_points(self.model) & set(self.points)
         for point in self.points:
             self.read(self.model, self.adapter.site(self.model, point), _adder(result, point))
 

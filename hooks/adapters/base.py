@@ -105,6 +105,11 @@ class Adapter:
     teacher_forced: Callable[..., ModelInputs] | None = None
     image_forward: Callable[..., torch.Tensor] | None = None
     notes: str = ""
+    # a diffusion decoder (module path) whose every forward is one denoising step: captures tag the
+    # points inside it by denoising step and timestep (uniprobe.hooks.calls.track_decoder_steps)
+    decoder: str | None = None
+    # family points that depend on the model's size (a decoder's blocks): model -> {point: Site}
+    model_points: Callable[[nn.Module], dict[str, Site]] | None = None
 
     # -- points ---------------------------------------------------------------------------
     def n_layers(self, model: nn.Module) -> int:
@@ -116,8 +121,23 @@ class Adapter:
             ["embed"]
             + block_points(self.n_layers(model))
             + ["final_norm", "lm_head.in"]
-            + [p for p in self.extra if p not in MODEL_POINTS]
+            + [p for p in self.extra_points(model) if p not in MODEL_POINTS]
         )
+
+    def extra_points(self, model: nn.Module) -> dict[str, Site]:
+        """The family points: ``extra`` plus the model-dependent ``model_points``."""
+        return {**self.extra, **(self.model_points(model) if self.model_points else {})}
+
+    def decoder_points(self, model: nn.Module) -> set[str]:
+        """The points inside the diffusion ``decoder`` (tagged by denoising step), empty without one."""
+        if not self.decoder:
+            return set()
+        inside = (self.decoder, f"{self.decoder}.")
+        return {
+            p
+            for p, s in self.extra_points(model).items()
+            if s.module == inside[0] or s.module.startswith(inside[1])
+        }
 
     def expand(self, model: nn.Module, patterns: Any) -> list[str]:
         """Resolve globs / aliases to this model's points (execution order)."""
@@ -125,8 +145,9 @@ class Adapter:
 
     def site(self, model: nn.Module, point: str) -> Site:
         """The module site of a canonical point."""
-        if point in self.extra:
-            return self.extra[point]
+        extra = self.extra_points(model)
+        if point in extra:
+            return extra[point]
         if point == "embed":
             return Site(f"{self.blocks}.0", "input")
         if point == "final_norm":

@@ -16,6 +16,17 @@ appended) let TransformerLens and nnsight run the same backbone.
 
 Points: ``queries`` (connector input: the query tokens' final hidden states ``[b, N, d]``),
 ``connector.out`` ``[b, N, d_dec]``, ``decoder.out``; the query positions have role ``query``.
+
+A **diffusion decoder** (a diffusers ``PixArtTransformer2DModel`` / ``UNet2DConditionModel`` / ...,
+one forward per denoising step, conditioned on the connector's output through
+``encoder_hidden_states``) is declared with ``"diffusion": true`` and, optionally,
+``"decoder_blocks"`` (path of its block ``ModuleList``: points ``decoder.blocks.{i}``, each block's
+output ``[rows, tokens, d]``) and ``"decoder_cond"`` (the module whose output is the conditioning as
+the blocks read it, e.g. PixArt's ``decoder.caption_projection``: point ``decoder.cond``
+``[rows, N, d_dec]``, where the connector's output enters). Captures tag these points and
+``decoder.out`` by denoising step and timestep (:mod:`uniprobe.hooks.capture`); sample with
+:func:`uniprobe.hooks.diffusion.denoise`, measure with
+:class:`uniprobe.probes.patching.denoising.DenoisingLoss`.
 """
 
 from __future__ import annotations
@@ -30,7 +41,20 @@ from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site, get_module
 from uniprobe.hooks.adapters.common import pad_ids, roles_from_ids
 
 REQUIRED = ("blocks", "final_norm", "lm_head", "queries", "connector")
-OPTIONAL = ("name", "model_classes", "decoder", "lm", "embed_method", "attn", "mlp", "pad_token_id", "notes")
+OPTIONAL = (
+    "name",
+    "model_classes",
+    "decoder",
+    "lm",
+    "embed_method",
+    "attn",
+    "mlp",
+    "pad_token_id",
+    "notes",
+    "diffusion",
+    "decoder_blocks",
+    "decoder_cond",
+)
 
 
 def query_adapter(spec: dict[str, Any]) -> Adapter:
@@ -57,7 +81,15 @@ def query_adapter(spec: dict[str, Any]) -> Adapter:
         return getattr(model, spec.get("embed_method", "embed_inputs"))(inputs.kwargs["input_ids"])
 
     extra = {"queries": Site(spec["connector"], "input"), "connector.out": Site(spec["connector"], "output")}
-    if spec.get("decoder"):
+    diffusion = bool(spec.get("diffusion"))
+    if (spec.get("decoder_blocks") or spec.get("decoder_cond")) and not (diffusion and spec.get("decoder")):
+        raise ValueError(
+            "query adapter spec: decoder_blocks / decoder_cond describe a diffusion decoder; "
+            'also give "decoder" (its module path) and "diffusion": true'
+        )
+    if spec.get("decoder_cond"):
+        extra["decoder.cond"] = Site(spec["decoder_cond"], "output")
+    if spec.get("decoder") and not diffusion:
         extra["decoder.out"] = Site(spec["decoder"], "output")
     lm_path = spec.get("lm")
     return Adapter(
@@ -73,8 +105,22 @@ def query_adapter(spec: dict[str, Any]) -> Adapter:
         forward=_forward_with_padded_queries,
         tl_view=(lambda model: get_module(model, lm_path)) if lm_path else None,
         tl_embed=embed if lm_path else None,
+        decoder=spec["decoder"] if diffusion else None,
+        model_points=_decoder_points(spec["decoder"], spec.get("decoder_blocks")) if diffusion else None,
         notes=spec.get("notes", "query-based: N learnable queries after the prompt → connector → decoder"),
     )
+
+
+def _decoder_points(decoder: str, blocks: str | None) -> Any:
+    """``model -> {point: Site}``: ``decoder.blocks.{i}`` per block of the decoder's ``ModuleList``
+    (their number is the model's), then ``decoder.out`` — execution order within one step."""
+
+    def points(model: nn.Module) -> dict[str, Site]:
+        n = len(get_module(model, blocks)) if blocks else 0
+        out = {f"decoder.blocks.{i}": Site(f"{blocks}.{i}", "output") for i in range(n)}
+        return {**out, "decoder.out": Site(decoder, "output")}
+
+    return points
 
 
 def _forward_with_padded_queries(model: nn.Module, inputs: ModelInputs) -> Any:
@@ -112,6 +158,25 @@ TINY_QUERY = query_adapter(
         "queries": "queries",
         "connector": "connector",
         "decoder": "decoder",
+        "lm": "lm",
+        "embed_method": "embed_inputs",
+    }
+)
+
+
+TINY_DIFFUSION_QUERY = query_adapter(
+    {
+        "name": "tiny-diffusion-query",
+        "model_classes": ["TinyDiffusionQueryModel"],
+        "blocks": "lm.model.layers",
+        "final_norm": "lm.model.norm",
+        "lm_head": "lm.lm_head",
+        "queries": "queries",
+        "connector": "connector",
+        "decoder": "decoder",
+        "diffusion": True,
+        "decoder_blocks": "decoder.transformer_blocks",
+        "decoder_cond": "decoder.caption_projection",
         "lm": "lm",
         "embed_method": "embed_inputs",
     }

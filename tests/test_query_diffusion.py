@@ -1,0 +1,137 @@
+"""A query model with a real diffusers decoder (PixArt DiT + DDPM, built from configs): the denoising
+metric against a hand-written loss, patching through it, per-step capture tags, the missing extra."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.capture import capture
+from uniprobe.hooks.diffusion import decoder_predict, denoise, prediction_type_of, require_diffusers
+from uniprobe.hooks.errors import MissingDependencyError
+from uniprobe.hooks.layout import ROLE_ID
+from uniprobe.probes.patching import attribution_patch, patch_sweep, query_sites
+from uniprobe.probes.patching.denoising import DenoisingLoss
+from uniprobe.probes.patching.sites import point_sites
+
+pytest.importorskip("diffusers")
+
+CLEAN, CORRUPTED = [1, 5, 9, 12], [1, 7, 3, 12]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from uniprobe.experiments.tiny_diffusion import tiny_diffusion_query
+
+    model, info = tiny_diffusion_query()
+    adapter = adapter_for(model)
+    clean = adapter.prepare(model, [{"input_ids": CLEAN}])
+    corrupted = adapter.prepare(model, [{"input_ids": CORRUPTED}])
+    return model, adapter, clean, corrupted
+
+
+def _metric(model, x0, k=3, seed=0):
+    predict = decoder_predict(
+        model.decoder,
+        prediction_type_of(model.scheduler),
+        model.scheduler.config.num_train_timesteps,
+        **model.decoder_kwargs,
+    )
+    return DenoisingLoss.from_scheduler(predict, x0, model.scheduler, k=k, seed=seed)
+
+
+def test_metric_equals_hand_written_ddpm_loss(tiny):
+    model, adapter, clean, _ = tiny
+    torch.manual_seed(0)
+    x0 = torch.randn(1, *model.latent_shape)
+    metric = _metric(model, x0)
+    with torch.no_grad():
+        out = adapter.run(model, clean)
+        got = metric(out)
+        cond = out[1]
+        abar = model.scheduler.alphas_cumprod
+        ref = 0.0
+        for t, eps in zip(metric.timesteps, metric.noises, strict=True):  # eps [1, C, H, W]
+            x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
+            pred = model.decoder(
+                x_t,
+                encoder_hidden_states=cond,
+                timestep=t.view(1),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ).sample
+            ref += ((pred - eps) ** 2).mean()
+    assert metric.prediction_type == "epsilon" and len(metric.timesteps) == 3
+    torch.testing.assert_close(got, (ref / 3).view(1), rtol=1e-5, atol=1e-6)
+
+
+def test_patching_the_clean_connector_output_restores_the_loss(tiny):
+    model, adapter, clean, corrupted = tiny
+    torch.manual_seed(0)
+    metric = _metric(model, torch.randn(1, *model.latent_shape))
+    n = model.n_queries
+    sites = point_sites("connector.out", n=n) + point_sites("connector.out", list(range(n)))
+    res = patch_sweep(model, clean, corrupted, sites, metric)
+    assert res.clean != pytest.approx(res.corrupted)  # the prompts condition the decoder differently
+    torch.testing.assert_close(res.normalised[0], torch.tensor(1.0), atol=1e-4, rtol=0)
+    assert not torch.allclose(res.normalised[1:], torch.ones(n))  # one query alone is not everything
+    # the query positions' residual stream before the last block: all query positions together also restore
+    grid, _ = query_sites(model, clean.layout, kinds=("resid_post",))
+    by_layer = patch_sweep(model, clean, corrupted, grid, metric).normalised
+    torch.testing.assert_close(by_layer[-1], torch.tensor(1.0), atol=1e-4, rtol=0)
+
+
+def test_attribution_through_the_decoder_is_the_first_order_estimate(tiny):
+    model, adapter, clean, corrupted = tiny
+    torch.manual_seed(0)
+    metric = _metric(model, torch.randn(1, *model.latent_shape))
+    sites = point_sites("connector.out", n=model.n_queries)
+    res = attribution_patch(model, clean, corrupted, sites, metric)
+    # by hand: metric(corrupted) + (clean − corrupted) · ∂metric/∂connector.out, through the decoder
+    with torch.no_grad():
+        c_clean = adapter.run(model, clean)[1]
+    out = adapter.run(model, corrupted)
+    cond = out[1].detach().requires_grad_(True)
+    value = metric((out[0], cond))
+    (grad,) = torch.autograd.grad(value.sum(), cond)
+    expected = float(value.detach()) + float(((c_clean - cond.detach()) * grad).sum())
+    assert float(res.values[0]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_per_step_capture_tags_step_timestep_branch(tiny):
+    model, adapter, clean, _ = tiny
+    points = ["connector.out", "decoder.cond", "decoder.blocks.*", "decoder.out"]
+    with torch.no_grad(), capture(model, points, adapter=adapter, layout=clean.layout, cfg_batch=1) as cap:
+        cond = adapter.run(model, clean)[1]
+        denoise(
+            model.decoder,
+            model.scheduler,
+            cond,
+            model.latent_shape,
+            steps=3,
+            guidance_scale=2.0,
+            **model.decoder_kwargs,
+        )
+    assert cap.timesteps == {j: float(t) for j, t in enumerate(model.scheduler.timesteps)}
+    assert [s.rows for s in cap.decoder_steps] == [2, 2, 2]  # [cond; uncond] per step
+    blocks = cap.rows("decoder.blocks.1")
+    assert sorted(set(blocks.step.tolist())) == [0, 1, 2] and set(blocks.branch.tolist()) == {0, 1}
+    assert len(blocks) == 3 * 2 * 16 and bool((blocks.role == ROLE_ID["image_gen"]).all())
+    assert blocks.pos.tolist()[:16] == list(range(16))  # the decoder's own 16 latent tokens
+    proj = model.decoder.caption_projection
+    for step in range(3):  # where the connector output enters: the same conditioning every step
+        c = cap.rows("decoder.cond", step=step, branch="cond").values
+        u = cap.rows("decoder.cond", step=step, branch="uncond").values
+        torch.testing.assert_close(c, proj(cond)[0])
+        torch.testing.assert_close(u, proj(torch.zeros_like(cond))[0])
+    out = cap.rows("decoder.out", step=2)
+    assert out.values.shape == (2, *model.latent_shape) and out.branch.tolist() == [0, 1]
+    conn = cap.rows("connector.out")
+    assert conn.step.tolist() == [0] * model.n_queries and bool((conn.role == ROLE_ID["query"]).all())
+
+
+def test_missing_diffusers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers → ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'uniprobe\[diffusion\]'"):
+        require_diffusers()
