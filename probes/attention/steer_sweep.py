@@ -1,0 +1,174 @@
+"""Batched steering sweeps: ``points × alphas`` configurations as the rows of a few forwards.
+
+Row ``c·B + b`` of a chunk carries configuration ``c`` (its point, its alpha) for example ``b``; each
+row starts at its point's block on the cached plain run (the patching engine's ``stagger``, exact for the
+decoder stacks served), so early layers run once. Equal to a loop of
+:func:`~uniprobe.probes.attention.steering.steered_run` (tested).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.adapters.base import Adapter, ModelInputs
+from uniprobe.hooks.errors import UniprobeError
+from uniprobe.hooks.hookset import HookSet
+from uniprobe.probes.attention.steering import role_positions
+from uniprobe.probes.patching.cached_run import cached_run
+from uniprobe.probes.patching.engine import (
+    DEFAULT_BUDGET,
+    Forward,
+    Metric,
+    _first,
+    _rows,
+    evaluate,
+    forward_of,
+    repeat_inputs,
+    start_layer,
+)
+from uniprobe.probes.patching.hooking import stagger
+from uniprobe.probes.patching.metrics import metric_name
+from uniprobe.probes.patching.sites import PatchSite
+
+# -- batched sweeps over alpha × points -----------------------------------------------------------------
+
+
+@dataclass
+class SteerResult:
+    """A steering sweep: ``values [point, alpha]`` (the metric's mean over the batch) and the plain run's.
+
+    Attributes:
+        points, alphas: the axes; ``plain``: the metric without steering.
+        info: forwards, rows, strategy (``"resume"``: each row started at its point's block).
+    """
+
+    values: torch.Tensor
+    points: list[str]
+    alphas: list[float]
+    plain: float
+    metric: str
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "values": self.values.tolist(), "points": self.points, "alphas": self.alphas, "plain": self.plain,
+            "metric": self.metric, "seconds": self.seconds, "info": self.info,
+        }  # fmt: skip
+
+
+class _row_steer(HookSet):  # noqa: N801
+    """Per-row steering: at ``point``, row ``r`` gets ``coef[point][r] × direction`` at ``cols``
+    (rows past a cut block's computed prefix are carried and get nothing)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        coef: dict[str, torch.Tensor],
+        direction: torch.Tensor,
+        cols: list[int] | None,
+    ) -> None:
+        super().__init__()
+        self.model, self.adapter, self.coef, self.direction, self.cols = model, adapter, coef, direction, cols
+        self.fired: dict[str, int] = dict.fromkeys(coef, 0)
+
+    def install(self) -> None:
+        for point, coef in self.coef.items():
+            self.write(self.model, self.adapter.site(self.model, point), self._adder(point, coef))
+
+    def _adder(self, point: str, coef: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def add(t: torch.Tensor) -> torch.Tensor:
+            self.fired[point] += 1
+            c = coef[: t.shape[0]].to(t.device, t.dtype)[:, None, None] * self.direction.to(t.device, t.dtype)
+            out = t.clone()
+            if self.cols is None:
+                return out + c
+            out[:, self.cols] = out[:, self.cols] + c
+            return out
+
+        return add
+
+
+@torch.no_grad()
+def steer_sweep(
+    model: nn.Module,
+    inputs: ModelInputs,
+    direction: torch.Tensor,
+    alphas: Sequence[float],
+    points: Sequence[str],
+    metric: Metric,
+    *,
+    positions: Sequence[int] | None = None,
+    role: str | None = None,
+    adapter: Adapter | None = None,
+    forward: Forward | None = None,
+    budget_bytes: int = DEFAULT_BUDGET,
+    resume: bool = True,
+) -> SteerResult:
+    """The metric with ``alpha × direction`` added at each point (a ``[batch, pos, d]`` tensor).
+
+    Returns :class:`SteerResult` with ``values [point, alpha]``.
+
+    Every ``(point, alpha)`` is a configuration; configurations run as rows of one forward per chunk
+    (``budget_bytes`` of activations), each row resumed from its point's block on the cached plain run
+    (``resume``; exact, as for patching — see :mod:`uniprobe.probes.patching.engine`). ``positions`` /
+    ``role`` choose the steered positions (default: all).
+    """
+    t0 = time.perf_counter()
+    adapter = adapter or adapter_for(model)
+    if positions is not None and role is not None:
+        raise UniprobeError("steer_sweep: give positions or role, not both")
+    cols = (
+        role_positions(inputs.layout, role)
+        if role is not None
+        else (None if positions is None else list(positions))
+    )
+    points, alphas = list(points), [float(a) for a in alphas]
+    if not points or not alphas:
+        raise UniprobeError("steer_sweep needs at least one point and one alpha")
+    fwd = forward_of(adapter, forward)
+    tr = cached_run(model, adapter, inputs, forward, points)
+    b, n_layers = tr.batch, tr.n_layers
+    plain = float(evaluate(metric, tr.outputs, b).mean())
+    configs = [(p, a) for p in points for a in alphas]
+    starts = [start_layer(PatchSite(p, (0,)), tr, resume) for p, _ in configs]
+    per_chunk = max(1, budget_bytes // (tr.row_bytes * b))
+    order = sorted(range(len(configs)), key=lambda i: starts[i])
+    values = torch.empty(len(configs))
+    chunks = 0
+    for k in range(0, len(order), per_chunk):
+        part = order[k : k + per_chunk]
+        n = len(part)
+        coef = {p: torch.zeros(n * b) for p in dict.fromkeys(configs[i][0] for i in part)}
+        for row, i in enumerate(part):
+            coef[configs[i][0]][row * b : (row + 1) * b] = configs[i][1]
+        active = [b * sum(starts[i] <= j for i in part) for j in range(n_layers)]
+
+        def carry(j: int, rows: int) -> torch.Tensor:
+            after = tr.block_inputs[j + 1] if j + 1 < n_layers else _first(tr.block_outputs[j])
+            return _rows(after, rows // b).contiguous()
+
+        if not (resume and tr.resumable):
+            active = [n * b] * n_layers
+        with (
+            stagger(model, adapter, active, n * b, carry, tr.block_outputs),
+            _row_steer(model, adapter, coef, direction.float(), cols) as rs,
+        ):
+            out = fwd(model, repeat_inputs(inputs, n))
+        unfired = [p for p, c in rs.fired.items() if c == 0]
+        if unfired:
+            raise UniprobeError(f"steer_sweep: the module of {unfired[0]!r} did not run in the forward")
+        values[part] = evaluate(metric, out, n * b).view(n, b).mean(1)
+        chunks += 1
+    return SteerResult(
+        values=values.view(len(points), len(alphas)), points=points, alphas=alphas, plain=plain,
+        metric=metric_name(metric), seconds=time.perf_counter() - t0,
+        info={"forwards": chunks, "rows": len(configs) * b, "reason": tr.reason,
+              "strategy": "resume" if resume and tr.resumable else "full"},
+    )  # fmt: skip
