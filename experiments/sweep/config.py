@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uniprobe.experiments.sweep.preflight import missing_files, preflight, prompt_problems
 from uniprobe.experiments.sweep.schema import (
     REQUIRED,
     ConfigError,
@@ -58,6 +59,8 @@ SANDBOX_ONLY: tuple[str, ...] = ("gapeval", "r3")  # judge drawings with the san
 FORMS: tuple[str, ...] = ("understanding", "generation")
 DTYPES: tuple[str, ...] = tuple(DTYPE_MAP)  # the names uniprobe.hooks.dtypes maps
 DISTRIBUTE: tuple[str, ...] = ("auto", "examples", "runs")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the shipped configs (package data)
+__all__ = ["ConfigError", "SweepConfig", "load_config", "missing_files", "preflight", "prompt_problems"]
 
 
 def _role_selection(value: Any, path: str) -> str:
@@ -205,9 +208,7 @@ def load_config(
     """
     import yaml
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sweep config {path} does not exist")
+    path = config_path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -215,6 +216,25 @@ def load_config(
     for item in overrides or []:
         raw = apply_override(raw, item)
     return resolve(raw, path, out, allow_module_loaders=allow_module_loaders)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with uniprobe (``unisandbox``, ``real/janus_pro_1b``, ...)."""
+    files = [f for f in CONFIGS.rglob("*.yaml") if not f.stem.endswith("_adapter")]  # adapters: not sweeps
+    return sorted(str(f.relative_to(CONFIGS).with_suffix("")) for f in files)
+
+
+def config_path(path: str | Path) -> Path:
+    """``path`` if it exists, else the installed config of that name (``uniprobe sweep unisandbox``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    name = str(path.with_suffix("")) if path.suffix in (".yaml", ".yml") else str(path)
+    if name in shipped_configs():
+        return CONFIGS / f"{name}.yaml"
+    raise FileNotFoundError(
+        f"sweep config {path} does not exist (nor is it a shipped config: {', '.join(shipped_configs())})"
+    )
 
 
 def apply_override(raw: Any, item: str) -> Any:
@@ -283,54 +303,6 @@ def resolve(
             runs.append(run)
     where = Path(out or top["out"] or Path("artifacts") / "sweeps" / name)
     return SweepConfig(name, where, settings, runs, source, allow_module_loaders)
-
-
-def missing_files(cfg: SweepConfig) -> list[str]:
-    """What a run would fail on before starting: model folders, adapter, loader and prompts files that
-    do not exist (one message per problem, naming the key and how to set it)."""
-    from uniprobe.experiments.models import builtin_names
-
-    problems = []
-    for i, m in enumerate(cfg.settings["models"]):
-        if m["path"] not in builtin_names() and not Path(m["path"]).expanduser().exists():
-            problems.append(
-                f"models[{i}].path: {m['path']!r} is neither a built-in model ({', '.join(builtin_names())}) "
-                f"nor an existing folder; set it with --set models[{i}].path=DIR"
-            )
-        loader_file = (m["loader"] or "").rpartition(":")[0]
-        for key, file, form in (
-            ("adapter", m["adapter"], "SPEC.yaml"),
-            ("loader", loader_file if loader_file.endswith(".py") else None, "FILE.py:function"),
-        ):
-            if file and not Path(file).is_file():
-                problems.append(
-                    f"models[{i}].{key}: {file} does not exist; set it with --set models[{i}].{key}={form}"
-                )
-    for j, t in enumerate(cfg.settings["tasks"]):
-        if t["prompts"] and not Path(t["prompts"]).exists():
-            problems.append(f"tasks[{j}].prompts: {t['prompts']} does not exist")
-    return problems
-
-
-def prompt_problems(cfg: SweepConfig) -> list[str]:
-    """The first malformed line of each prompts file, found without loading a model (not UTF-8 or
-    JSON, unknown keys or roles, ids that are not whole numbers); token ids are checked against
-    each model's vocabulary and positions when its run starts."""
-    from uniprobe.experiments.prompts_file import PromptFileError, parse_prompts
-
-    problems = []
-    for j, t in enumerate(cfg.settings["tasks"]):
-        if t["prompts"] and Path(t["prompts"]).is_file():
-            try:
-                parse_prompts(t["prompts"])
-            except PromptFileError as err:
-                problems.append(f"tasks[{j}].prompts: {err}")
-    return problems
-
-
-def preflight(cfg: SweepConfig) -> list[str]:
-    """Everything that would fail before a run starts: :func:`missing_files`, :func:`prompt_problems`."""
-    return missing_files(cfg) + prompt_problems(cfg)
 
 
 def _ordered(analyses: list[str], path: str) -> list[str]:
