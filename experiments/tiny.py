@@ -234,6 +234,57 @@ def tiny_chameleon(seed: int = 0, layers: int = 2, hidden: int = HIDDEN) -> tupl
     return model, info
 
 
+def tiny_glm_image(seed: int = 0, layers: int = 2, hidden: int = HIDDEN) -> tuple[nn.Module, dict]:
+    """A tiny ``GlmImageForConditionalGeneration``: codebook ids 0..31, ``image_start`` 32, ``image_end``
+    33 (the vision vocabulary is 40), text ids 40..95 with the image placeholder 90 and pad 95; the
+    vision tower reads 4×4 patches. transformers' class needs transformers >= 5.23."""
+    from uniprobe.hooks.adapters.glm_image import require_glm_image
+
+    model_cls = require_glm_image()
+    from transformers import GlmImageConfig
+
+    _seed(seed)
+    cfg = GlmImageConfig(
+        text_config={
+            "vocab_size": 96,
+            "vision_vocab_size": 40,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "pad_token_id": 95,
+            "eos_token_id": 33,
+            # (temporal, height, width) sections of the rotary half-dim (head_dim 8 → 4)
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": hidden,
+            "num_heads": 2,
+            "intermediate_size": 2 * hidden,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        vq_config={"embed_dim": 16, "num_embeddings": 32, "latent_channels": hidden},
+        image_token_id=90,
+        image_start_token_id=32,
+        image_end_token_id=33,
+    )
+    info = {
+        "vocab_size": 96,
+        "pad_token_id": 95,
+        "image_token_ids": list(range(32)),
+        "image_placeholder_id": 90,
+        "boi_token_id": 32,
+        "eoi_token_id": 33,
+        "text_token_ids": list(range(40, 90)),
+        "patch_dim": 3 * 4 * 4,
+    }
+    return model_cls(cfg).eval(), info
+
+
 class TinyQueryModel(nn.Module):
     """A MetaQuery-style model: a Qwen2 backbone, N learnable queries, an MLP connector, a grid decoder.
 
@@ -294,6 +345,7 @@ TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
     "tiny-janus": tiny_janus,
     "tiny-emu3": tiny_emu3,
     "tiny-chameleon": tiny_chameleon,
+    "tiny-glm-image": tiny_glm_image,
     "tiny-query": tiny_query,
     "tiny-diffusion-query": tiny_diffusion_query,
 }

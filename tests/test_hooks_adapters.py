@@ -34,6 +34,8 @@ EXPECTED_ADAPTER = {
     "tiny-emu3": "emu3",
     "tiny-chameleon": "chameleon",
     "tiny-query": "tiny-query",
+    "tiny-glm-image": "glm_image",
+    "tiny-diffusion-query": "tiny-diffusion-query",
 }
 
 QUERY_SPEC = {

@@ -12,13 +12,14 @@ from __future__ import annotations
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site, get_module
 from uniprobe.hooks.adapters.causal_lm import CAUSAL_LM
+from uniprobe.hooks.adapters.glm_image import GLM_IMAGE
 from uniprobe.hooks.adapters.janus import JANUS
 from uniprobe.hooks.adapters.query import TINY_DIFFUSION_QUERY, TINY_QUERY, load_adapter_file, query_adapter
 from uniprobe.hooks.adapters.unified_vocab import CHAMELEON, EMU3
 from uniprobe.hooks.errors import UniprobeError
 
 ADAPTERS: dict[str, Adapter] = {
-    a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, TINY_QUERY, TINY_DIFFUSION_QUERY)
+    a.name: a for a in (CAUSAL_LM, JANUS, EMU3, CHAMELEON, GLM_IMAGE, TINY_QUERY, TINY_DIFFUSION_QUERY)
 }  # more register themselves on import (the sandbox's: uniprobe.experiments.sandbox.adapter)
 
 

@@ -1,0 +1,108 @@
+"""GLM-Image (transformers GlmImageForConditionalGeneration, tiny config built offline): the adapter's
+understanding (source image → codebook ids at the placeholders) and autoregressive image-token
+generation, with roles and steps, against the model's own forward and generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from uniprobe.experiments.tiny import tiny_glm_image
+from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.capture import capture
+from uniprobe.hooks.errors import UsageError
+from uniprobe.hooks.layout import ROLE_ID
+
+I2I = [32, 90, 90, 90, 90, 33, 40, 41, 32]  # <start> 4 placeholders <end> text text <start>
+T2I = [40, 42, 32]
+
+
+@pytest.fixture(scope="module")
+def glm():
+    model, info = tiny_glm_image()
+    torch.manual_seed(5)
+    source = {
+        "input_ids": I2I,
+        "pixel_values": torch.randn(4, info["patch_dim"]),
+        "image_grid_thw": [[1, 2, 2]],
+    }
+    return model, info, adapter_for(model), source
+
+
+def test_adapter_and_points(glm):
+    model, _, adapter, _ = glm
+    assert adapter.name == "glm_image"
+    pts = adapter.points(model)
+    assert pts[0] == "embed" and "blocks.1.resid_post" in pts and pts[-1] == "lm_head.in"
+    assert (
+        model.get_submodule(adapter.site(model, "blocks.1.mlp_out").module)
+        is model.model.language_model.layers[1].mlp
+    )
+
+
+def test_understanding_capture_equals_the_models_hidden_states(glm):
+    model, _, adapter, source = glm
+    inputs = adapter.prepare(model, [source, {"input_ids": T2I}])
+    roles = inputs.layout.roles
+    assert (
+        roles[0, 1:5].tolist() == [ROLE_ID["image_und"]] * 4 and roles[1, 3:].tolist() == [ROLE_ID["pad"]] * 6
+    )
+    with torch.no_grad(), capture(model, "blocks.*.resid_post", adapter=adapter, layout=inputs.layout) as cap:
+        out = adapter.run(model, inputs)
+    with torch.no_grad():
+        ref = model(**inputs.kwargs, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(cap["blocks.0.resid_post"], ref.hidden_states[1])
+    und = cap.rows("blocks.0.resid_post").select(cap.rows("blocks.0.resid_post").role == ROLE_ID["image_und"])
+    assert und.example.tolist() == [0] * 4 and und.pos.tolist() == [1, 2, 3, 4]
+    # the placeholders were read as the VQ codebook ids of the source image (not the placeholder id)
+    with torch.no_grad():
+        feats = model.get_image_features(source["pixel_values"], torch.tensor([[1, 2, 2]])).pooler_output
+        codes = model.model.get_image_tokens(feats)
+        embeds = model.model.language_model.embed_tokens(codes.view(1, -1))
+    with (
+        torch.no_grad(),
+        capture(model, "embed", adapter=adapter, layout=inputs.layout, roles=["image_und"]) as cap,
+    ):
+        adapter.run(model, inputs)
+    torch.testing.assert_close(cap.rows("embed").values, embeds[0])
+
+
+def test_generation_tokens_steps_and_roles(glm):
+    model, info, adapter, source = glm
+    inputs = adapter.prepare(model, [source, {"input_ids": T2I}], mode="generation")
+    points = "blocks.*.resid_post"
+    with (
+        torch.no_grad(),
+        capture(model, points, adapter=adapter, layout=inputs.layout, expect="generation") as cap,
+    ):
+        tokens = adapter.generate(model, inputs)
+    assert tokens.shape == (2, 4) and int(tokens.max()) < len(info["image_token_ids"])
+    assert [c.step for c in cap.calls] == [0, 1, 2, 3] and [c.length for c in cap.calls] == [9, 1, 1, 1]
+    gen = cap.rows("blocks.1.resid_post", step=2)
+    assert gen.role.tolist() == [ROLE_ID["image_gen"]] * 2 and gen.pos.tolist() == [10, 10]
+    # the same as the model's own generate, and each row as it would run alone (left padding is inert)
+    with torch.no_grad():
+        ref = model.generate(
+            **inputs.kwargs,
+            max_new_tokens=4,
+            min_new_tokens=4,
+            do_sample=False,
+            suppress_tokens=list(range(32, 40)),
+            pad_token_id=95,
+        )
+        alone = adapter.generate(model, adapter.prepare(model, [{"input_ids": T2I}], mode="generation"))
+    assert torch.equal(tokens, ref[:, -4:])
+    assert torch.equal(tokens[1:], alone)
+
+
+def test_bad_examples_are_named(glm):
+    model, _, adapter, source = glm
+    with pytest.raises(UsageError, match="4 image placeholders.*1 patches"):
+        adapter.prepare(model, [{**source, "image_grid_thw": [[1, 1, 1]]}])
+    with pytest.raises(UsageError, match="without pixel_values"):
+        adapter.prepare(model, [{"input_ids": I2I, "image_grid_thw": [[1, 2, 2]]}])
+    inputs = adapter.prepare(
+        model, [{"input_ids": T2I, "target_grid": [2, 2]}, {"input_ids": T2I, "target_grid": [1, 2]}]
+    )
+    with pytest.raises(UsageError, match="one target grid"):
+        adapter.generate(model, inputs)
