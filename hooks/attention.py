@@ -350,7 +350,7 @@ class intercept_attention(HookSet):  # noqa: N801 — a context manager, like ca
         self._views.clear()
         super().remove()
 
-    def check_dispatched(self) -> None:
+    def check(self) -> None:
         """Raise unless every intercepted module that ran called the attention function each time."""
         for module, state in self._views:
             calls = self._calls[state.layer]
@@ -366,6 +366,6 @@ class intercept_attention(HookSet):  # noqa: N801 — a context manager, like ca
     def __exit__(self, exc_type: object, *exc: object) -> None:
         try:
             if exc_type is None:
-                self.check_dispatched()
+                self.check()
         finally:
             self.remove()

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter
+from uniprobe.hooks.attn_capture import install_attention_capture
 from uniprobe.hooks.calls import Call, CallLog, DecoderStep, track_calls, track_decoder_steps
 from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import ROLE_ID, TokenLayout, role_ids
@@ -65,6 +66,7 @@ class Captured:
         self.records: dict[str, list[Rows]] = {p: [] for p in self.points}
         self.log = log or CallLog()
         self.generated: torch.Tensor | None = None  # image tokens, when the capture ran a generation
+        self.key_columns: dict[str, list[str]] = {}  # attn.pattern/scores columns (hooks.attn_capture)
         self.decoder_steps: list[DecoderStep] = []  # one per diffusion-decoder call (see the module doc)
         self.decoder_points: set[str] = set()  # points tagged by decoder step instead of backbone call
 
@@ -201,6 +203,8 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
         cfg_batch: conditional batch size when classifier-free guidance doubles the batch.
         expect: the pattern of backbone calls (``"any"``, or ``"generation"``: one prompt pass then
             single steps); a call that breaks it raises :class:`uniprobe.hooks.calls.CallPatternError`.
+        key_roles / key_positions: the key columns of ``blocks.*.attn.pattern|scores`` (attention mass
+            per key role, or per-key weights at those positions; see :mod:`uniprobe.hooks.attn_capture`).
     """
 
     def __init__(
@@ -216,6 +220,8 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
         device: str | torch.device = "cpu",
         cfg_batch: int | None = None,
         expect: str = "any",
+        key_roles: Iterable[str] | None = None,
+        key_positions: Iterable[int] | None = None,
     ) -> None:
         from uniprobe.hooks.adapters import adapter_for
 
@@ -225,6 +231,7 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
         self.points = self.adapter.expand(model, points)
         log = CallLog(model, expect)
         self.result = Captured(self.points, layout, roles, positions, dtype, device, cfg_batch, log)
+        self.keys = (key_roles, key_positions)
 
     def install(self) -> None:
         result = self.result
@@ -232,8 +239,10 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
         if self.adapter.decoder:
             track_decoder_steps(self, self.model, self.adapter.decoder, result.decoder_steps)
             result.decoder_points = self.adapter.decoder_points(self.model) & set(self.points)
+        attn = install_attention_capture(self, self.model, self.adapter, result, self.points, *self.keys)
         for point in self.points:
-            self.read(self.model, self.adapter.site(self.model, point), _adder(result, point))
+            if point not in attn:
+                self.read(self.model, self.adapter.site(self.model, point), _adder(result, point))
 
     def __enter__(self) -> Captured:  # type: ignore[override] — the capture hands out its result
         super().__enter__()

@@ -105,6 +105,7 @@ class HookSet:
     def __init__(self) -> None:
         self._handles: list[Any] = []
         self._forwards: list[tuple[nn.Module, Any]] = []  # (module, its own forward attribute or None)
+        self._held: list[HookSet] = []  # other sets entered by this one (see hold)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def install(self) -> None:
@@ -118,11 +119,25 @@ class HookSet:
             raise
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+    def __exit__(self, exc_type: object = None, *exc: object) -> None:
+        try:
+            if exc_type is None:  # a held set's own checks (e.g. every attention call intercepted)
+                for sub in self._held:
+                    getattr(sub, "check", lambda: None)()
+        finally:
+            self.remove()
+
+    def hold(self, sub: HookSet) -> HookSet:
+        """Enter another set now and remove it with this one (its ``check()`` runs on a clean exit)."""
+        sub.__enter__()
+        self._held.append(sub)
+        return sub
 
     def remove(self) -> None:
         """Remove every hook and restore every replaced ``forward`` (idempotent)."""
+        for sub in reversed(self._held):
+            sub.remove()
+        self._held.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -8,8 +8,14 @@ reads: token embeddings with any image features already merged in — the same t
 of the text unembedding). Families add their own (``gen_head.in`` for Janus, ``queries`` and
 ``connector.out`` for query-based models, ...).
 
+Attention internals per block (:mod:`uniprobe.hooks.attn_capture`): ``blocks.{i}.attn.q|k|v``,
+``.scores``, ``.pattern``, ``.z``, ``.head_out``. They are not in a model's point list (callers that
+iterate it keep getting the stream points); a pattern resolves against them only when it matches no
+stream point (``blocks.*.attn.pattern`` does, ``blocks.3.*`` still means the four stream points).
+
 Patterns may be globs (``blocks.*.resid_post``) and TransformerLens names are accepted as
-aliases (``blocks.3.hook_resid_post``, ``hook_embed``, ``ln_final.hook_normalized``).
+aliases (``blocks.3.hook_resid_post``, ``hook_embed``, ``ln_final.hook_normalized``,
+``blocks.3.attn.hook_pattern``, ``blocks.3.attn.hook_z``, ``blocks.3.attn.hook_result``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ BLOCK_POINTS: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post
 MODEL_POINTS: tuple[str, ...] = ("embed", "final_norm", "lm_head.in")
 
 _TL_BLOCK = re.compile(r"^blocks\.(\d+|\*)\.hook_(resid_pre|resid_post|attn_out|mlp_out)$")
+_TL_ATTN = re.compile(r"^blocks\.(\d+|\*)\.attn\.hook_(q|k|v|z|pattern|attn_scores|result)$")
+_TL_ATTN_KIND = {"attn_scores": "scores", "result": "head_out"}
 _TL_NAMES = {
     "hook_embed": "embed",
     "embed.hook_out": "embed",
@@ -50,6 +58,9 @@ def canonical(name: str) -> str:
     m = _TL_BLOCK.match(name)
     if m:
         return f"blocks.{m.group(1)}.{m.group(2)}"
+    m = _TL_ATTN.match(name)
+    if m:
+        return f"blocks.{m.group(1)}.attn.{_TL_ATTN_KIND.get(m.group(2), m.group(2))}"
     return _TL_NAMES.get(name, name)
 
 
@@ -90,11 +101,13 @@ def _explain(pattern: str, available: Sequence[str]) -> str:
     return msg
 
 
-def expand(patterns: str | Iterable[str], available: Sequence[str]) -> list[str]:
+def expand(patterns: str | Iterable[str], available: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """Resolve names, globs and TransformerLens aliases against ``available``.
 
     Returns the matching points in ``available`` order (execution order), without duplicates.
-    Raises :class:`UnknownHookPointError` naming the bad pattern and the nearest valid points.
+    ``extra`` (attention points): matched only by a pattern that matches nothing in ``available``;
+    they follow in ``extra`` order. Raises :class:`UnknownHookPointError` naming the bad pattern
+    and the nearest valid points.
     """
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(",") if p.strip()]
@@ -102,9 +115,10 @@ def expand(patterns: str | Iterable[str], available: Sequence[str]) -> list[str]
     for raw in patterns:
         pat = canonical(raw)
         hits = [p for p in available if fnmatch.fnmatchcase(p, pat)]
+        hits = hits or [p for p in extra if fnmatch.fnmatchcase(p, pat)]
         if not hits:
-            raise UnknownHookPointError(_explain(pat, available))
+            raise UnknownHookPointError(_explain(pat, [*available, *extra]))
         chosen.update(hits)
     if not chosen:
         raise UnknownHookPointError("no hook points requested")
-    return [p for p in available if p in chosen]
+    return [p for p in [*available, *extra] if p in chosen]

@@ -140,11 +140,18 @@ class Adapter:
         }
 
     def expand(self, model: nn.Module, patterns: Any) -> list[str]:
-        """Resolve globs / aliases to this model's points (execution order)."""
-        return expand(patterns, self.points(model))
+        """Resolve globs / aliases to this model's points (execution order), attention points
+        (``blocks.*.attn.pattern``, ...) included where a pattern names them."""
+        from uniprobe.hooks.attn_capture import attention_points  # it imports this module
+
+        return expand(patterns, self.points(model), attention_points(self.n_layers(model)))
 
     def site(self, model: nn.Module, point: str) -> Site:
         """The module site of a canonical point."""
+        if ".attn." in point:  # z / head_out: the o_proj input; pattern, q, ...: intercepted (raises)
+            from uniprobe.hooks.attn_capture import attention_site
+
+            return attention_site(model, self, point)
         extra = self.extra_points(model)
         if point in extra:
             return extra[point]
