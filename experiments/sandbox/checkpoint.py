@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from uniprobe.experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from uniprobe.experiments.sandbox.base import SandboxModel
+from uniprobe.experiments.sandbox.mot import SandboxMoT
 from uniprobe.experiments.sandbox.query import SandboxQuery
 from uniprobe.experiments.tasks.vocab import WordTokenizer
 from uniprobe.hooks.errors import UniprobeError
@@ -26,6 +27,7 @@ SHIPPED: dict[str, Path] = {
     "sandbox-query": CHECKPOINTS / "query",
 }
 CHECKED_FILES: tuple[str, ...] = ("model.safetensors", "config.json", "tokenizer.json")
+TRAINING_FILE = "training.json"  # the training recipe, when known (see save_sandbox)
 
 
 class ChecksumError(UniprobeError, RuntimeError):
@@ -35,12 +37,14 @@ class ChecksumError(UniprobeError, RuntimeError):
 def build_model(
     arch: str, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, **kw
 ) -> SandboxModel:
-    """A freshly initialised sandbox model of ``arch`` (``"ar"`` or ``"query"``)."""
+    """A freshly initialised sandbox model of ``arch`` (``"ar"``, ``"query"`` or ``"mot"``)."""
     if arch == "ar":
         return SandboxAR(tokenizer, backbone, **kw)
     if arch == "query":
         return SandboxQuery(tokenizer, backbone, **kw)
-    raise ValueError(f"unknown sandbox arch {arch!r}; expected 'ar' or 'query'")
+    if arch == "mot":
+        return SandboxMoT(tokenizer, backbone, **kw)
+    raise ValueError(f"unknown sandbox arch {arch!r}; expected 'ar', 'query' or 'mot'")
 
 
 def model_config(model: SandboxModel) -> dict:
@@ -57,6 +61,8 @@ def model_config(model: SandboxModel) -> dict:
     }
     if model.arch == "query":
         out.update(n_queries=model.n_queries, decoder_hidden=model.decoder_hidden)
+    if model.arch == "mot":
+        out.update(latent_dim=model.latent_dim)
     return out
 
 
@@ -68,15 +74,24 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_sandbox(model: SandboxModel, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the checkpoint (weights in ``dtype``) and its ``SHA256SUMS``; returns the directory."""
+def save_sandbox(
+    model: SandboxModel, out_dir: str | Path, dtype: torch.dtype = torch.float32, training: dict | None = None
+) -> Path:
+    """Write the checkpoint (weights in ``dtype``) and its ``SHA256SUMS``; returns the directory.
+
+    ``training`` (the recipe: seed, suite_seed, steps, data mix) goes to ``training.json``, checked
+    like the rest; the gap table reads it to say which test items occur nowhere in training."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
     save_safetensors(out / "model.safetensors", state, {"arch": model.arch})  # umask mode, atomic
     (out / "config.json").write_text(json.dumps(model_config(model), indent=1))
     model.tokenizer.save(out / "tokenizer.json")
-    lines = [f"{sha256_file(out / name)}  {name}" for name in CHECKED_FILES]
+    names = CHECKED_FILES
+    if training is not None:
+        (out / TRAINING_FILE).write_text(json.dumps(training, indent=1))
+        names += (TRAINING_FILE,)
+    lines = [f"{sha256_file(out / name)}  {name}" for name in names]
     (out / "SHA256SUMS").write_text("\n".join(lines) + "\n")
     return out
 
@@ -123,7 +138,12 @@ def load_sandbox(path: str | Path, verify: bool = True) -> SandboxModel:
     kw = {"grid": cfg["grid"], "n_tiles": cfg["n_tiles"]}
     if cfg["arch"] == "query":
         kw.update(n_queries=cfg["n_queries"], decoder_hidden=cfg["decoder_hidden"])
+    if cfg["arch"] == "mot":
+        kw.update(latent_dim=cfg["latent_dim"])
     model = build_model(cfg["arch"], tok, cfg["backbone"], **kw)
     state = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()}
     model.load_state_dict(state)
+    recipe = path / TRAINING_FILE
+    # None: unknown recipe, so the gap table claims no test item is held out of training
+    model.training_recipe = json.loads(recipe.read_text()) if recipe.exists() else None
     return model.eval()

@@ -14,7 +14,7 @@ from uniprobe.experiments.progress import bar, chunks
 from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.prompts import Item
-from uniprobe.experiments.tasks.suite import Suite
+from uniprobe.experiments.tasks.suite import Suite, held_out_categories
 
 KIND: dict[str, str] = {
     "direct": "direct",
@@ -85,12 +85,18 @@ def gap_table(
     results: list[dict] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Rows ``{"kind", "category", "task", "level", "n", "understanding", "generation", "generation_cot"}``.
+    """Rows ``{"kind", "category", "task", "level", "n", "held_out", "understanding", "generation",
+    "generation_cot"}``.
 
-    Accuracies are fractions in [0, 1]; ``n`` counts items (mapping: A/B groups). Pass ``results``
-    from :func:`evaluate_items` to aggregate without running the model again; ``progress=False``
-    hides the evaluation's bar.
+    Accuracies are fractions in [0, 1]; ``n`` counts items (mapping: A/B groups). ``held_out`` is
+    true when the row's items occur nowhere in the model's training (its ``training_recipe``, read
+    from ``training.json``, by :func:`~uniprobe.experiments.tasks.suite.held_out_categories`; the
+    items are taken to be ``suite``'s, default ``Suite(0)``); a model with no recorded recipe holds
+    nothing out. Pass ``results`` from :func:`evaluate_items` to aggregate without running the model
+    again; ``progress=False`` hides the evaluation's bar.
     """
+    suite_seed = suite.seed if suite is not None else 0
+    held = held_out_categories(getattr(model, "training_recipe", None), suite_seed)
     if results is None:
         items = items if items is not None else (suite or Suite(0)).items
         results = evaluate_items(model, items, cot=cot, batch_size=batch_size, progress=progress)
@@ -115,6 +121,7 @@ def gap_table(
             "task": task,
             "level": level,
             "n": len(vals["understanding"]),
+            "held_out": cat in held,
         }
         for m in metrics:
             row[m] = sum(vals[m]) / len(vals[m])
@@ -165,4 +172,7 @@ def format_gap_table(rows: Sequence[dict], title: str = "") -> str:
             f"| {s['kind']} | {s['n']} | {pct(s['understanding'])} | {pct(s['generation'])} "
             f"| {pct(s.get('generation_cot'))} |"
         )
+    held = sorted({r["category"] for r in rows if r.get("held_out")})
+    if held:
+        lines += ["", f"Held out (these items occur nowhere in training): {', '.join(held)}."]
     return "\n".join(lines) + "\n"

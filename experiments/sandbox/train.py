@@ -160,8 +160,13 @@ def train_sandbox(
         log_every=log_every, progress=progress, micro_batch=micro_batch, max_tokens=max_tokens,
         desc=f"train {arch}",
     )  # fmt: skip
+    # what training.json records: enough to say which test items occurred nowhere in training
+    model.training_recipe = {
+        "arch": arch, "seed": seed, "suite_seed": suite_seed, "steps": steps, "lr": lr,
+        "batch_size": batch_size, "time_budget_s": time_budget_s, "data": {**d["data"], **(data or {})},
+    }  # fmt: skip
     if out is not None:
-        save_sandbox(model, out)
+        save_sandbox(model, out, training=model.training_recipe)
     return model
 
 

@@ -12,7 +12,11 @@ pairs of the test split. As in UniSandbox, what the model must *use* when drawin
 understands: the knowledge facts and the understanding forms of the reasoning items (the test
 arithmetic expressions and mapping questions) are taught as text QA (``labels["taught"]``), so the
 gap table measures whether generation reaches understanding the model has, not whether it
-generalises arithmetic. ``training_examples(taught_reasoning=0)`` holds those questions out as well.
+generalises arithmetic. ``training_examples(taught_reasoning=0)`` holds those questions out as well,
+and then no training prompt (question, context or drawing) has a test expression as its expression or
+a test rule set (the same statements in any order) as its rule set: the reasoning items occur nowhere
+in training and understanding them must be computed (:func:`held_out_categories` says which test
+categories a recipe holds out).
 """
 
 from __future__ import annotations
@@ -43,6 +47,32 @@ QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
     "count_heavy": (("arith", 0.05), ("mapping", 0.1), ("fact", 0.3), ("inverse", 0.38), ("count", 0.85)),
     "count_heavier": (("arith", 0.02), ("mapping", 0.04), ("fact", 0.2), ("inverse", 0.26), ("count", 0.87)),
 }
+
+
+def rule_set(statements: str) -> frozenset[str]:
+    """The statements of a mapping as a set: ``"k = 3 , m = 5"`` and ``"m = 5 , k = 3"`` are one rule set."""
+    return frozenset(s.strip() for s in statements.split(","))
+
+
+def held_out_categories(recipe: dict | None, suite_seed: int = 0) -> frozenset[str]:
+    """Test categories of ``Suite(suite_seed)`` whose items occur nowhere in a model's training stream.
+
+    ``recipe`` is the training record a checkpoint carries (``training.json``: ``suite_seed`` and
+    ``data``, the keyword arguments of :meth:`Suite.training_examples`); ``None`` (unknown) holds
+    nothing out. Reasoning (arithmetic, mapping) is held out when ``taught_reasoning`` is 0, direct
+    items when ``direct_heldout`` is true (their drawing prompts, (count, object) pairs and counting
+    images). Knowledge never is: forward questions are the taught facts, and an inverse test pair
+    (A, B) may be trained as (B, A).
+    """
+    if recipe is None or recipe.get("suite_seed", 0) != suite_seed:
+        return frozenset()
+    data = recipe.get("data", {})
+    held = set()
+    if not data.get("taught_reasoning", 0.0):
+        held |= {"arithmetic", "mapping"}
+    if data.get("direct_heldout", True):
+        held.add("direct")
+    return frozenset(held)
 
 
 def attr_question(name: str, attr: str) -> str:
@@ -246,6 +276,7 @@ class Suite:
                     )
                 i += 1
         self.mapping_test_statements = seen_maps
+        self.mapping_test_rule_sets = {rule_set(st) for st in seen_maps}
         items += knowledge_items(self.characters)
         items += inverse_items(self.inverse_test, self.by_name, rng)
 
@@ -268,8 +299,13 @@ class Suite:
         if kind == "mapping":
             while True:
                 m = gen.random_mapping(rng, 1 + int(rng.random() * 3))
-                if m.statements not in self.mapping_test_statements:
-                    break
+                # held out: also the test rule sets with their chains in the other order; when the test
+                # questions are taught anyway, only the exact strings (the shipped checkpoints' stream)
+                if m.statements in self.mapping_test_statements:
+                    continue
+                if not taught_reasoning and rule_set(m.statements) in self.mapping_test_rule_sets:
+                    continue
+                break
             k = int(rng.random() * 2)
             return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
         if kind == "fact":

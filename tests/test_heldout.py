@@ -1,0 +1,110 @@
+"""Held-out reasoning (issue 18): with ``taught_reasoning=0`` no test expression or rule set occurs in
+training, and the gap table's rows say which items are held out (from the checkpoint's recipe)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from uniprobe.experiments.sandbox import build_model, load_sandbox, save_sandbox
+from uniprobe.experiments.sandbox.checkpoint import SHIPPED
+from uniprobe.experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table
+from uniprobe.experiments.tasks import Suite
+from uniprobe.experiments.tasks.suite import held_out_categories, rule_set
+
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def suite() -> Suite:
+    return Suite(0)
+
+
+def stream_texts(suite: Suite, n: int, **data) -> list[str]:
+    """The text of every prompt (context QA pairs included) of the first ``n`` training examples."""
+    texts = []
+    for ex in itertools.islice(suite.training_examples(0, **data), n):
+        texts += [ex.prompt.text] + [p.text for p, _ in ex.prefix]
+    return texts
+
+
+def reasoning_parts(text: str) -> tuple[str | None, frozenset | None]:
+    """``(expression, rule set)`` of a prompt: the expression of "what is E ?" / "draw as many X as E",
+    the statements before " ; " (mapping)."""
+    if " ; " in text:
+        return None, rule_set(text.split(" ; ")[0])
+    if text.startswith("what is ") and text.endswith(" ?"):
+        expr = text[len("what is ") : -2]
+        return (expr, None) if expr[0].isdigit() else (None, None)
+    if " as " in text:
+        return text.split(" as ", 1)[1], None
+    return None, None
+
+
+def held_out_sets(suite: Suite) -> tuple[set[str], set[frozenset]]:
+    exprs = {it.labels["expr"] for it in suite.items if it.category == "arithmetic"}
+    rules = {rule_set(it.question.split(" ; ")[0]) for it in suite.items if it.category == "mapping"}
+    return exprs, rules
+
+
+def test_untaught_stream_never_shows_a_held_out_expression_or_rule_set(suite: Suite) -> None:
+    exprs, rules = held_out_sets(suite)
+    assert len(exprs) == 16 + 40 + 40 and len(rules) == 60
+    texts = stream_texts(suite, 6000, taught_reasoning=0, mix="reasoning_heavy", prefix_p=0.3)
+    seen_exprs, seen_rules = set(), set()
+    for t in texts:
+        e, r = reasoning_parts(t)
+        seen_exprs |= {e} - {None}
+        seen_rules |= {r} - {None}
+        assert "draw as many" not in t, t  # no reasoning drawing prompt is ever trained
+    assert len(seen_exprs) > 1000 and len(seen_rules) > 500  # the check below is not vacuous
+    assert not seen_exprs & exprs, sorted(seen_exprs & exprs)[:5]
+    assert not seen_rules & rules
+    # the taught recipe does show them (so the extraction above finds them when present)
+    taught = {reasoning_parts(t)[0] for t in stream_texts(suite, 3000, taught_reasoning=0.3)}
+    assert taught & exprs
+
+
+def test_rule_sets_are_held_out_in_either_chain_order(suite: Suite) -> None:
+    statements = next(iter(suite.mapping_test_statements))
+    parts = statements.split(" , ")
+    assert rule_set(" , ".join(reversed(parts))) in suite.mapping_test_rule_sets
+
+
+def test_held_out_categories_follow_the_recipe() -> None:
+    untaught = {"suite_seed": 0, "data": {"taught_reasoning": 0, "direct_heldout": True}}
+    assert held_out_categories(untaught) == {"arithmetic", "mapping", "direct"}
+    taught = {"suite_seed": 0, "data": {"taught_reasoning": 0.2, "direct_heldout": False}}
+    assert held_out_categories(taught) == set()
+    assert held_out_categories(None) == set()  # unknown recipe: nothing claimed
+    assert held_out_categories(untaught, suite_seed=1) == set()  # another suite's splits
+
+
+def test_gap_rows_say_held_out_and_training_json_round_trips(suite: Suite, tmp_path) -> None:
+    torch.manual_seed(0)
+    m = build_model("ar", backbone=TINY).eval()
+    recipe = {"arch": "ar", "seed": 0, "suite_seed": 0, "steps": 1, "data": {"taught_reasoning": 0.0}}
+    save_sandbox(m, tmp_path, training=recipe)
+    assert "training.json" in (tmp_path / "SHA256SUMS").read_text()
+    m2 = load_sandbox(tmp_path, verify=True)
+    assert m2.training_recipe == json.loads(json.dumps(recipe))
+    items = [it for it in suite.items if it.category in ("arithmetic", "knowledge_forward")][::20]
+    rows = gap_table(m2, results=evaluate_items(m2, items, cot=False, progress=False))
+    assert {r["category"]: r["held_out"] for r in rows} == {"arithmetic": True, "knowledge_forward": False}
+    assert "Held out (these items occur nowhere in training): arithmetic." in format_gap_table(rows)
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_checkpoints_report_taught_reasoning_rows(name: str) -> None:
+    m = load_sandbox(name, verify=True)
+    if m.training_recipe is None or m.training_recipe["data"].get("taught_reasoning", 0) == 0:
+        pytest.skip(f"{name} was not trained with taught reasoning questions")
+    assert held_out_categories(m.training_recipe).isdisjoint({"arithmetic", "mapping"})
