@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 from uniprobe.experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from uniprobe.experiments.sandbox.base import SandboxModel
-from uniprobe.experiments.sandbox.mot import SandboxMoT
 from uniprobe.experiments.sandbox.query import SandboxQuery
 from uniprobe.experiments.tasks.vocab import WordTokenizer
 from uniprobe.hooks.errors import UniprobeError
@@ -37,14 +36,12 @@ class ChecksumError(UniprobeError, RuntimeError):
 def build_model(
     arch: str, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, **kw
 ) -> SandboxModel:
-    """A freshly initialised sandbox model of ``arch`` (``"ar"``, ``"query"`` or ``"mot"``)."""
+    """A freshly initialised sandbox model of ``arch`` (``"ar"`` or ``"query"``)."""
     if arch == "ar":
         return SandboxAR(tokenizer, backbone, **kw)
     if arch == "query":
         return SandboxQuery(tokenizer, backbone, **kw)
-    if arch == "mot":
-        return SandboxMoT(tokenizer, backbone, **kw)
-    raise ValueError(f"unknown sandbox arch {arch!r}; expected 'ar', 'query' or 'mot'")
+    raise ValueError(f"unknown sandbox arch {arch!r}; expected 'ar' or 'query'")
 
 
 def model_config(model: SandboxModel) -> dict:
@@ -61,8 +58,6 @@ def model_config(model: SandboxModel) -> dict:
     }
     if model.arch == "query":
         out.update(n_queries=model.n_queries, decoder_hidden=model.decoder_hidden)
-    if model.arch == "mot":
-        out.update(latent_dim=model.latent_dim)
     return out
 
 
