@@ -139,9 +139,28 @@ class CallLog:
         self.model_name = type(model).__name__ if model is not None else "model"
         self.expect = expect
         self.calls: list[Call] = []
+        self.flow_steps: list[DecoderStep] = []  # denoising steps of a flow backbone (note_timestep)
+        self.branch: int | None = None  # the last call's CFG pass within its denoising step, if any
+        self._passes = 0
+
+    def note_timestep(self, t: float, rows: int) -> None:
+        """A flow model's timestep module ran (BAGEL's ``time_embedder``, before the backbone). A
+        timestep other than the last opens the next denoising step; each backbone call until the next
+        one is a CFG pass of that step (0 ``cond``, 1 ``uncond_text``, 2 ``uncond_image``, in the order
+        they run): BAGEL embeds the timestep once and runs up to three passes, the sandbox embeds it
+        in every pass — both tag alike. Rows at different timesteps (``nan``) open a step per call."""
+        if not self.flow_steps or self.flow_steps[-1].timestep != t:
+            self.flow_steps.append(DecoderStep(len(self.flow_steps), t, rows))
+            self._passes = 0
 
     def begin(self, offset: int, length: int, has_cache: bool = True) -> Call:
         """Record one call; raises :class:`CallPatternError` if it breaks the expected pattern."""
+        if self.flow_steps:  # a CFG pass of the current denoising step; each re-runs its whole sequence
+            call = Call(self.flow_steps[-1].step, offset, length)
+            self.branch, self._passes = self._passes, self._passes + 1
+            self.calls.append(call)
+            return call
+        self.branch = None
         prev = self.calls[-1] if self.calls else None
         if offset == 0:
             if self.expect == "generation" and prev is not None:
@@ -210,6 +229,18 @@ class DecoderStep(NamedTuple):
     step: int
     timestep: float
     rows: int
+
+
+def track_timesteps(hooks: HookSet, model: nn.Module, module: str, log: CallLog) -> Any:
+    """Put the flow-step tracker on the timestep ``module`` (a path; it takes the timesteps ``[rows]``
+    as its first argument) in ``hooks``: every call reports its timestep to ``log.note_timestep``."""
+
+    def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = input_tensor(args, kwargs).detach().flatten().float().cpu()
+        same = t.numel() > 0 and bool((t == t[0]).all())
+        log.note_timestep(float(t[0]) if same else float("nan"), int(t.numel()))
+
+    return hooks.pre(get_module(model, module), pre_hook)
 
 
 def decoder_timestep(decoder: nn.Module, args: tuple, kwargs: dict) -> float:

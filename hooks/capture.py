@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from uniprobe.hooks.adapters.base import Adapter
 from uniprobe.hooks.attn_capture import install_attention_capture
-from uniprobe.hooks.calls import Call, CallLog, DecoderStep, track_calls, track_decoder_steps
+from uniprobe.hooks.calls import Call, CallLog, DecoderStep, track_calls, track_decoder_steps, track_timesteps
 from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import ROLE_ID, TokenLayout, role_ids
 from uniprobe.hooks.rows import Rows
@@ -83,7 +83,7 @@ class Captured:
     @property
     def timesteps(self) -> dict[int, float]:
         """Denoising step → the timestep the decoder was given (empty without a diffusion decoder)."""
-        return {s.step: s.timestep for s in self.decoder_steps}
+        return {s.step: s.timestep for s in [*self.decoder_steps, *self.log.flow_steps]}
 
     def _call(self) -> tuple[int, int, int | None]:
         return self.log.calls[-1] if self.log.calls else (0, 0, None)
@@ -111,6 +111,8 @@ class Captured:
         b = self.cfg_batch or n_rows
         example = torch.arange(n_rows) % b
         branch = torch.arange(n_rows) // b
+        if self.log.branch is not None and point not in self.decoder_points:  # a flow model's CFG pass
+            branch = torch.full((n_rows,), self.log.branch, dtype=torch.long)
         if point in self.decoder_points:
             roles = torch.full((n_rows, k), ROLE_ID["image_gen"], dtype=torch.long)
         elif self.layout is not None:
@@ -157,7 +159,7 @@ class Captured:
         if step is not None:
             keep &= out.step == step
         if branch is not None:
-            keep &= out.branch == (branch if isinstance(branch, int) else ("cond", "uncond").index(branch))
+            keep &= out.branch == (branch if isinstance(branch, int) else _BRANCH_IDS[branch])
         return out.select(keep)
 
     def dense(self, point: str, branch: str | int = "cond") -> torch.Tensor:
@@ -239,6 +241,8 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
         if self.adapter.decoder:
             track_decoder_steps(self, self.model, self.adapter.decoder, result.decoder_steps)
             result.decoder_points = self.adapter.decoder_points(self.model) & set(self.points)
+        if self.adapter.timestep_module:  # a flow backbone: its calls are denoising passes
+            track_timesteps(self, self.model, self.adapter.timestep_module, result.log)
         attn = install_attention_capture(self, self.model, self.adapter, result, self.points, *self.keys)
         for point in self.points:
             if point not in attn:
@@ -247,6 +251,10 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
     def __enter__(self) -> Captured:  # type: ignore[override] — the capture hands out its result
         super().__enter__()
         return self.result
+
+
+# guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes
+_BRANCH_IDS = {"cond": 0, "uncond": 1, "uncond_text": 1, "uncond_image": 2}
 
 
 def _adder(result: Captured, point: str) -> Callable[[torch.Tensor], None]:

@@ -1,5 +1,6 @@
-"""Adapters of the two sandbox models: Janus-style AR (:class:`SandboxAR`) and MetaQuery-style
-(:class:`SandboxQuery`), registered with :func:`uniprobe.hooks.adapters.register_adapter` when this
+"""Adapters of the sandbox models: Janus-style AR (:class:`SandboxAR`), MetaQuery-style
+(:class:`SandboxQuery`) and BAGEL-style MoT (:class:`SandboxMoT`, the declarative ``bagel`` adapter),
+registered with :func:`uniprobe.hooks.adapters.register_adapter` when this
 package is imported (``uniprobe.experiments.sandbox`` imports this module, and every sandbox model
 class lives in that package, so a sandbox model never exists without its adapter registered).
 
@@ -14,6 +15,8 @@ it is sandbox knowledge: ``hooks`` never imports ``experiments``.
 Generation (``mode="generate"``): the sandbox models draw by re-running the whole stream at each
 step (no KV cache), so the drawing is made first and then replayed in one teacher-forced forward
 on the model's own tiles — the states at every position equal those of the incremental run.
+The MoT model draws by flow: its generation is captured as it runs, every denoising pass tagged
+with its step, timestep and CFG branch (``generate_flow``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 from uniprobe.hooks.adapters import register_adapter
+from uniprobe.hooks.adapters.bagel import BAGEL_SPEC, bagel_adapter
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs, Site
 from uniprobe.hooks.layout import TokenLayout, role_ids
 
@@ -83,6 +87,16 @@ def generate(model: nn.Module, inputs: ModelInputs) -> Any:
     return tiles, replay
 
 
+@torch.no_grad()
+def generate_flow(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
+    """Draw by flow sampling from the prepared prompts → tiles ``[b, cells]`` (the sampling's passes
+    run here, so a capture around this call sees every denoising step)."""
+    if inputs.source is None:
+        raise ValueError("sandbox generation needs the examples: build the inputs with adapter.prepare(...)")
+    grids = model.generate_image(list(_prompts(inputs.source)), cot=False)
+    return torch.tensor([g.reshape(-1).tolist() for g in grids], dtype=torch.long)
+
+
 def _lm(model: nn.Module) -> nn.Module:
     return model.lm
 
@@ -123,6 +137,22 @@ SANDBOX_QUERY = Adapter(
     **_COMMON,
 )
 
+# the declarative bagel adapter with BAGEL's module paths, on the sandbox's batched functions;
+# mlp_joined: the sandbox's parameter-free marker on the two experts' joined MLP output
+SANDBOX_MOT = bagel_adapter(
+    {
+        **BAGEL_SPEC,
+        "name": "sandbox-mot",
+        "model_classes": ["SandboxMoT"],
+        "mlp_joined": "mlp_out",
+        "notes": "BAGEL-style sandbox: Qwen2 MoT (*_moe_gen twins at image latents), rectified flow",
+    },
+    prepare=prepare,
+    forward=forward,
+    generate=generate_flow,
+)
+
 # found by class name through the registry (adapter_for), like the built-in families
 register_adapter(SANDBOX_AR)
 register_adapter(SANDBOX_QUERY)
+register_adapter(SANDBOX_MOT)

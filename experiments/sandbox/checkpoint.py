@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from uniprobe.experiments.sandbox.ar import DEFAULT_BACKBONE, SandboxAR
 from uniprobe.experiments.sandbox.base import SandboxModel
+from uniprobe.experiments.sandbox.mot import SandboxMoT
 from uniprobe.experiments.sandbox.query import SandboxQuery
 from uniprobe.experiments.tasks.vocab import WordTokenizer
 from uniprobe.hooks.errors import UniprobeError
@@ -36,12 +37,14 @@ class ChecksumError(UniprobeError, RuntimeError):
 def build_model(
     arch: str, tokenizer: WordTokenizer | None = None, backbone: dict | None = None, **kw
 ) -> SandboxModel:
-    """A freshly initialised sandbox model of ``arch`` (``"ar"`` or ``"query"``)."""
+    """A freshly initialised sandbox model of ``arch`` (``"ar"``, ``"query"`` or ``"mot"``)."""
     if arch == "ar":
         return SandboxAR(tokenizer, backbone, **kw)
     if arch == "query":
         return SandboxQuery(tokenizer, backbone, **kw)
-    raise ValueError(f"unknown sandbox arch {arch!r}; expected 'ar' or 'query'")
+    if arch == "mot":
+        return SandboxMoT(tokenizer, backbone, **kw)
+    raise ValueError(f"unknown sandbox arch {arch!r}; expected 'ar', 'query' or 'mot'")
 
 
 def model_config(model: SandboxModel) -> dict:
@@ -58,6 +61,8 @@ def model_config(model: SandboxModel) -> dict:
     }
     if model.arch == "query":
         out.update(n_queries=model.n_queries, decoder_hidden=model.decoder_hidden)
+    if model.arch == "mot":
+        out.update(latent_dim=model.latent_dim)
     return out
 
 
@@ -133,6 +138,8 @@ def load_sandbox(path: str | Path, verify: bool = True) -> SandboxModel:
     kw = {"grid": cfg["grid"], "n_tiles": cfg["n_tiles"]}
     if cfg["arch"] == "query":
         kw.update(n_queries=cfg["n_queries"], decoder_hidden=cfg["decoder_hidden"])
+    if cfg["arch"] == "mot":
+        kw.update(latent_dim=cfg["latent_dim"])
     if cfg["arch"] == "mot":
         kw.update(latent_dim=cfg["latent_dim"])
     model = build_model(cfg["arch"], tok, cfg["backbone"], **kw)

@@ -108,6 +108,9 @@ class Adapter:
     # a diffusion decoder (module path) whose every forward is one denoising step: captures tag the
     # points inside it by denoising step and timestep (uniprobe.hooks.calls.track_decoder_steps)
     decoder: str | None = None
+    # a flow backbone's timestep module (BAGEL: time_embedder): captures tag each backbone call with
+    # its denoising step, timestep and CFG pass (uniprobe.hooks.calls.track_timesteps)
+    timestep_module: str | None = None
     # family points that depend on the model's size (a decoder's blocks): model -> {point: Site}
     model_points: Callable[[nn.Module], dict[str, Site]] | None = None
 

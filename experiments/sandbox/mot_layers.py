@@ -1,0 +1,174 @@
+"""The mixture-of-transformers decoder layer of ``sandbox-mot``, with BAGEL's module names.
+
+Every layer holds understanding weights and ``*_moe_gen`` twins (``self_attn.{q,k,v,o}_proj`` and
+``..._moe_gen``, ``mlp`` / ``mlp_moe_gen``, ``input_layernorm`` / ``post_attention_layernorm`` and
+``..._moe_gen``); one self-attention runs over the whole sequence. Which weights a position takes
+is decided by a :class:`Routing`, in one of two layouts (tested equal):
+
+- :class:`BatchedRouting`: ``[b, pos, d]`` with a ``gen_mask [b, pos]`` — the layout the toolkit's
+  hooks read. Each expert runs on every position and ``torch.where`` keeps its own positions, so an
+  expert module's output is a full ``[b, pos, d]`` tensor (the other expert's positions hold what
+  it would have computed there; read them through roles).
+- :class:`PackedRouting`: BAGEL's packed ``[tokens, d]`` without a batch axis; index tensors
+  (``packed_und_token_indexes`` / ``packed_gen_token_indexes``) send each token to one expert, and
+  attention runs on a padded view built from ``sample_lens`` (no compute on padding, each expert
+  only on its own tokens — the training path).
+
+Written by hand because transformers has no MoT layer (BAGEL's own code is not a dependency);
+the pieces inside (``Qwen2MLP``, ``Qwen2RMSNorm``, rotary embedding) are transformers'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class BatchedRouting:
+    """``[b, pos, ...]`` tensors; ``gen_mask [b, pos]`` True where the generation expert runs."""
+
+    def __init__(self, gen_mask: torch.Tensor) -> None:
+        self.gen_mask = gen_mask
+
+    def apply(self, und: Fn, gen: Fn, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.gen_mask.unsqueeze(-1), gen(x), und(x))
+
+    def to_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def from_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class PackedRouting:
+    """Packed ``[N, ...]`` tensors of several samples.
+
+    Args:
+        und_index, gen_index: ``[N_und]`` / ``[N_gen]`` token indexes of each expert (a partition of 0..N−1).
+        sample_lens: tokens per sample, in packing order (samples are contiguous).
+    """
+
+    def __init__(self, und_index: torch.Tensor, gen_index: torch.Tensor, sample_lens: list[int]) -> None:
+        n = sum(sample_lens)
+        if und_index.numel() + gen_index.numel() != n:
+            raise ValueError(
+                f"packed indexes cover {und_index.numel()} + {gen_index.numel()} tokens, sample_lens {n}"
+            )
+        self.und_index, self.gen_index = und_index, gen_index
+        self.b, self.length = len(sample_lens), max(sample_lens)
+        sample = torch.repeat_interleave(torch.arange(self.b), torch.tensor(sample_lens))
+        starts = torch.tensor([0, *sample_lens[:-1]]).cumsum(0)
+        self.sample, self.offset = sample, torch.arange(n) - starts[sample]
+        self.valid = torch.zeros(self.b, self.length, dtype=torch.bool)
+        self.valid[self.sample, self.offset] = True
+
+    def apply(self, und: Fn, gen: Fn, x: torch.Tensor) -> torch.Tensor:
+        a = und(x[self.und_index])
+        g = gen(x[self.gen_index])
+        out = a.new_empty(x.shape[0], *a.shape[1:])
+        out[self.und_index] = a
+        out[self.gen_index] = g.to(a.dtype)
+        return out
+
+    def to_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, ...] → [b, L, ...]`` (right-padded with zeros)."""
+        out = x.new_zeros(self.b, self.length, *x.shape[1:])
+        out[self.sample, self.offset] = x
+        return out
+
+    def from_batch(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.sample, self.offset]
+
+
+def attention_bias(
+    visible: torch.Tensor, gen_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Additive mask ``[b, 1, pos, pos]``: query ``i`` sees key ``j`` if ``j`` is visible and ``j ≤ i``,
+    or both are generation latents (the latents of a drawing attend to each other in both
+    directions, as in BAGEL). A finite minimum, not −inf, so fully masked rows (pads) stay finite."""
+    n = visible.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=visible.device).tril()
+    both_gen = gen_mask[:, :, None] & gen_mask[:, None, :]
+    allowed = (causal[None] | both_gen) & visible[:, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+class PackedAttentionMoT(nn.Module):
+    """One self-attention over the sequence; ``q/k/v/o_proj`` for understanding positions and
+    ``..._moe_gen`` twins for generation latents (Qwen2: q/k/v with bias, o without; no q/k norms)."""
+
+    def __init__(self, d: int, n_heads: int, n_kv_heads: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        for suffix in ("", "_moe_gen"):
+            setattr(self, f"q_proj{suffix}", nn.Linear(d, n_heads * self.head_dim, bias=True))
+            setattr(self, f"k_proj{suffix}", nn.Linear(d, n_kv_heads * self.head_dim, bias=True))
+            setattr(self, f"v_proj{suffix}", nn.Linear(d, n_kv_heads * self.head_dim, bias=True))
+            setattr(self, f"o_proj{suffix}", nn.Linear(n_heads * self.head_dim, d, bias=False))
+
+    def forward(
+        self, x: torch.Tensor, route, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """``x`` in the routing's layout; ``cos/sin [b, L, head_dim]``, ``bias [b, 1, L, L]`` on the
+        batch view → attention output in the routing's layout."""
+        q = route.apply(self.q_proj, self.q_proj_moe_gen, x)
+        k = route.apply(self.k_proj, self.k_proj_moe_gen, x)
+        v = route.apply(self.v_proj, self.v_proj_moe_gen, x)
+        q, k, v = (route.to_batch(t) for t in (q, k, v))
+        b, length = q.shape[:2]
+        q = q.view(b, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias
+        z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, length, -1)
+        return route.apply(self.o_proj, self.o_proj_moe_gen, route.from_batch(z))
+
+
+class Qwen2MoTDecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``+ mlp(norm(·))``, each norm and MLP per expert.
+
+    ``mlp_out`` is a parameter-free marker (``nn.Identity``) on the two experts' joined MLP output,
+    so the hook point ``blocks.{i}.mlp_out`` covers both experts (BAGEL itself has no such module).
+    """
+
+    def __init__(self, config) -> None:  # noqa: ANN001 - a transformers Qwen2Config
+        super().__init__()
+        d = config.hidden_size
+        self.self_attn = PackedAttentionMoT(d, config.num_attention_heads, config.num_key_value_heads)
+        self.mlp, self.mlp_moe_gen = Qwen2MLP(config), Qwen2MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm, self.input_layernorm_moe_gen = Qwen2RMSNorm(d, eps), Qwen2RMSNorm(d, eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(d, eps)
+        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(d, eps)
+        self.mlp_out = nn.Identity()
+
+    def forward(self, x: torch.Tensor, route, cos, sin, bias) -> torch.Tensor:
+        h = route.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
+        x = x + self.self_attn(h, route, cos, sin, bias)
+        h = route.apply(self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, x)
+        return x + self.mlp_out(route.apply(self.mlp, self.mlp_moe_gen, h))
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar flow time ``t ∈ [0, 1]`` → ``[n, d]``: sinusoidal features of ``1000·t``, then an MLP
+    (the DiT recipe BAGEL uses; a few lines, written here)."""
+
+    def __init__(self, d: int, freq_dim: int = 64) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        args = 1000.0 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], -1).to(self.mlp[0].weight.dtype))

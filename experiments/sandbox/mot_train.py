@@ -1,0 +1,106 @@
+"""Training recipe of ``sandbox-mot``: warm start from ``sandbox-query``, then the generation path.
+
+BAGEL starts from a pretrained Qwen2 language model and initialises every ``*_moe_gen`` twin as a
+copy of its understanding weights. The sandbox does the same with the shipped ``sandbox-query``
+checkpoint (same Qwen2 backbone, vocabulary and task suite): its language model becomes the
+understanding expert, frozen (as LMFusion freezes its text modules), and copies of it start the
+generation expert. Only the generation path trains — the twins, ``norm_moe_gen``, ``vae2llm``,
+``llm2vae``, ``time_embedder``, ``latent_pos_embed`` — on drawing examples of the same suite and
+splits (:meth:`Suite.training_examples` with ``gen_fraction=1``), through the shared training loop
+(:func:`uniprobe.experiments.sandbox.train.fit`). Understanding therefore equals sandbox-query's,
+and the cost is the generation path alone (measured in the checkpoint's ``train_log.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from uniprobe.experiments.sandbox.checkpoint import load_sandbox, save_sandbox
+from uniprobe.experiments.sandbox.mot import SandboxMoT
+from uniprobe.experiments.sandbox.train import fit
+from uniprobe.experiments.tasks.suite import Suite
+
+RECIPE: dict = {
+    "source": "sandbox-query",
+    "seed": 0,
+    "suite_seed": 0,
+    "steps": 300,
+    "lr": 2e-3,
+    "warmup": 30,
+    "batch_size": 32,
+    "micro_batch": 32,
+    "data": {"gen_fraction": 1.0, "prefix_p": 0.12, "direct_heldout": False, "mix": "count_heavier"},
+}
+
+_TWINS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def warm_start(model: SandboxMoT, source: str | Path = "sandbox-query") -> SandboxMoT:
+    """Copy ``source``'s Qwen2 language model into ``model``'s understanding weights and each
+    ``*_moe_gen`` twin; freeze the understanding expert (embeddings, ``vit_model``, ``lm_head``, the
+    understanding layers, ``norm``)."""
+    src = load_sandbox(source).lm
+    if src.config.hidden_size != model.lm.config.hidden_size or src.config.vocab_size != len(model.tokenizer):
+        raise ValueError(
+            f"{source}: backbone size or vocabulary differs from sandbox-mot's; cannot warm-start"
+        )
+    lm = model.language_model
+    lm.model.embed_tokens.load_state_dict(src.model.embed_tokens.state_dict())
+    lm.lm_head.load_state_dict(src.lm_head.state_dict())
+    model.vit_model.load_state_dict(load_sandbox(source).img_embed.state_dict())
+    for norm in ("norm", "norm_moe_gen"):
+        getattr(lm.model, norm).load_state_dict(src.model.norm.state_dict())
+    for mine, theirs in zip(lm.model.layers, src.model.layers, strict=True):
+        for name in _TWINS:
+            for suffix in ("", "_moe_gen"):
+                getattr(mine.self_attn, name + suffix).load_state_dict(
+                    getattr(theirs.self_attn, name).state_dict()
+                )
+        for suffix in ("", "_moe_gen"):
+            getattr(mine, "mlp" + suffix).load_state_dict(theirs.mlp.state_dict())
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                getattr(mine, norm + suffix).load_state_dict(getattr(theirs, norm).state_dict())
+    for name, p in model.named_parameters():
+        p.requires_grad = _is_generation_param(name)
+    return model
+
+
+def _is_generation_param(name: str) -> bool:
+    return "_moe_gen" in name or not name.startswith(("language_model.", "vit_model."))
+
+
+def train_mot(
+    out: str | Path | None,
+    steps: int | None = None,
+    time_budget_s: float | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> SandboxMoT:
+    """Warm-start and train ``sandbox-mot`` with :data:`RECIPE` (``steps`` overrides its step count);
+    save it to ``out`` (with ``train_log.jsonl`` and the recipe in ``training.json``) if given."""
+    r = {**RECIPE, "steps": steps or RECIPE["steps"]}
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(r["seed"])
+    model = warm_start(SandboxMoT(), r["source"])
+    stream = Suite(r["suite_seed"]).training_examples(r["seed"], **r["data"])
+    log_path = None
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        log_path = Path(out) / "train_log.jsonl"
+    t0 = time.time()
+    fit(
+        model, stream, r["steps"], r["lr"], r["batch_size"], warmup=r["warmup"], time_budget_s=time_budget_s,
+        log_path=log_path, log_every=10, progress=progress, micro_batch=r["micro_batch"], desc="train mot",
+    )  # fmt: skip
+    for p in model.parameters():
+        p.requires_grad = True
+    if out is not None:
+        save_sandbox(model, out)
+        Path(out, "training.json").write_text(
+            json.dumps({**r, "seconds": round(time.time() - t0, 1)}, indent=1)
+        )
+    return model
