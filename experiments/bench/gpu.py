@@ -225,7 +225,7 @@ def _head_sweep(
         return {}
     from uniprobe.probes.patching import attribution_patch, patch_sweep
 
-    grid = head_sites(model, adapter=adapter)
+    grid = head_sites(model, clean, adapter=adapter)
     t_exact = timed(lambda: patch_sweep(model, clean, corrupted, grid, metric), device, repeats)
     t_attr = timed(lambda: attribution_patch(model, clean, corrupted, grid, metric), device, repeats)
     print(f"  head sweep, {len(grid)} sites: exact {t_exact:.3f} s, attribution {t_attr:.3f} s")

@@ -1,10 +1,12 @@
 """Attention across the understanding → generation boundary: per-head patching, path patching, steering.
 
-Modules: :mod:`~uniprobe.probes.attention.steering` (activation addition at points × positions × steps,
-batched alpha × point sweeps). Head-level sites and path patching arrive beside it; the attention
+Modules: :mod:`~uniprobe.probes.attention.heads` (head-level patching sites for the batched engine),
+:mod:`~uniprobe.probes.attention.steering` and :mod:`~uniprobe.probes.attention.steer_sweep` (activation
+addition at points × positions × steps, batched alpha × point sweeps); the attention
 mechanism itself (geometry, ``z``, interception) lives in :mod:`uniprobe.hooks.attention`.
 """
 
+from uniprobe.probes.attention.heads import head_grid, head_sites
 from uniprobe.probes.attention.steer_sweep import SteerResult, steer_sweep
 from uniprobe.probes.attention.steering import (
     Steer,
@@ -20,6 +22,8 @@ from uniprobe.probes.attention.steering import (
 __all__ = [
     "Steer",
     "SteerResult",
+    "head_grid",
+    "head_sites",
     "mean_difference",
     "probe_direction",
     "role_positions",

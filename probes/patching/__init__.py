@@ -55,11 +55,14 @@ from uniprobe.probes.patching.metrics import (
 from uniprobe.probes.patching.plots import heatmap
 from uniprobe.probes.patching.results import PatchResult, correlation, normalise
 from uniprobe.probes.patching.sites import (
+    HEAD_KINDS,
     KINDS,
     PatchSite,
     SiteGrid,
     as_site_list,
     grid_sites,
+    head_grid,
+    head_grid_sites,
     mapped_sites,
     point_sites,
     role_sites,
@@ -67,6 +70,7 @@ from uniprobe.probes.patching.sites import (
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "HEAD_KINDS",
     "KINDS",
     "Alignment",
     "GenerationEffect",
@@ -91,6 +95,8 @@ __all__ = [
     "correlation",
     "generation_effect",
     "grid_sites",
+    "head_grid",
+    "head_grid_sites",
     "heatmap",
     "image_forward",
     "janus_image_forward",

@@ -21,7 +21,7 @@ from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs
 from uniprobe.hooks.points import layer_of
 from uniprobe.probes import kernels
-from uniprobe.probes.patching.engine import Forward, Metric, collect_states, evaluate, forward_of
+from uniprobe.probes.patching.engine import Forward, Metric, collect_states, evaluate, forward_of, head_counts
 from uniprobe.probes.patching.exact import DIRECTIONS, check_lengths, prepare_metric
 from uniprobe.probes.patching.hooking import record
 from uniprobe.probes.patching.metrics import metric_name
@@ -72,7 +72,7 @@ def attribution_patch(
     b = per_row.shape[0]
     base = float(evaluate(metric, tgt_out, b).mean())
     other = float(evaluate(metric, src_out, b).mean())
-    scores = _site_scores(site_list, source, target, grad, force)
+    scores = _site_scores(site_list, source, target, grad, force, head_counts(model, adapter, site_list))
     values = base + scores
     clean_v, corrupted_v = (other, base) if direction == "denoise" else (base, other)
     return PatchResult(
@@ -95,16 +95,30 @@ def _site_scores(
     target: dict[str, torch.Tensor],
     grad: dict[str, torch.Tensor],
     force: str | None,
+    heads: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """``[n_sites]``: Σ over batch and the site's positions of ``(source − target) · grad``.
 
-    Same-position sites share one ``[B, pos]`` score map per point (one kernel call per point).
+    Same-position sites share one ``[B, pos]`` score map per point (one kernel call per point); head
+    sites one ``[B, pos, head]`` map per point (:func:`uniprobe.probes.kernels.head_attribution_scores`).
     """
     maps: dict[str, torch.Tensor] = {}
     out = torch.empty(len(sites))
     for i, s in enumerate(sites):
         src, tgt, g = source[s.point], target[s.point], grad[s.point]
         src = src.expand(tgt.shape[0], *src.shape[1:])
+        if s.head is not None:
+            n_h = (heads or {})[s.point]
+            key = f"{s.point}|heads|{s.src}" if s.source_positions is not None else f"{s.point}|heads"
+            if key not in maps:
+                tp, sp = list(s.positions), list(s.src)
+                src_h = src if s.source_positions is None else src[:, sp]
+                tgt_h, g_h = (tgt, g) if s.source_positions is None else (tgt[:, tp], g[:, tp])
+                split = [x.reshape(*x.shape[:2], n_h, -1) for x in (src_h, tgt_h, g_h)]
+                maps[key] = kernels.head_attribution_scores(*split, force=force).cpu()  # [B, pos, head]
+            cols = list(s.positions) if s.source_positions is None else slice(None)
+            out[i] = maps[key][:, cols, s.head].sum()
+            continue
         if s.source_positions is None and src.shape == tgt.shape:
             if s.point not in maps:
                 maps[s.point] = kernels.attribution_scores(src, tgt, g, force=force).cpu()  # [B, pos]

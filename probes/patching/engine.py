@@ -79,12 +79,19 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def build_plans(
-    sites: Sequence[PatchSite], source: dict[str, torch.Tensor], batch: int, shift: int = 0
+    sites: Sequence[PatchSite],
+    source: dict[str, torch.Tensor],
+    batch: int,
+    shift: int = 0,
+    heads: dict[str, int] | None = None,
 ) -> dict[str, Plan]:
     """Point → :class:`Plan` for sites ``0..n-1`` occupying rows ``i·B .. i·B+B-1``.
 
     ``shift``: subtracted from target positions (a run that starts at position ``shift``).
+    ``heads``: point → number of heads, for points with head sites (:func:`head_counts`): their plan
+    writes ``[batch, pos·heads, d_head]`` slices (a whole-``z`` site there writes every head).
     """
+    heads = heads or {}
     rows: dict[str, list[torch.Tensor]] = defaultdict(list)
     pos: dict[str, list[torch.Tensor]] = defaultdict(list)
     vals: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -104,10 +111,38 @@ def build_plans(
             )
         k = len(site.positions)
         v = src[:, list(site.src)].expand(batch, k, *src.shape[2:])
-        vals[site.point].append(v.reshape(batch * k, *src.shape[2:]))
+        target = torch.tensor(site.positions) - shift
+        n_h = heads.get(site.point, 1)
+        if site.head is not None and site.head >= n_h:
+            raise IndexError(f"site {site.point} head {site.head}: the attention has {n_h} heads")
+        if n_h > 1:  # positions of the [batch, pos·heads, d_head] view
+            v = v.reshape(batch, k, n_h, -1)
+            if site.head is not None:
+                v, target = v[:, :, site.head], target * n_h + site.head
+            else:
+                target = (target[:, None] * n_h + torch.arange(n_h)).flatten()
+            k = target.numel()
+        vals[site.point].append(
+            v.reshape(batch * k, *v.shape[-1:]) if n_h > 1 else v.reshape(batch * k, *src.shape[2:])
+        )
         rows[site.point].append((i * batch + torch.arange(batch)).repeat_interleave(k))
-        pos[site.point].append((torch.tensor(site.positions) - shift).repeat(batch))
-    return {p: Plan(torch.cat(rows[p]), torch.cat(pos[p]), torch.cat(vals[p])) for p in rows}
+        pos[site.point].append(target.repeat(batch))
+    return {p: Plan(torch.cat(rows[p]), torch.cat(pos[p]), torch.cat(vals[p]), heads.get(p, 1)) for p in rows}
+
+
+def head_counts(model: nn.Module, adapter: Adapter, sites: Sequence[PatchSite]) -> dict[str, int]:
+    """Point → number of attention heads, for every point that has a head site (head indices checked)."""
+    from uniprobe.hooks.attention import attention_geometry
+
+    counts: dict[str, int] = {}
+    for s in sites:
+        if s.head is None or s.layer is None:
+            continue
+        if s.point not in counts:
+            counts[s.point] = attention_geometry(model, adapter, s.layer).n_heads
+        if s.head >= counts[s.point]:
+            raise IndexError(f"site {s.point} head {s.head}: the attention has {counts[s.point]} heads")
+    return counts
 
 
 @dataclass
@@ -171,7 +206,9 @@ def evaluate(metric: Metric, outputs: Any, rows: int) -> torch.Tensor:
     return v
 
 
-def is_noop(site: PatchSite, source: dict[str, torch.Tensor], tr: CachedRun) -> bool:
+def is_noop(
+    site: PatchSite, source: dict[str, torch.Tensor], tr: CachedRun, heads: dict[str, int] | None = None
+) -> bool:
     """Whether the site writes exactly the values the target already has (bitwise)."""
     tgt = tr.values.get(site.point)
     src = source[site.point]
@@ -180,7 +217,11 @@ def is_noop(site: PatchSite, source: dict[str, torch.Tensor], tr: CachedRun) -> 
     if max(site.src) >= src.shape[1] or max(site.positions) >= tgt.shape[1]:
         return False
     a = src[:, list(site.src)].expand(tgt.shape[0], len(site.src), *src.shape[2:])
-    return torch.equal(a, tgt[:, list(site.positions)])
+    b = tgt[:, list(site.positions)]
+    if site.head is not None:
+        n_h = (heads or {}).get(site.point, 1)
+        a, b = (x.reshape(*x.shape[:2], n_h, -1)[:, :, site.head] for x in (a, b))
+    return torch.equal(a, b)
 
 
 def plan_chunks(
@@ -248,7 +289,8 @@ def run_sites(
         tr = cached_run(model, adapter, target, forward, points)
     b, n_layers, length = tr.batch, tr.n_layers, max(tr.length, 1)
     values = torch.empty(len(sites))
-    noop = [skip_noops and is_noop(s, source, tr) for s in sites]
+    heads = head_counts(model, adapter, sites)
+    noop = [skip_noops and is_noop(s, source, tr, heads) for s in sites]
     if any(noop):
         values[torch.tensor(noop)] = evaluate(metric, tr.outputs, b).mean()
     todo = [i for i, skip in enumerate(noop) if not skip]
@@ -264,7 +306,7 @@ def run_sites(
         chunk_starts = [starts[j] for j in members]
         values[part] = _run_chunk(
             model, adapter, target, [sites[i] for i in part], chunk_starts, source, metric, fwd, tr,
-            p0 if use_suffix else None, force,
+            p0 if use_suffix else None, force, heads,
         )  # fmt: skip
         rows += len(part) * b
         work += sum((n_layers - s) * (length - p0) for s in chunk_starts) / (n_layers * length)
@@ -300,6 +342,7 @@ def _run_chunk(
     tr: CachedRun,
     p0: int | None,
     force: str | None,
+    heads: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """One forward for ``sites`` (ordered by start layer ``starts``) over positions ``p0..``.
 
@@ -308,7 +351,7 @@ def _run_chunk(
     prefix, the metric reading only the last position (see :func:`_last_position_modules`).
     """
     n, b, n_layers = len(sites), tr.batch, tr.n_layers
-    plans = build_plans(sites, source, b, shift=p0 or 0)
+    plans = build_plans(sites, source, b, shift=p0 or 0, heads=heads)
     active = [b * sum(s <= j for s in starts) for j in range(n_layers)]
     start = p0 or 0
 
@@ -430,8 +473,9 @@ def run_sites_reference(
     fwd = forward_of(adapter, forward)
     b = first_dim(target)
     out = torch.empty(len(sites))
+    heads = head_counts(model, adapter, sites)
     for i, site in enumerate(sites):
-        with overwrite(model, adapter, build_plans([site], source, b), force="torch") as ow:
+        with overwrite(model, adapter, build_plans([site], source, b, heads=heads), force="torch") as ow:
             res = fwd(model, target)
             ow.check_fired(None)
         out[i] = evaluate(metric, res, b).mean()

@@ -72,16 +72,22 @@ def _require_grad(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dic
 
 
 class Plan:
-    """What to write at one point: ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``."""
+    """What to write at one point: ``values [m, *feat]`` into ``rows [m]`` × ``positions [m]``.
 
-    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
-        self.rows, self.positions, self.values = rows, positions, values
+    ``split`` > 1 (head sites): the tensor ``[batch, pos, split·f]`` is seen as ``[batch, pos·split, f]``
+    and ``positions`` index that view (``p·split + head``), so one head's slice is written alone.
+    """
+
+    def __init__(
+        self, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, split: int = 1
+    ) -> None:
+        self.rows, self.positions, self.values, self.split = rows, positions, values, split
         self.fired = 0
 
     def apply(self, t: torch.Tensor, force: str | None) -> torch.Tensor:
         """A patched copy of ``t [batch, pos, *feat]``."""
         out = t.clone(memory_format=torch.contiguous_format)
-        flat = out.view(out.shape[0], out.shape[1], -1)
+        flat = out.view(out.shape[0], out.shape[1] * self.split, -1)
         vals = self.values.reshape(self.values.shape[0], -1)
         kernels.scatter_rows(flat, vals, self.rows, self.positions, force=force)
         self.fired += 1

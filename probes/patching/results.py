@@ -108,6 +108,7 @@ class PatchResult:
                     "positions": list(s.positions),
                     "source_positions": list(s.src),
                     "label": s.label,
+                    **({"head": s.head} if s.head is not None else {}),
                 }
                 for s in self.sites
             ],
@@ -142,6 +143,7 @@ class PatchResult:
                 tuple(s["positions"]),
                 None if s["source_positions"] == s["positions"] else tuple(s["source_positions"]),
                 s["label"],
+                s.get("head"),
             )
             for s in doc["sites"]
         ]

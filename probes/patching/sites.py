@@ -12,6 +12,7 @@ roles or aligned position pairs) so a flat result vector reshapes into a heatmap
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from uniprobe.hooks.layout import TokenLayout
 from uniprobe.hooks.points import BLOCK_POINTS, layer_of
 
 KINDS: tuple[str, ...] = BLOCK_POINTS  # resid_pre, attn_out, mlp_out, resid_post
+HEAD_KINDS: tuple[str, ...] = ("head_out", "z")  # per-head sites: both patch the head's z slice
+HEAD_POINT = re.compile(r"^blocks\.\d+\.attn\.z$")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,16 @@ class PatchSite:
     positions: tuple[int, ...]
     source_positions: tuple[int, ...] | None = None
     label: str = ""
+    head: int | None = None
 
     def __post_init__(self) -> None:
+        if self.head is not None:
+            if not HEAD_POINT.match(self.point) or int(self.head) < 0:
+                raise ValueError(
+                    f"site {self.point!r} head={self.head!r}: a head site patches one head's d_head slice of "
+                    "blocks.{i}.attn.z (the o_proj input) — use that point and a head index >= 0"
+                )
+            object.__setattr__(self, "head", int(self.head))
         object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
         if self.source_positions is not None:
             object.__setattr__(self, "source_positions", tuple(int(p) for p in self.source_positions))
@@ -59,7 +70,7 @@ class PatchSite:
 
     @property
     def kind(self) -> str:
-        """``resid_pre`` / ``attn_out`` / ``mlp_out`` / ``resid_post``, or the point itself."""
+        """``resid_pre`` / ``attn_out`` / ``mlp_out`` / ``resid_post`` / ``attn.z``, or the point itself."""
         return self.point.split(".", 2)[2] if self.layer is not None else self.point
 
     @property
@@ -191,6 +202,64 @@ def mapped_sites(
     else:
         cols = [(labels[i] if labels else f"{t}←{s}", (t,), (s,)) for i, (t, s) in enumerate(pairs)]
     return _columns(kinds, layers, cols)
+
+
+def head_grid_sites(
+    n_layers: int,
+    n_heads: int,
+    n_positions: int,
+    *,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    by_position: bool = False,
+    layout: TokenLayout | None = None,
+    roles: Sequence[str] | None = None,
+) -> SiteGrid:
+    """Head sites ``layer × head × column`` at ``blocks.{l}.attn.z``: patch one head's ``d_head`` slice of
+    the ``o_proj`` input (= that head's ``head_out``; the other heads keep theirs).
+
+    Columns: ``"all"`` (every position in ``positions`` at once — TransformerLens's ``..._all_pos``),
+    one per position (``by_position=True`` — ``..._by_pos``), or one per role of ``layout`` (``roles``).
+    The grid is ``[kind "head_out", layer, head × column]``; ``meta`` holds ``heads`` and ``head_columns``
+    so :func:`head_grid` reshapes results to ``[layer, head, column]``.
+    """
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    heads = list(range(n_heads)) if heads is None else list(heads)
+    positions = list(range(n_positions)) if positions is None else list(positions)
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"heads {bad} are outside the attention (0..{n_heads - 1})")
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are outside the model (0..{n_layers - 1})")
+    bad = [p for p in positions if not 0 <= p < n_positions]
+    if bad:
+        raise ValueError(f"positions {bad} are outside the sequence (0..{n_positions - 1})")
+    if roles is not None:
+        if layout is None:
+            raise ValueError("head_grid_sites(roles=...) needs the inputs' layout")
+        cols = [(c.label, c.positions) for c in role_sites(1, layout, roles).sites]
+    elif by_position:
+        cols = [(str(p), (p,)) for p in positions]
+    else:
+        cols = [("all", tuple(positions))]
+    sites = [
+        PatchSite(f"blocks.{layer}.attn.z", tgt, None, f"h{h}:{label}", head=h)
+        for layer in layers
+        for h in heads
+        for label, tgt in cols
+    ]
+    columns = [f"h{h}:{label}" for h in heads for label, _ in cols]
+    meta = {"heads": heads, "head_columns": [label for label, _ in cols]}
+    return SiteGrid(sites, ["head_out"], layers, columns, meta)
+
+
+def head_grid(values: torch.Tensor, grid: SiteGrid) -> torch.Tensor:
+    """``[n_sites]`` of a :func:`head_grid_sites` grid → ``[layer, head, column]``."""
+    if "heads" not in grid.meta:
+        raise ValueError("not a head_grid_sites grid (its meta has no 'heads')")
+    return values.reshape(len(grid.layers), len(grid.meta["heads"]), len(grid.meta["head_columns"]))
 
 
 def point_sites(point: str, positions: Sequence[int] | None = None, n: int | None = None) -> list[PatchSite]:
