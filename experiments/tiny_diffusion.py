@@ -83,3 +83,35 @@ def tiny_diffusion_query(
     torch.manual_seed(seed + 1)
     model = TinyDiffusionQueryModel(lm, decoder.eval(), scheduler, LATENT_SHAPE).eval()
     return model, {**info, "n_queries": model.n_queries, "latent_shape": list(LATENT_SHAPE)}
+
+
+def glm_prior_token_ids(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """GLM-Image's AR image tokens ``[b, h·w]`` → the DiT's prior ids ``[b, 2h·2w]``: each token
+    repeated over a 2×2 block of latent patches (nearest 2× upsampling, as diffusers' GlmImagePipeline
+    does; written out because that helper is private — tests compare the two)."""
+    grid = tokens.view(-1, height, width)
+    return grid.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2).flatten(1)
+
+
+def tiny_glm_image_dit(seed: int = 0, codebook: int = 32, glyph_dim: int = 16) -> tuple[nn.Module, Any, dict]:
+    """A tiny diffusers ``GlmImageTransformer2DModel`` (GLM-Image's DiT decoder) and its
+    ``FlowMatchEulerDiscreteScheduler`` (rectified flow), from configs: 8×8×4 latents in 16 patches,
+    conditioned on ``prior_token_id`` (the AR tokens of :func:`uniprobe.experiments.tiny.tiny_glm_image`,
+    codebook ``codebook``, upsampled by :func:`glm_prior_token_ids`) and glyph embeddings
+    ``encoder_hidden_states [b, n, glyph_dim]``. Returns ``(dit, scheduler, info)``."""
+    diffusers = require_diffusers()
+    torch.manual_seed(seed)
+    dit = diffusers.GlmImageTransformer2DModel(
+        patch_size=2,
+        in_channels=LATENT_SHAPE[0],
+        out_channels=LATENT_SHAPE[0],
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=glyph_dim,
+        time_embed_dim=16,
+        condition_dim=8,
+        prior_vq_quantizer_codebook_size=codebook,
+    ).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    return dit, scheduler, {"latent_shape": list(LATENT_SHAPE), "glyph_dim": glyph_dim, "prior_grid": [4, 4]}

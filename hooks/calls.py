@@ -224,11 +224,14 @@ def track_calls(hooks: HookSet, model: nn.Module, blocks: str, log: CallLog) -> 
 
 class DecoderStep(NamedTuple):
     """One forward of a diffusion decoder: denoising ``step`` (0 = its first call in the capture),
-    the ``timestep`` it was given (the model's own units), and the ``rows`` it ran."""
+    the ``timestep`` it was given (the model's own units), the ``rows`` it ran, and ``branch``: a call
+    at the same timestep as the one before is that step's next CFG branch (pipelines such as
+    GLM-Image's run the conditional and unconditional passes as separate calls), else 0."""
 
     step: int
     timestep: float
     rows: int
+    branch: int = 0
 
 
 def track_timesteps(hooks: HookSet, model: nn.Module, module: str, log: CallLog) -> Any:
@@ -282,7 +285,11 @@ def track_decoder_steps(hooks: HookSet, model: nn.Module, decoder: str, steps: l
     module = get_module(model, decoder)
 
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        first = input_tensor(args, kwargs)
-        steps.append(DecoderStep(len(steps), decoder_timestep(mod, args, kwargs), int(first.shape[0])))
+        rows, t = int(input_tensor(args, kwargs).shape[0]), decoder_timestep(mod, args, kwargs)
+        prev = steps[-1] if steps else None
+        if prev is not None and prev.timestep == t:  # the same step's next guidance branch
+            steps.append(DecoderStep(prev.step, t, rows, prev.branch + 1))
+        else:
+            steps.append(DecoderStep(prev.step + 1 if prev else 0, t, rows))
 
     return hooks.pre(module, pre_hook)

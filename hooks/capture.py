@@ -22,7 +22,9 @@ Diffusion decoders. When the adapter names a ``decoder`` (a diffusers denoiser, 
 denoising step), a second tracker on that module logs each of its calls as a
 :class:`~uniprobe.hooks.calls.DecoderStep` (step, timestep, rows). Points inside the decoder (its
 blocks, its conditioning input, ``decoder.out``) are tagged with that *denoising* step
-(``cap.timesteps[step]`` is its timestep), the CFG branch as above, role ``image_gen`` and the
+(``cap.timesteps[step]`` is its timestep), the CFG branch as above (a pipeline that runs the
+branches as separate calls at one timestep, as GLM-Image's does, gets one step with branches 0, 1 by
+call order), role ``image_gen`` and the
 decoder's own token positions (0..k-1; a 4-D ``[rows, C, H, W]`` output is one position).
 """
 
@@ -95,12 +97,14 @@ class Captured:
         final position during generation).
         """
         step, offset, length = self._call()
+        first_branch = 0
         t = tensor.detach()
         if point in self.decoder_points:  # the decoder's own positions, its denoising step
             if not self.decoder_steps:
                 raise RuntimeError(f"{point!r} fired outside a decoder call (no denoising step to tag)")
             t = t[:, None] if t.dim() != 3 else t
-            step, offset, length = self.decoder_steps[-1].step, 0, t.shape[1]
+            call = self.decoder_steps[-1]
+            step, offset, length, first_branch = call.step, 0, t.shape[1], call.branch
         elif t.dim() == 2:
             t = t[:, None]
         n_rows, k = t.shape[0], t.shape[1]
@@ -110,7 +114,7 @@ class Captured:
         pos = torch.arange(offset + length - k, offset + length)
         b = self.cfg_batch or n_rows
         example = torch.arange(n_rows) % b
-        branch = torch.arange(n_rows) // b
+        branch = torch.arange(n_rows) // b + first_branch
         if self.log.branch is not None and point not in self.decoder_points:  # a flow model's CFG pass
             branch = torch.full((n_rows,), self.log.branch, dtype=torch.long)
         if point in self.decoder_points:
@@ -243,6 +247,8 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
             result.decoder_points = self.adapter.decoder_points(self.model) & set(self.points)
         if self.adapter.timestep_module:  # a flow backbone: its calls are denoising passes
             track_timesteps(self, self.model, self.adapter.timestep_module, result.log)
+        if self.adapter.timestep_module:  # a flow backbone: its calls are denoising passes
+            track_timesteps(self, self.model, self.adapter.timestep_module, result.log)
         attn = install_attention_capture(self, self.model, self.adapter, result, self.points, *self.keys)
         for point in self.points:
             if point not in attn:
@@ -251,6 +257,10 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
     def __enter__(self) -> Captured:  # type: ignore[override] — the capture hands out its result
         super().__enter__()
         return self.result
+
+
+# guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes
+_BRANCH_IDS = {"cond": 0, "uncond": 1, "uncond_text": 1, "uncond_image": 2}
 
 
 # guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes

@@ -106,3 +106,56 @@ def test_bad_examples_are_named(glm):
     )
     with pytest.raises(UsageError, match="one target grid"):
         adapter.generate(model, inputs)
+
+
+def test_glm_image_dit_flow_loss_from_the_ar_tokens(glm):
+    """AR tokens of the tiny GLM-Image → its diffusers DiT (built from a config): the flow-matching
+    denoising loss equals the hand-written one and depends on the tokens."""
+    pytest.importorskip("diffusers")
+    from diffusers import GlmImagePipeline
+    from uniprobe.experiments.tiny_diffusion import glm_prior_token_ids, tiny_glm_image_dit
+    from uniprobe.hooks.diffusion import decoder_call, prediction_type_of
+    from uniprobe.probes.patching.denoising import DenoisingLoss
+
+    model, _, adapter, _ = glm
+    with torch.no_grad():
+        tokens = adapter.generate(model, adapter.prepare(model, [{"input_ids": T2I}], mode="generation"))
+    prior = glm_prior_token_ids(tokens, 2, 2)
+    assert torch.equal(prior, GlmImagePipeline._upsample_token_ids(tokens, 2, 2))  # diffusers' own helper
+    dit, scheduler, info = tiny_glm_image_dit()
+    assert prediction_type_of(scheduler) == "flow"
+    torch.manual_seed(0)
+    x0, glyphs = torch.randn(1, *info["latent_shape"]), torch.randn(1, 3, info["glyph_dim"])
+    extra = {"target_size": torch.tensor([[64.0, 64.0]]), "crop_coords": torch.zeros(1, 2)}
+
+    def predict_with(prior_ids):
+        def predict(x_t, t, cond):  # GLM-Image's pipeline feeds the DiT t·1000 − 1
+            drop = torch.zeros_like(prior_ids, dtype=torch.bool)
+            return decoder_call(
+                dit, x_t, t * 1000 - 1, cond, prior_token_id=prior_ids, prior_token_drop=drop, **extra
+            )
+
+        return predict
+
+    metric = DenoisingLoss.from_scheduler(
+        predict_with(prior), x0, scheduler, k=3, seed=1, cond_fn=lambda out: out
+    )
+    with torch.no_grad():
+        got = metric(glyphs)
+        ref = 0.0
+        for t, eps in zip(metric.timesteps, metric.noises, strict=True):
+            x_t = (1 - t) * x0 + t * eps
+            v = dit(
+                hidden_states=x_t,
+                encoder_hidden_states=glyphs,
+                prior_token_id=prior,
+                prior_token_drop=torch.zeros_like(prior, dtype=torch.bool),
+                timestep=(t * 1000 - 1).view(1),
+                **extra,
+            ).sample
+            ref += ((v - (eps - x0)) ** 2).mean()
+        other = DenoisingLoss.from_scheduler(
+            predict_with((prior + 1) % 32), x0, scheduler, k=3, seed=1, cond_fn=lambda out: out
+        )(glyphs)
+    torch.testing.assert_close(got, (ref / 3).view(1), rtol=1e-5, atol=1e-6)
+    assert float(other) != pytest.approx(float(got))

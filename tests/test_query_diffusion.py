@@ -135,3 +135,42 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers → ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'uniprobe\[diffusion\]'"):
         require_diffusers()
+
+
+def test_branches_run_as_separate_calls_share_one_step(tiny):
+    """A pipeline that runs cond and uncond as two calls at one timestep (GLM-Image's) gets one step each."""
+    model, adapter, clean, _ = tiny
+    with torch.no_grad():
+        cond = adapter.run(model, clean)[1]
+    x = torch.randn(1, *model.latent_shape)
+    with torch.no_grad(), capture(model, "decoder.out", adapter=adapter, layout=clean.layout) as cap:
+        for t in (90, 50):
+            for c in (cond, torch.zeros_like(cond)):
+                model.decoder(x, encoder_hidden_states=c, timestep=torch.tensor([t]), **model.decoder_kwargs)
+    assert [(s.step, s.branch) for s in cap.decoder_steps] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert cap.timesteps == {0: 90.0, 1: 50.0}
+    rows = cap.rows("decoder.out")
+    assert rows.step.tolist() == [0, 0, 1, 1] and rows.branch.tolist() == [0, 1, 0, 1]
+
+
+def test_flow_scheduler_metric_equals_hand_written_flow_loss(tiny):
+    """The same decoder measured as a rectified-flow model (FlowMatchEulerDiscreteScheduler)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model, adapter, clean, _ = tiny
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    predict = decoder_predict(model.decoder, "flow", 1000, **model.decoder_kwargs)
+    torch.manual_seed(2)
+    x0 = torch.randn(1, *model.latent_shape)
+    metric = DenoisingLoss.from_scheduler(predict, x0, scheduler, k=2, seed=4)
+    with torch.no_grad():
+        out = adapter.run(model, clean)
+        ref = 0.0
+        for t, eps in zip(metric.timesteps, metric.noises, strict=True):
+            x_t = (1 - t) * x0 + t * eps
+            v = model.decoder(
+                x_t, encoder_hidden_states=out[1], timestep=(t * 1000).view(1), **model.decoder_kwargs
+            )
+            ref += ((v.sample - (eps - x0)) ** 2).mean()
+        torch.testing.assert_close(metric(out), (ref / 2).view(1), rtol=1e-5, atol=1e-6)
+    assert metric.prediction_type == "flow"
