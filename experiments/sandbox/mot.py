@@ -177,7 +177,7 @@ class SandboxMoT(SandboxModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         first = position_ids.masked_fill(~gen, 1 << 30).min(-1, keepdim=True).values
         position_ids = torch.where(gen, first, position_ids)  # one rotary position per drawing
-        h = self._layers(emb, BatchedRouting(gen), position_ids, attention_bias(attention_mask, gen))
+        h = self._layers(emb, gen, position_ids, attention_bias(attention_mask, gen))
         velocity = latents.new_zeros(b, self.n_cells, self.latent_dim)
         if rows.any():
             # [drawing rows, cells, d]: the latents are each row's last positions (hooks read them so)
@@ -195,14 +195,16 @@ class SandboxMoT(SandboxModel):
     def _layers(
         self, emb: torch.Tensor, route, position_ids: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
+        """Embeddings → final-norm output; ``route`` a ``gen_mask [b, pos]`` or a :class:`PackedRouting`."""
         inner = self.language_model.model
-        view = route.to_batch(emb)
-        pos = route.to_batch(position_ids) if position_ids.dim() == 1 else position_ids
+        final = BatchedRouting(route) if isinstance(route, torch.Tensor) else route
+        view = final.to_batch(emb)
+        pos = final.to_batch(position_ids) if position_ids.dim() == 1 else position_ids
         cos, sin = inner.rotary_emb(view, pos)
         x = emb
         for layer in inner.layers:
             x = layer(x, route, cos, sin, bias)
-        return route.apply(inner.norm, inner.norm_moe_gen, x)
+        return final.apply(inner.norm, inner.norm_moe_gen, x)
 
     def tile_logits(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``[b, cells, n_tiles]``: −‖(x_t − t·v) − tile‖², the nearest tile scoring highest."""

@@ -152,6 +152,9 @@ class Qwen2MoTDecoderLayer(nn.Module):
         self.mlp_out = nn.Identity()
 
     def forward(self, x: torch.Tensor, route, cos, sin, bias) -> torch.Tensor:
+        """``route``: the batched layout's ``gen_mask [b, pos]`` (a tensor, so code that runs a block
+        on a subset of rows slices it with the others) or a :class:`PackedRouting`."""
+        route = BatchedRouting(route) if isinstance(route, torch.Tensor) else route
         h = route.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
         x = x + self.self_attn(h, route, cos, sin, bias)
         h = route.apply(self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, x)

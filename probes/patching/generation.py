@@ -29,7 +29,7 @@ from torch import nn
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs
 from uniprobe.hooks.adapters.janus import JANUS
-from uniprobe.hooks.calls import Call, CallLog, track_calls
+from uniprobe.hooks.calls import Call, CallLog, track_calls, track_timesteps
 from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import TokenLayout
 from uniprobe.probes.patching.cross_prompt import Alignment
@@ -82,6 +82,9 @@ def janus_image_forward(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
 class StepPatch:
     """At generation ``step``, overwrite ``positions`` (absolute stream positions) at ``point``.
 
+    For a flow model (an adapter with a ``timestep_module``) ``step`` is a denoising step and the
+    patch writes its ``cond`` pass only.
+
     Attributes:
         values: ``[k, *feat]`` (same for every patched row) or ``[rows, k, *feat]``.
         rows: batch rows to patch; ``None`` = all rows of the conditional branch.
@@ -116,6 +119,8 @@ class _StepPatcher(HookSet):
 
     def install(self) -> None:
         track_calls(self, self.model, self.adapter.blocks, self.log)
+        if self.adapter.timestep_module:  # a flow backbone: steps are denoising steps
+            track_timesteps(self, self.model, self.adapter.timestep_module, self.log)
         for point in dict.fromkeys(p.point for p in self.patches):
             todo = [p for p in self.patches if p.point == point]
             self.write(self.model, self.adapter.site(self.model, point), self._applier(todo))
@@ -128,6 +133,8 @@ class _StepPatcher(HookSet):
         call = self.log.last
         step, offset = (call.step, call.offset) if call else (-1, 0)
         todo = [p for p in patches if p.step == step]
+        if self.log.branch:  # a flow model's unconditional pass: patches write the conditional one
+            todo = []
         if not todo:
             return t
         out = t.clone()
