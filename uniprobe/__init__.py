@@ -62,6 +62,7 @@ _EXPORTS: dict[str, str] = {
     "GridLogProb": "uniprobe.probes.patching",
     "KLToClean": "uniprobe.probes.patching",
     "JudgeRate": "uniprobe.probes.patching",
+    "DenoisingLoss": "uniprobe.probes.patching",
     "logits_of": "uniprobe.probes.patching",
 }
 

@@ -12,7 +12,8 @@ Modules: :mod:`~uniprobe.probes.patching.sites` (what to patch), :mod:`~uniprobe
 (the batched engine and its one-forward-per-site reference), :mod:`~uniprobe.probes.patching.exact`
 (sweeps), :mod:`~uniprobe.probes.patching.attribution`, :mod:`~uniprobe.probes.patching.cross_prompt`
 (understanding → generation with explicit alignments), :mod:`~uniprobe.probes.patching.generation`
-(teacher-forced and free generation, query models), :mod:`~uniprobe.probes.patching.metrics`,
+(teacher-forced and free generation, query models), :mod:`~uniprobe.probes.patching.metrics`
+(and :mod:`~uniprobe.probes.patching.denoising`, a diffusion decoder's loss),
 :mod:`~uniprobe.probes.patching.results`, :mod:`~uniprobe.probes.patching.plots`. Kernels live in
 :mod:`uniprobe.probes.kernels`.
 """
@@ -27,6 +28,7 @@ from uniprobe.probes.patching.cross_prompt import (
     alignment,
     patch_across,
 )
+from uniprobe.probes.patching.denoising import DenoisingLoss, denoising_loss
 from uniprobe.probes.patching.engine import DEFAULT_BUDGET, collect_states, run_sites, run_sites_reference
 from uniprobe.probes.patching.exact import patch_sweep
 from uniprobe.probes.patching.generation import (
@@ -73,6 +75,7 @@ __all__ = [
     "HEAD_KINDS",
     "KINDS",
     "Alignment",
+    "DenoisingLoss",
     "GenerationEffect",
     "GridLogProb",
     "JudgeRate",
@@ -93,6 +96,7 @@ __all__ = [
     "attribution_vs_exact",
     "collect_states",
     "correlation",
+    "denoising_loss",
     "generation_effect",
     "grid_sites",
     "head_grid",
