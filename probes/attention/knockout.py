@@ -251,7 +251,7 @@ def knockout_sweep(
     if not kos:
         raise UsageError("no knockouts to run")
     if getattr(metric, "reads_attention", False):
-        forward, resume = metric.wrap(forward_of(adapter, forward)), False  # every row at every layer
+        forward, resume = metric.wrap(forward_of(adapter, forward), adapter), False  # all rows, all layers
     n_heads = attention_geometry(model, adapter, 0).n_heads
     for layer in {x for ko in kos for x in ko.layers}:
         attention_module(model, adapter, layer)  # bad layers raise before any work
