@@ -22,7 +22,7 @@ from uniprobe.experiments import tokens
 from uniprobe.experiments.models import LoadedModel, encode
 from uniprobe.hooks.errors import UsageError
 from uniprobe.probes.patching import PatchResult
-from uniprobe.probes.patching.sites import KINDS
+from uniprobe.probes.patching.sites import HEAD_KINDS, KINDS
 
 METHODS = ("exact", "attribution")
 DIRECTIONS = ("denoise", "noise")
@@ -73,10 +73,16 @@ class PairPatch:
 def site_kinds(raw: Sequence[str]) -> list[str]:
     """Site kinds from ``["resid_pre", "attn_out,mlp_out"]`` (commas allowed), checked, deduplicated."""
     kinds = [k.strip() for item in raw for k in item.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
+    bad = [k for k in kinds if k not in KINDS + HEAD_KINDS]
     if bad:
-        raise UsageError(f"unknown --points {bad}; choose from {', '.join(KINDS)}")
-    return list(dict.fromkeys(kinds))
+        raise UsageError(f"unknown --points {bad}; choose from {', '.join(KINDS + HEAD_KINDS)}")
+    kinds = list(dict.fromkeys(kinds))
+    if any(k in HEAD_KINDS for k in kinds) and len(kinds) > 1:
+        raise UsageError(
+            f"--points {' '.join(kinds)}: head sites ({', '.join(HEAD_KINDS)}) make their own "
+            "layer × head grid; patch them in a run of their own"
+        )
+    return kinds
 
 
 def token_id(loaded: LoadedModel, text: str | int) -> int:
@@ -138,7 +144,9 @@ def patch_pair(
     Args:
         clean, corrupted: the prompts (text); ``target`` / ``foil``: one-token answers of each, as
             words (``"3"`` is the word 3) or ``"id:N"`` for token id ``N`` (:func:`token_id`).
-        kinds: site kinds (see :data:`uniprobe.probes.patching.sites.KINDS`; commas allowed).
+        kinds: site kinds (see :data:`uniprobe.probes.patching.sites.KINDS`; commas allowed), or one
+            head kind: ``head_out`` (each layer × head, all positions at once) or ``head_out_pos`` (each
+            layer × head × position); columns ``h{head}:all`` / ``h{head}:{token}``.
         method: ``"exact"`` (batched patching) or ``"attribution"`` (its linear estimate).
         direction: ``"denoise"`` (clean states into the corrupted run) or ``"noise"``.
         align: ``"strict"`` (equal token lengths) or ``"end"`` (align the prompts' last tokens).
@@ -180,9 +188,20 @@ def patch_pair(
             )
         if layout.length != len(target_ids):
             raise UsageError("--align end works on plain prompts (no appended query tokens)")
+        if kinds[0] in HEAD_KINDS:
+            raise UsageError("head sites need prompts of one length (--align strict)")
         aligned = align_end(len(source_ids), len(target_ids))
         sites = aligned.sites(n_layers, kinds)
         sites.columns = [labels[t] for t, _ in aligned.pairs]
+    elif kinds[0] in HEAD_KINDS:
+        from uniprobe.probes.attention import head_sites
+
+        by_pos = kinds[0] == "head_out_pos"
+        sites = head_sites(
+            model, clean_in if not denoise else corrupted_in, adapter=adapter, by_position=by_pos
+        )
+        if by_pos:  # name the position columns by their tokens
+            sites.columns = [f"{c.split(':')[0]}:{labels[int(c.split(':')[1])]}" for c in sites.columns]
     else:
         sites = grid_sites(n_layers, layout.length, kinds, labels=labels)
     # -1 when the answer is read at the end: lets the engine skip recomputing earlier positions

@@ -58,10 +58,10 @@ def test_choices_agree_with_the_library():
     from uniprobe.experiments.patching import ALIGNS, DIRECTIONS, METHODS
     from uniprobe.hooks.dtypes import DTYPES
     from uniprobe.hooks.layout import ROLES as LAYOUT_ROLES
-    from uniprobe.probes.patching.sites import KINDS
+    from uniprobe.probes.patching.sites import HEAD_KINDS, KINDS
 
     assert ROLES == LAYOUT_ROLES and DTYPE_NAMES == tuple(DTYPES)
-    assert (PATCH_KINDS, PATCH_METHODS) == (KINDS, METHODS)
+    assert (PATCH_KINDS, PATCH_METHODS) == (KINDS + HEAD_KINDS, METHODS)
     assert (PATCH_DIRECTIONS, PATCH_ALIGNS) == (DIRECTIONS, ALIGNS)
     store_dtype = build_parser()._subparsers._group_actions[0].choices["capture"]._option_string_actions
     assert tuple(store_dtype["--dtype"].choices) == tuple(DTYPES)

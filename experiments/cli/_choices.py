@@ -9,7 +9,8 @@ from __future__ import annotations
 from uniprobe.hooks.names import DTYPE_NAMES, ROLES
 from uniprobe.hooks.points import BLOCK_POINTS
 
-PATCH_KINDS: tuple[str, ...] = BLOCK_POINTS  # uniprobe.probes.patching.sites.KINDS
+# uniprobe.probes.patching.sites.KINDS + HEAD_KINDS
+PATCH_KINDS: tuple[str, ...] = (*BLOCK_POINTS, "head_out", "head_out_pos")
 PATCH_METHODS: tuple[str, ...] = ("exact", "attribution")  # uniprobe.experiments.patching.METHODS
 PATCH_DIRECTIONS: tuple[str, ...] = ("denoise", "noise")  # uniprobe.experiments.patching.DIRECTIONS
 PATCH_ALIGNS: tuple[str, ...] = ("strict", "end")  # uniprobe.experiments.patching.ALIGNS

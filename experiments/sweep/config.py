@@ -51,7 +51,7 @@ from uniprobe.experiments.sweep.schema import (
 from uniprobe.experiments.tasks.prompts import CATEGORIES
 from uniprobe.hooks.dtypes import DTYPES as DTYPE_MAP
 from uniprobe.hooks.layout import ROLES
-from uniprobe.probes.patching.sites import KINDS
+from uniprobe.probes.patching.sites import HEAD_KINDS, KINDS
 
 ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "gapeval", "r3")
 NEEDS_STORE: tuple[str, ...] = ("probe", "lens")  # read the run's captured store
@@ -130,7 +130,7 @@ SECTIONS: dict[str, dict[str, tuple]] = {
         "branch": (choice(("cond", "uncond")), "cond"),
     },
     "patch": {
-        "kinds": (list_of(choice(KINDS), scalar_ok=True), ["resid_pre"]),
+        "kinds": (list_of(choice(KINDS + HEAD_KINDS), scalar_ok=True), ["resid_pre"]),
         "method": (choice(("exact", "attribution")), "exact"),
         "direction": (choice(("denoise", "noise")), "denoise"),
         "n_pairs": (integer(1), 2),

@@ -8,16 +8,21 @@ decoder stacks served), so early layers run once. Equal to a loop of
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from uniprobe.hooks.adapters import adapter_for
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs
 from uniprobe.hooks.errors import UniprobeError
 from uniprobe.hooks.hookset import HookSet
+from uniprobe.hooks.jsonio import read_json, write_json
+from uniprobe.hooks.results_io import SavedFiles, result_dir, result_file
+from uniprobe.hooks.store.files import save_safetensors
 from uniprobe.probes.attention.steering import role_positions
 from uniprobe.probes.patching.cached_run import cached_run
 from uniprobe.probes.patching.engine import (
@@ -55,6 +60,23 @@ class SteerResult:
     seconds: float
     info: dict = field(default_factory=dict)
 
+    def save(self, out: str | os.PathLike) -> SavedFiles:
+        """Write ``steer.json`` (:meth:`to_dict`) and ``steer.safetensors`` (``values [point, alpha]``)."""
+        out = result_dir(out)
+        files = {"json": out / "steer.json", "tensors": out / "steer.safetensors"}
+        write_json(files["json"], self.to_dict())
+        save_safetensors(files["tensors"], {"values": self.values.contiguous()}, what="steering values")
+        return SavedFiles(out, files)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike) -> SteerResult:
+        """Read what :meth:`save` wrote (the exact ``values`` from the safetensors file)."""
+        doc = read_json(result_file(out, "steer.json"))
+        values = load_file(str(result_file(out, "steer.safetensors")))["values"]
+        return cls(
+            values, doc["points"], doc["alphas"], doc["plain"], doc["metric"], doc["seconds"], doc["info"]
+        )
+
     def to_dict(self) -> dict:
         return {
             "values": self.values.tolist(), "points": self.points, "alphas": self.alphas, "plain": self.plain,
@@ -71,7 +93,7 @@ class _row_steer(HookSet):  # noqa: N801
         model: nn.Module,
         adapter: Adapter,
         coef: dict[str, torch.Tensor],
-        direction: torch.Tensor,
+        direction: dict[str, torch.Tensor],
         cols: list[int] | None,
     ) -> None:
         super().__init__()
@@ -85,7 +107,12 @@ class _row_steer(HookSet):  # noqa: N801
     def _adder(self, point: str, coef: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def add(t: torch.Tensor) -> torch.Tensor:
             self.fired[point] += 1
-            c = coef[: t.shape[0]].to(t.device, t.dtype)[:, None, None] * self.direction.to(t.device, t.dtype)
+            d = self.direction[point].to(t.device, t.dtype)
+            if d.shape[0] != t.shape[-1]:
+                raise UniprobeError(
+                    f"steer at {point!r}: direction has {d.shape[0]} dims, the tensor {t.shape[-1]}"
+                )
+            c = coef[: t.shape[0]].to(t.device, t.dtype)[:, None, None] * d
             out = t.clone()
             if self.cols is None:
                 return out + c
@@ -99,7 +126,7 @@ class _row_steer(HookSet):  # noqa: N801
 def steer_sweep(
     model: nn.Module,
     inputs: ModelInputs,
-    direction: torch.Tensor,
+    direction: torch.Tensor | dict[str, torch.Tensor],
     alphas: Sequence[float],
     points: Sequence[str],
     metric: Metric,
@@ -118,7 +145,8 @@ def steer_sweep(
     Every ``(point, alpha)`` is a configuration; configurations run as rows of one forward per chunk
     (``budget_bytes`` of activations), each row resumed from its point's block on the cached plain run
     (``resume``; exact, as for patching — see :mod:`uniprobe.probes.patching.engine`). ``positions`` /
-    ``role`` choose the steered positions (default: all).
+    ``role`` choose the steered positions (default: all). ``direction``: one ``[d]`` for every point, or a
+    dict point → ``[d]`` (e.g. each point's own state difference).
     """
     t0 = time.perf_counter()
     adapter = adapter or adapter_for(model)
@@ -132,6 +160,13 @@ def steer_sweep(
     points, alphas = list(points), [float(a) for a in alphas]
     if not points or not alphas:
         raise UniprobeError("steer_sweep needs at least one point and one alpha")
+    if isinstance(direction, dict):
+        missing = [p for p in points if p not in direction]
+        if missing:
+            raise UniprobeError(f"steer_sweep: no direction for {missing[0]!r}; have {', '.join(direction)}")
+        directions = {p: direction[p].float() for p in points}
+    else:
+        directions = dict.fromkeys(points, direction.float())
     fwd = forward_of(adapter, forward)
     tr = cached_run(model, adapter, inputs, forward, points)
     b, n_layers = tr.batch, tr.n_layers
@@ -158,7 +193,7 @@ def steer_sweep(
             active = [n * b] * n_layers
         with (
             stagger(model, adapter, active, n * b, carry, tr.block_outputs),
-            _row_steer(model, adapter, coef, direction.float(), cols) as rs,
+            _row_steer(model, adapter, coef, directions, cols) as rs,
         ):
             out = fwd(model, repeat_inputs(inputs, n))
         unfired = [p for p, c in rs.fired.items() if c == 0]

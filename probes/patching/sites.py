@@ -21,7 +21,8 @@ from uniprobe.hooks.layout import TokenLayout
 from uniprobe.hooks.points import BLOCK_POINTS, layer_of
 
 KINDS: tuple[str, ...] = BLOCK_POINTS  # resid_pre, attn_out, mlp_out, resid_post
-HEAD_KINDS: tuple[str, ...] = ("head_out", "z")  # per-head sites: both patch the head's z slice
+# per-head site kinds (a separate grid: layer × head): every position at once / one position at a time
+HEAD_KINDS: tuple[str, ...] = ("head_out", "head_out_pos")
 HEAD_POINT = re.compile(r"^blocks\.\d+\.attn\.z$")
 
 
