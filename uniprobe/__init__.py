@@ -64,6 +64,19 @@ _EXPORTS: dict[str, str] = {
     "JudgeRate": "uniprobe.probes.patching",
     "DenoisingLoss": "uniprobe.probes.patching",
     "logits_of": "uniprobe.probes.patching",
+    # attention: head-level and path patching, steering
+    "head_sites": "uniprobe.probes.attention",
+    "head_grid": "uniprobe.probes.attention",
+    "path_patch": "uniprobe.probes.attention",
+    "Receivers": "uniprobe.probes.attention",
+    "every_head": "uniprobe.probes.attention",
+    "Steer": "uniprobe.probes.attention",
+    "steered_run": "uniprobe.probes.attention",
+    "steered_generation": "uniprobe.probes.attention",
+    "steer_sweep": "uniprobe.probes.attention",
+    "probe_direction": "uniprobe.probes.attention",
+    "mean_difference": "uniprobe.probes.attention",
+    "state_at": "uniprobe.probes.attention",
 }
 
 __all__ = ["__version__", *_EXPORTS]
