@@ -4,6 +4,7 @@
     uniprobe probe | lens                          (uniprobe.experiments.cli.probe)
     uniprobe patch                                 (uniprobe.experiments.cli.patch)
     uniprobe steer                                 (uniprobe.experiments.cli.steer)
+    uniprobe attention | knockout                  (uniprobe.experiments.cli.attention)
     uniprobe train-sandbox | gap                   (uniprobe.experiments.cli.sandbox)
     uniprobe seeds                                 (uniprobe.experiments.cli.seeds)
     uniprobe sweep                                 (uniprobe.experiments.cli.sweep)
@@ -53,7 +54,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from uniprobe.experiments.cli import patch, probe, sandbox, seeds, steer, store, sweep
+    from uniprobe.experiments.cli import attention, patch, probe, sandbox, seeds, steer, store, sweep
 
     parser = argparse.ArgumentParser(prog="uniprobe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=_version())
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_lens_parser(sub)
     patch.add_patch_parser(sub)
     steer.add_steer_parser(sub)
+    attention.add_attention_parser(sub)
+    attention.add_knockout_parser(sub)
     sandbox.add_train_parser(sub)
     sandbox.add_gap_parser(sub)
     seeds.add_seeds_parser(sub)
