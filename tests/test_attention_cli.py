@@ -1,4 +1,6 @@
-"""`uniprobe attention` and `uniprobe knockout`: files written, numbers from the library, bad input: 2."""
+"""CLI of issue 15's heads and steering: ``uniprobe patch --points head_out|head_out_pos`` (a layer × head
+grid, token-named columns) and ``uniprobe steer`` (steer.json / .safetensors / .png, each direction source);
+bad input exits 2 with a message naming it; the sweep accepts head kinds."""
 
 from __future__ import annotations
 
@@ -7,69 +9,132 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from uniprobe.experiments import attention as lib
-from uniprobe.experiments.cli import attention as cli
 from uniprobe.experiments.cli import main
-from uniprobe.probes.attention.mass import MassTable
-from uniprobe.probes.patching.results import PatchResult
+from uniprobe.probes.attention import SteerResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+BASE = ("--clean", "t1 t5 t6 t7 t8", "--corrupted", "t1 t5 t9 t7 t8", "--target", "t11", "--foil", "t12")
 
 
-def test_modes_agree_with_the_library() -> None:
-    assert cli.MODES == lib.MODES
-
-
-def test_attention_writes_patterns_mass_and_figures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "a"
-    argv = ["attention", "--model", "sandbox-query", "--prompt", "what is 2 + 1 ?", "--mode", "generation"]
-    assert main([*argv, "--query-roles", "query", "--key-roles", "text", "--out", str(out)]) == 0
-    patterns = load_file(str(out / "patterns.safetensors"))["patterns"]
-    about = json.loads((out / "patterns.json").read_text())
-    assert patterns.shape == (4, 4, 16, 16) and about["roles"][-1] == "query"
-    torch.testing.assert_close(patterns.sum(-1), torch.ones(4, 4, 16))
-    table = MassTable.load(out)
-    text = torch.tensor([r == "text" for r in about["roles"]])
-    want = patterns[:, :, 8:][..., text].sum(-1).mean(-1)  # query rows 8..15 on the text keys
-    torch.testing.assert_close(table.values, want, atol=1e-6, rtol=1e-5)
-    for png in ("attention.png", "mass.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "mass query → text" in capsys.readouterr().out
-
-
-def test_knockout_writes_grid_and_heatmap(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "k"
-    argv = ["knockout", "--model", "tiny-llama", "--prompt", "t1 t5 t6 t7 t8", "--query", "-1", "-2"]
+def test_patch_head_sites(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "h"
+    assert main(["patch", "--model", "tiny-llama", *BASE, "--points", "head_out", "--out", str(out)]) == 0
+    data = json.loads((out / "patch.json").read_text())
+    assert data["axes"]["kind"] == ["head_out"] and data["axes"]["column"] == [
+        "h0:all",
+        "h1:all",
+        "h2:all",
+        "h3:all",
+    ]
+    assert data["axes"]["heads"] == [0, 1, 2, 3] and len(data["grid"][0]) == 2
+    assert all(s["head"] in range(4) for s in data["sites"])
+    out = tmp_path / "hp"
+    assert main(["patch", "--model", "tiny-llama", *BASE, "--points", "head_out_pos", "--out", str(out)]) == 0
+    data = json.loads((out / "patch.json").read_text())
+    assert data["axes"]["column"][:3] == ["h0:t1", "h0:t5", "h0:t6/t9"] and len(data["axes"]["column"]) == 20
+    assert (out / "patch.png").read_bytes()[
+        :4
+    ] == b"\x89PNG" and "strongest site: head_out" in capsys.readouterr().out
     assert (
-        main([*argv, "--keys", "early=1,2", "bos=0", "--target", "t11", "--foil", "t12", "--out", str(out)])
+        main(["patch", "--model", "tiny-llama", *BASE, "--points", "head_out,resid_pre", "--out", str(out)])
+        == 2
+    )
+    assert "patch them in a run of their own" in capsys.readouterr().err
+
+
+def test_steer_from_two_prompts_and_from_stores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "s"
+    argv = [
+        "steer",
+        "--model",
+        "tiny-llama",
+        "--prompt",
+        "t1 t5 t6 t7 t8",
+        "--target",
+        "t11",
+        "--foil",
+        "t12",
+    ]
+    args = [*argv, "--toward", "t1 t5 t9 t7 t8", "--away", "t1 t5 t6 t7 t8", "--points", "blocks.*.resid_pre"]
+    assert main([*args, "--alphas", "0", "1", "-1", "--role", "text", "--out", str(out)]) == 0
+    data = json.loads((out / "steer.json").read_text())
+    assert data["points"] == ["blocks.0.resid_pre", "blocks.1.resid_pre"] and data["alphas"] == [
+        0.0,
+        1.0,
+        -1.0,
+    ]
+    assert data["direction"]["source"] == "states" and data["target"]["id"] == 11
+    back = SteerResult.load(out)
+    assert torch.allclose(
+        back.values[:, 0], torch.full((2,), back.plain), atol=1e-5
+    )  # alpha 0: the plain run
+    assert (out / "steer.png").read_bytes()[:4] == b"\x89PNG" and "largest change" in capsys.readouterr().out
+    stores = []
+    for name, prompt in (("a", "t1 t5 t9 t7 t8"), ("b", "t1 t5 t6 t7 t8")):
+        stores.append(str(tmp_path / name))
+        prompts = tmp_path / f"{name}.txt"
+        prompts.write_text(json.dumps({"id": name, "text": prompt}) + "\n")
+        capture = [
+            "capture",
+            "--model",
+            "tiny-llama",
+            "--prompts",
+            str(prompts),
+            "--points",
+            "blocks.*.resid_pre",
+        ]
+        assert main([*capture, "--out", stores[-1]]) == 0
+    out = tmp_path / "m"
+    assert (
+        main(
+            [
+                *argv,
+                "--stores",
+                *stores,
+                "--points",
+                "blocks.1.resid_pre",
+                "--alphas",
+                "0",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
         == 0
     )
-    res = PatchResult.load(out)
-    assert res.method == "knockout" and res.grid.columns == ["early", "bos"] and res.grid.layers == [0, 1]
-    assert res.grid.meta["knockouts"][0]["query_positions"] == [4, 3] and res.metric == "logit_diff(11-12)"
-    assert (out / "knockout.png").read_bytes()[:4] == b"\x89PNG"
-    text = capsys.readouterr().out
-    assert "knockout of 4 configurations" in text and "largest change: group" in text
+    assert json.loads((out / "steer.json").read_text())["direction"]["source"] == "stores"
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["knockout", "--keys", "cot", "--target", "t1"], "key group 'cot': write NAME=ROLE"),
-        (["knockout", "--keys", "x=text,3", "--target", "t1"], "give role names or positions, not both"),
-        (
-            ["knockout", "--keys", "x=cot", "--target", "t1", "--query", "-1"],
-            "--query/--keys ['cot']: not in this prompt",
-        ),
-        (["knockout", "--keys", "x=text", "--target", "id:999", "--query", "-1"], "999"),
-        (["attention", "--layers", "9"], "--layers [9]: the model has 2 blocks"),
-        (["attention", "--query-roles", "image_gen"], "--query-roles ['image_gen']: not in this prompt"),
-    ],
-)
-def test_bad_input_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
-) -> None:
-    base = ["--model", "tiny-llama", "--prompt", "t1 t5 t6", "--out", str(tmp_path / "x")]
-    assert main([*argv[:1], *base, *argv[1:]]) == 2
-    assert message in capsys.readouterr().err
+def test_steer_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["steer", "--model", "tiny-llama", "--prompt", "t1 t5 t6", "--target", "t11", "--foil", "t12"]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    assert "exactly one direction source" in capsys.readouterr().err
+    assert main([*argv, "--toward", "t1 t5 t9", "--out", str(tmp_path / "x")]) == 2
+    assert "--toward and --away go together" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *argv,
+                "--toward",
+                "t1",
+                "--away",
+                "t2",
+                "--points",
+                "blocks.9.resid_pre",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "blocks.9.resid_pre" in capsys.readouterr().err
+
+
+def test_sweep_config_accepts_head_kinds() -> None:
+    from uniprobe.experiments.sweep.config import SECTIONS
+    from uniprobe.experiments.sweep.schema import ConfigError
+
+    check, _ = SECTIONS["patch"]["kinds"]
+    assert check("head_out_pos", "patch.kinds") == ["head_out_pos"]
+    with pytest.raises(ConfigError, match="unknown value 'heads'"):
+        check(["heads"], "patch.kinds")
