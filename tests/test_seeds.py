@@ -99,3 +99,89 @@ def test_r3_loop_rounds_add_up_and_only_regenerate_disagreements(tmp_path):
 
     plot_r3(res, str(tmp_path / "r3.png"))
     assert (tmp_path / "r3.png").stat().st_size > 1000
+
+
+def _fake_run(seed: int, und: float, layer: int, effect: float) -> dict:
+    row = {"kind": "reasoning", "category": "arithmetic", "task": "arith", "level": 2, "n": 40}
+    return {
+        "seed": seed,
+        "gap": [{**row, "held_out": True, "understanding": und, "generation": 0.0, "generation_cot": und}],
+        "probe_best": {"und:text": {"layer": layer, "accuracy": und, "readable": True}},
+        "patch_peak": {"effect": effect, "layer": layer, "column": "answer slot"},
+    }
+
+
+def test_summarize_seeds_gives_mean_and_range_of_every_finding():
+    from uniprobe.experiments.sandbox.multiseed import format_seed_table, summarize_seeds
+
+    s = summarize_seeds([_fake_run(0, 0.5, 1, 0.2), _fake_run(1, 1.0, 3, 0.6), _fake_run(2, 0.75, 2, 0.4)])
+    und = s["gap"][0]["understanding"]
+    assert (und["mean"], und["min"], und["max"]) == (pytest.approx(0.75), 0.5, 1.0)
+    assert s["gap"][0]["held_out"] and s["seeds"] == [0, 1, 2]
+    assert s["probe_best"]["und:text"]["layer"]["mean"] == pytest.approx(2.0)
+    assert s["patch_peak"]["effect"]["max"] == pytest.approx(0.6)
+    md = format_seed_table(s)
+    assert "| reasoning | arithmetic | arith | 2 | 40 | yes | 75% [50–100] |" in md
+    assert "0.40 [0.20–0.60] at layer 2 [1–3]" in md
+    bad = _fake_run(3, 0.5, 1, 0.1)
+    bad["gap"][0]["level"] = 3
+    with pytest.raises(ValueError, match="missing in some seeds"):
+        summarize_seeds([_fake_run(0, 0.5, 1, 0.2), bad])
+
+
+@pytest.mark.slow  # ~85 s on the loaded 2-core machine (two trainings, captures, probes, patching)
+def test_train_seeds_on_a_tiny_budget_reuses_the_demo_analyses(tmp_path):
+    import json
+
+    from uniprobe.experiments.sandbox.multiseed import seeds_report
+    from uniprobe.experiments.tasks.suite import Suite
+
+    tiny = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    suite_items = Suite(0).items  # every arithmetic item: the probes need each answer a few times
+    items = [it for it in suite_items if it.category == "arithmetic"] + suite_items[:4]
+    summary = seeds_report(
+        "ar", [0, 1], tmp_path, items=items, patch_pairs=1, steps=2, warmup=1, time_budget_s=None,
+        backbone={**tiny, "num_key_value_heads": 2}, threads=1, data={"taught_reasoning": 0.0},
+    )  # fmt: skip
+    assert summary["seeds"] == [0, 1]
+    assert {(r["category"], r["level"]) for r in summary["gap"]} >= {("arithmetic", 2), ("direct", 1)}
+    # untaught reasoning: its rows are held out of training, as are AR's direct (count, object) pairs
+    assert all(r["held_out"] for r in summary["gap"])
+    assert set(summary["probe_best"]) == {"und:text", "gen:text", "gen:image_gen"}
+    for s in [summary["patch_peak"]["effect"]] + [r["understanding"] for r in summary["gap"]]:
+        assert s["min"] <= s["mean"] <= s["max"] and len(s["values"]) == 2
+    assert json.loads((tmp_path / "seeds.json").read_text())["arch"] == "ar"
+    assert (tmp_path / "seed-1" / "checkpoint" / "training.json").exists()
+    assert "mean [min–max] over 2 seeds" in (tmp_path / "seeds.md").read_text()
+
+
+def test_sandbox_seeds_command_parses_to_the_library_call(tmp_path, monkeypatch):
+    from uniprobe.experiments.cli import build_parser, main
+    from uniprobe.experiments.sandbox import multiseed
+
+    args = build_parser().parse_args(
+        ["sandbox", "seeds", "--arch", "ar", "--seeds", "0", "1", "2", "--out", "x"]
+    )
+    assert args.seeds == [0, 1, 2] and args.arch == "ar" and args.steps is None
+    calls = []
+
+    def fake_report(arch, seeds, out, **kw):
+        calls.append((arch, seeds, kw))
+        return multiseed.summarize_seeds([_fake_run(s, 0.5, 1, 0.1) for s in seeds])
+
+    monkeypatch.setattr(multiseed, "seeds_report", fake_report)
+    argv = [
+        "sandbox",
+        "seeds",
+        "--arch",
+        "query",
+        "--seeds",
+        "3",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "5",
+    ]
+    assert main(argv) == 0
+    assert calls == [("query", [3, 4], {"steps": 5, "time_budget_s": None, "threads": None})]

@@ -5,7 +5,7 @@
     uniprobe patch                                 (uniprobe.experiments.cli.patch)
     uniprobe steer                                 (uniprobe.experiments.cli.steer)
     uniprobe attention | knockout                  (uniprobe.experiments.cli.attention)
-    uniprobe train-sandbox | gap                   (uniprobe.experiments.cli.sandbox)
+    uniprobe train-sandbox | gap | sandbox seeds   (uniprobe.experiments.cli.sandbox)
     uniprobe seeds                                 (uniprobe.experiments.cli.seeds)
     uniprobe sweep                                 (uniprobe.experiments.cli.sweep)
 
@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_knockout_parser(sub)
     sandbox.add_train_parser(sub)
     sandbox.add_gap_parser(sub)
+    sandbox.add_sandbox_parser(sub)
     seeds.add_seeds_parser(sub)
     sweep.add_sweep_parser(sub)
     return parser

@@ -2,6 +2,7 @@
 
 uniprobe train-sandbox --arch ar|query --out DIR [--steps N] [--seed S] [--time-budget SECONDS]
 uniprobe gap --model sandbox-ar|sandbox-query|DIR [--out DIR] [--no-verify]
+uniprobe sandbox seeds --arch ar|query --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
 """
 
 from __future__ import annotations
@@ -39,6 +40,43 @@ def add_gap_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="do not check the checkpoint's sha256")
     p.set_defaults(func=run_gap)
     return p
+
+
+def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``sandbox seeds``: train several seeds, report every finding as mean and range."""
+    p = subparsers.add_parser("sandbox", help="sandbox experiments over training seeds")
+    sub = p.add_subparsers(dest="sandbox_command", required=True)
+    s = sub.add_parser(
+        "seeds",
+        help="train one model per seed; gap table, best probe layer and patching peak as mean and range",
+    )
+    s.add_argument("--arch", choices=("ar", "query"), required=True)
+    s.add_argument("--seeds", type=int, nargs="+", required=True, help="e.g. --seeds 0 1 2")
+    s.add_argument("--out", required=True, help="folder for seed-*/ (checkpoint, maps), seeds.json, seeds.md")
+    s.add_argument("--steps", type=int, default=None, help="default: 1400 (train.py DEFAULTS)")
+    s.add_argument(
+        "--time-budget", type=float, default=None, help="per seed, seconds (schedule follows time)"
+    )
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    s.set_defaults(func=run_sandbox_seeds)
+    return p
+
+
+def run_sandbox_seeds(args: argparse.Namespace) -> int:
+    from uniprobe.experiments.sandbox.multiseed import format_seed_table, seeds_report
+
+    t0 = time.time()
+    summary = seeds_report(
+        args.arch,
+        args.seeds,
+        args.out,
+        steps=args.steps,
+        time_budget_s=args.time_budget,
+        threads=args.threads,
+    )
+    print(format_seed_table(summary, title=f"sandbox-{args.arch} over seeds"))
+    print(f"({time.time() - t0:.0f}s) → {args.out}/seeds.json, seeds.md")
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
