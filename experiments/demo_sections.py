@@ -24,7 +24,7 @@ from uniprobe.experiments.tasks.prompts import Item  # noqa: E402
 from uniprobe.hooks.adapters import adapter_for  # noqa: E402
 from uniprobe.hooks.pipeline import capture_dataset  # noqa: E402
 
-GEN_ROLE = {"ar": "image_gen", "query": "query"}
+GEN_ROLE = {"ar": "image_gen", "query": "query", "mot": "image_gen"}
 
 
 # -- gap table and drawings -----------------------------------------------------------------------

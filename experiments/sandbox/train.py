@@ -49,6 +49,22 @@ DEFAULTS: dict[str, dict] = {
             "taught_reasoning": 0.2,
         },
     },
+    # sandbox-mot ships from mot_train.train_mot (warm start from sandbox-query, then the generation
+    # path only); this entry is its data mix for the protocols' replay (STARS) — the query model's
+    # suite and splits — and the recipe of a from-scratch train_sandbox("mot")
+    "mot": {
+        "seed": 0,
+        "steps": 1400,
+        "lr": 1e-3,
+        "batch_size": 64,
+        "data": {
+            "gen_fraction": 0.15,
+            "prefix_p": 0.12,
+            "direct_heldout": False,
+            "mix": "count_heavier",
+            "taught_reasoning": 0.2,
+        },
+    },
 }
 
 
@@ -125,7 +141,7 @@ def train_sandbox(
     max_tokens: int | None = None,
     data: dict | None = None,
 ) -> SandboxModel:
-    """Train a fresh ``arch`` model (``"ar"`` | ``"query"``) and save it to ``out`` (if not None).
+    """Train a fresh ``arch`` model (``"ar"`` | ``"query"`` | ``"mot"``) and save it to ``out`` (if not None).
 
     ``seed`` (data stream and init) defaults to the arch's (``DEFAULTS``: the shipped checkpoint's).
     Deterministic for a given seed and thread count when ``time_budget_s`` is None. With a
