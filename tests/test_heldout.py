@@ -108,3 +108,21 @@ def test_shipped_checkpoints_report_taught_reasoning_rows(name: str) -> None:
     if m.training_recipe is None or m.training_recipe["data"].get("taught_reasoning", 0) == 0:
         pytest.skip(f"{name} was not trained with taught reasoning questions")
     assert held_out_categories(m.training_recipe).isdisjoint({"arithmetic", "mapping"})
+
+
+def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
+    from uniprobe.experiments.sandbox.trials import run_trial
+
+    log = tmp_path / "trials.jsonl"
+    rec = run_trial(
+        "tiny", "ar", 1, {"taught_reasoning": 0, "mix": "arith_heavy"}, log, out=tmp_path / "ck", threads=1,
+        backbone={**TINY}, warmup=1,
+    )  # fmt: skip
+    assert json.loads(log.read_text().splitlines()[-1]) == rec
+    assert (
+        rec["steps_done"] == 1 and rec["data"]["mix"] == "arith_heavy" and rec["data"]["gen_fraction"] == 0.22
+    )
+    levels = [f"{t} L{k}" for t in ("arith", "mapping") for k in (1, 2, 3)]
+    assert set(rec["scores"]) == set(levels) | {"draw count", "und count", "draw portrait", "und portrait"}
+    assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
+    assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0

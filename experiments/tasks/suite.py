@@ -42,6 +42,16 @@ QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
         ("inverse", 0.78),
         ("count", 0.94),
     ),
+    # issue 18's held-out trials: most QA is arithmetic, weighted to the levels with most expressions
+    "arith_heavy": (
+        ("arith1", 0.08),
+        ("arith2", 0.26),
+        ("arith3", 0.46),
+        ("mapping", 0.62),
+        ("fact", 0.70),
+        ("inverse", 0.73),
+        ("count", 0.92),
+    ),
     # used with ``taught_reasoning`` (the test reasoning questions come on top of this mix)
     "taught": (("arith", 0.15), ("mapping", 0.25), ("fact", 0.45), ("inverse", 0.55), ("count", 0.85)),
     "count_heavy": (("arith", 0.05), ("mapping", 0.1), ("fact", 0.3), ("inverse", 0.38), ("count", 0.85)),
