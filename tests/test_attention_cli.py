@@ -138,3 +138,22 @@ def test_sweep_config_accepts_head_kinds() -> None:
     assert check("head_out_pos", "patch.kinds") == ["head_out_pos"]
     with pytest.raises(ConfigError, match="unknown value 'heads'"):
         check(["heads"], "patch.kinds")
+
+
+def test_steer_from_a_saved_probe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from uniprobe.probes.results import ProbeResults, probe_key
+
+    w = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    parts = {"weight": w, "bias": torch.zeros(2), "mean": torch.zeros(32), "std": torch.ones(32)}
+    rows = [{"point": "blocks.1.resid_pre", "layer": 1, "role": "text", "accuracy": 1.0, "C": 1.0}]
+    key = probe_key("blocks.1.resid_pre", "text")
+    directions = {f"{key}/{k}": v for k, v in parts.items()}
+    ProbeResults(rows, {"classes": [3, 4]}, directions).save(tmp_path / "probe", plot=False)
+    argv = ["steer", "--model", "tiny-llama", "--prompt", "t1 t5 t6", "--target", "t11", "--foil", "t12"]
+    argv += ["--probe", str(tmp_path / "probe"), "--probe-role", "text", "--points", "blocks.1.resid_pre"]
+    assert main([*argv, "--class", "4", "--alphas", "0", "3", "--out", str(tmp_path / "s")]) == 0
+    data = json.loads((tmp_path / "s" / "steer.json").read_text())
+    assert data["direction"] == {**data["direction"], "source": "probe", "class": "4", "role": "text"}
+    assert data["direction"]["norms"]["blocks.1.resid_pre"] == pytest.approx(1.0)  # a unit direction
+    assert main([*argv, "--class", "5", "--out", str(tmp_path / "t")]) == 2
+    assert "not one of the probe's classes ['3', '4']" in capsys.readouterr().err
