@@ -5,6 +5,9 @@
              (headline: at each example's last decoded position)
     patch    uniprobe.experiments.patching.patch_pair on pairs of the task's prompts → patch/pair-K/;
              ``across: true``: the demo's understanding → generation patching (sandbox arithmetic)
+    attention  uniprobe.experiments.attention.attention_prompt on the task's first prompts →
+             attention/prompt-K/ (patterns, mass query → key roles per layer × head, role-band maps)
+    knockout uniprobe.experiments.attention.knockout_prompt (layers × key groups) → knockout/prompt-K/
     gapeval  the GapEval gap score of the task's items (sandbox) → gapeval/
     r3       the R3 regenerate loop on the task's items (sandbox) → r3/
 
@@ -223,6 +226,61 @@ def _patch_across(ctx: RunContext, cfg: dict) -> dict[str, Any]:
     }
 
 
+# -- attention --------------------------------------------------------------------------------------
+def _mode(ctx: RunContext, cfg: dict) -> str:
+    return cfg["mode"] if cfg["mode"] != "auto" else (ctx.run["task"].get("form") or "understanding")
+
+
+def _texts(ctx: RunContext, n: int, what: str) -> list[tuple[str, dict]]:
+    texts = [(t, ex) for t, ex in zip(prompt_texts(ctx), ctx.examples, strict=True) if t is not None][:n]
+    if not texts:
+        raise ValueError(f"{what}: task {ctx.run['task']['name']!r} has no text prompts (only images or ids)")
+    return texts
+
+
+def attention(ctx: RunContext) -> dict[str, Any]:
+    from uniprobe.experiments.attention import attention_prompt
+
+    cfg = ctx.run["attention"]
+    masses = []
+    for k, (text, _) in enumerate(_texts(ctx, cfg["n_prompts"], "attention")):
+        run = attention_prompt(
+            ctx.loaded, text, query_roles=cfg["query_roles"], key_roles=cfg["key_roles"],
+            layers=cfg["layers"], mode=_mode(ctx, cfg), name=ctx.run["id"],
+        )  # fmt: skip
+        run.write(ctx.dir / "attention" / f"prompt-{k}")
+        masses.append(run.table.values)
+    mean = sum(masses) / len(masses)  # [layer, head]
+    layer, head = divmod(int(mean.nan_to_num(-1).argmax()), mean.shape[1])
+    return {"prompts": len(masses), "mass_mean": float(mean.nanmean()), "mass_peak": float(mean[layer, head]),
+            "peak_layer": run.layers[layer], "peak_head": head}  # fmt: skip
+
+
+def knockout(ctx: RunContext) -> dict[str, Any]:
+    from uniprobe.experiments.attention import knockout_prompt
+
+    cfg = ctx.run["knockout"]
+    changes = []
+    for k, (text, ex) in enumerate(_texts(ctx, cfg["n_prompts"], "knockout")):
+        target = cfg["target"]
+        if target == "label:answer":
+            target = ex.get("labels", {}).get("answer")
+            if target is None:
+                raise ValueError(f"knockout.target: example {ex.get('id')!r} has no label 'answer'")
+        run = knockout_prompt(
+            ctx.loaded, text, cfg["keys"], target=str(target), foil=cfg["foil"], query=cfg["query"],
+            layers=cfg["layers"], window=cfg["window"], heads=cfg["heads"], mode=_mode(ctx, cfg),
+            budget_mb=cfg["budget_mb"], name=ctx.run["id"],
+        )  # fmt: skip
+        run.write(ctx.dir / "knockout" / f"prompt-{k}")
+        res = run.result
+        grid = res.as_grid(False)[0] - res.clean  # [layer, group]: change from the unknocked run
+        layer, col = divmod(int(grid.abs().nan_to_num(-1).argmax()), grid.shape[1])
+        changes.append((float(grid[layer, col]), res.grid.layers[layer], res.grid.columns[col]))
+    change, layer, group = max(changes, key=lambda c: abs(c[0]))
+    return {"prompts": len(changes), "largest_change": change, "at_layer": layer, "key_group": group}
+
+
 # -- sandbox protocols ------------------------------------------------------------------------------
 def gapeval(ctx: RunContext) -> dict[str, Any]:
     from uniprobe.experiments.seeds.protocols import gapeval_report
@@ -253,6 +311,8 @@ ANALYSIS_FUNCTIONS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "probe": probe,
     "lens": lens,
     "patch": patch,
+    "attention": attention,
+    "knockout": knockout,
     "gapeval": gapeval,
     "r3": r3,
 }

@@ -8,8 +8,8 @@ Top-level keys (only these; anything else is an error naming the key and the all
     models:   [{path, name?, adapter?, loader?, device_map?, dtype?, load_options?}, ...]
     tasks:    [{name, categories? | prompts?, form?, levels?, limit?, suite_seed?,
                 analyses?, capture?, probe?, lens?, patch?, r3?}, ...]
-    analyses: [capture, probe, lens, patch, gapeval, r3]   # any subset, run in this order
-    capture / probe / lens / patch / r3: settings of each analysis (see SECTIONS)
+    analyses: [capture, probe, lens, patch, attention, knockout, gapeval, r3]   # any subset, in this order
+    capture / probe / lens / patch / attention / knockout / r3: settings of each analysis (see SECTIONS)
     sweep:    {distribute: auto|examples|runs, timeout_minutes: 120}
 
 Runs are the product models × tasks, in that order, with ids ``{model name}__{task name}``.
@@ -53,7 +53,7 @@ from uniprobe.hooks.dtypes import DTYPES as DTYPE_MAP
 from uniprobe.hooks.layout import ROLES
 from uniprobe.probes.patching.sites import HEAD_KINDS, KINDS
 
-ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "gapeval", "r3")
+ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "attention", "knockout", "gapeval", "r3")
 NEEDS_STORE: tuple[str, ...] = ("probe", "lens")  # read the run's captured store
 SANDBOX_ONLY: tuple[str, ...] = ("gapeval", "r3")  # judge drawings with the sandbox's exact judge
 FORMS: tuple[str, ...] = ("understanding", "generation")
@@ -80,6 +80,22 @@ def _answers(value: Any, path: str) -> str | list:
             )
         return value
     return list_of(token_spec)(value, path)
+
+
+def _selection(value: Any, path: str) -> list:
+    """Role names, or positions (ints; negative counts from the end), not mixed."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not (all(isinstance(x, str) for x in items) or all(type(x) is int for x in items)):
+        raise ConfigError(f"{path}: expected role names or positions (not mixed), got {value!r}")
+    return [choice(ROLES)(x, path) if isinstance(x, str) else x for x in items]
+
+
+def _groups(value: Any, path: str) -> dict:
+    """Key groups of a knockout: ``{name: roles or positions}``."""
+    groups = mapping(value, path)
+    if not groups:
+        raise ConfigError(f"{path}: name at least one key group, e.g. {{question: [text], bos: [0]}}")
+    return {str(k): _selection(v, f"{path}.{k}") for k, v in groups.items()}
 
 
 def _pair(value: Any, path: str) -> dict:
@@ -136,6 +152,25 @@ SECTIONS: dict[str, dict[str, tuple]] = {
         "n_pairs": (integer(1), 2),
         "pairs": (optional(list_of(_pair)), None),
         "across": (boolean, False),
+        "budget_mb": (number(0.0, float("inf")), 512.0),
+    },
+    "attention": {
+        "n_prompts": (integer(1), 2),
+        "query_roles": (optional(list_of(choice(ROLES), scalar_ok=True)), None),
+        "key_roles": (optional(list_of(choice(ROLES), scalar_ok=True)), None),
+        "layers": (optional(list_of(integer(0), scalar_ok=True)), None),
+        "mode": (choice(("auto", *FORMS)), "auto"),
+    },
+    "knockout": {
+        "n_prompts": (integer(1), 1),
+        "keys": (_groups, {"prompt": ["text"], "bos": [0]}),
+        "query": (_selection, [-1]),
+        "target": (lambda v, p: v if v == "label:answer" else token_spec(v, p), "label:answer"),
+        "foil": (optional(token_spec), None),
+        "window": (integer(1), 1),
+        "heads": (optional(list_of(integer(0), scalar_ok=True)), None),
+        "layers": (optional(list_of(integer(0), scalar_ok=True)), None),
+        "mode": (choice(("auto", *FORMS)), "auto"),
         "budget_mb": (number(0.0, float("inf")), 512.0),
     },
     "r3": {"rounds": (integer(1), 3)},
