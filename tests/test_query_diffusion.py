@@ -76,11 +76,13 @@ def test_patching_the_clean_connector_output_restores_the_loss(tiny):
     metric = _metric(model, torch.randn(1, *model.latent_shape, dtype=torch.float64))
     n = model.n_queries
     sites = point_sites("connector.out", n=n) + point_sites("connector.out", list(range(n)))
+    sites += point_sites("queries", n=n)  # the connector's input: the query tokens' final states
     res = patch_sweep(model, clean, corrupted, sites, metric)
     assert abs(res.clean - res.corrupted) > 1e-5  # the prompts condition the decoder differently
     assert float(res.values[0]) == pytest.approx(res.clean, abs=1e-12)
     torch.testing.assert_close(res.normalised[0], torch.tensor(1.0), atol=1e-6, rtol=0)
-    assert not torch.allclose(res.normalised[1:], torch.ones(n))  # one query alone is not everything
+    assert not torch.allclose(res.normalised[1 : n + 1], torch.ones(n))  # one query alone is not everything
+    torch.testing.assert_close(res.normalised[-1], torch.tensor(1.0), atol=1e-6, rtol=0)
     # the query positions' residual stream before the last block: all query positions together also restore
     grid, _ = query_sites(model, clean.layout, kinds=("resid_post",))
     by_layer = patch_sweep(model, clean, corrupted, grid, metric).normalised

@@ -28,7 +28,7 @@ from torch import nn
 from uniprobe.hooks.adapters.base import Adapter, ModelInputs
 from uniprobe.hooks.adapters.common import pad_ids, roles_from_ids
 from uniprobe.hooks.calls import transformers_version
-from uniprobe.hooks.errors import MissingDependencyError, UsageError
+from uniprobe.hooks.errors import MissingDependencyError, UniprobeError, UsageError
 
 DEFAULT_TARGET = (2, 2)
 
@@ -112,7 +112,14 @@ def generate(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
         suppress_tokens=list(range(codebook_size(model), vocab)),
         pad_token_id=int(model.config.text_config.pad_token_id),
     )
-    return out[:, inputs.kwargs["input_ids"].shape[1] :]
+    new = out[:, inputs.kwargs["input_ids"].shape[1] :]
+    if new.shape[1] != n or bool((new >= codebook_size(model)).any()):
+        raise UniprobeError(  # generate's keywords or output layout moved (a transformers change)
+            f"GlmImageForConditionalGeneration.generate (transformers {transformers_version()}) returned "
+            f"{new.shape[1]} new tokens, ids {sorted(set(new.flatten().tolist()))[:8]}; "
+            f"expected {n} codebook ids < {codebook_size(model)}"
+        )
+    return new
 
 
 GLM_IMAGE = Adapter(
