@@ -195,3 +195,59 @@ def test_the_docs_page_code_runs(capsys):
     out = capsys.readouterr().out
     assert "decoder.blocks.1" in out and "{0: 66.0, 1: 33.0, 2: 0.0}" in out
     assert namespace["res"].normalised[0] == pytest.approx(1.0, abs=1e-2)
+
+
+def test_a_unet_decoder_with_v_prediction(tiny):
+    """The same query model with a diffusers UNet2DConditionModel decoder (v-prediction): the metric
+    equals the hand-written v loss, and capture tags the UNet's down blocks per denoising step."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from uniprobe.experiments.tiny_diffusion import TinyDiffusionQueryModel
+    from uniprobe.hooks.adapters import query_adapter
+
+    base, _, clean, _ = tiny
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+    model = TinyDiffusionQueryModel(
+        base.lm, unet, DDPMScheduler(100, prediction_type="v_prediction"), (4, 8, 8)
+    )
+    model.decoder_kwargs = {}
+    adapter = query_adapter(
+        {
+            "blocks": "lm.model.layers",
+            "final_norm": "lm.model.norm",
+            "lm_head": "lm.lm_head",
+            "queries": "queries",
+            "connector": "connector",
+            "decoder": "decoder",
+            "diffusion": True,
+            "decoder_blocks": "decoder.down_blocks",
+        }
+    )
+    x0 = torch.randn(1, 4, 8, 8)
+    metric = DenoisingLoss.from_scheduler(
+        decoder_predict(unet, "v_prediction", 100), x0, model.scheduler, k=2
+    )
+    with torch.no_grad():
+        out = adapter.run(model, clean)
+        ref, abar = 0.0, model.scheduler.alphas_cumprod
+        for t, eps in zip(metric.timesteps, metric.noises, strict=True):
+            a, s = abar[t].sqrt(), (1 - abar[t]).sqrt()
+            pred = unet(a * x0 + s * eps, t.view(1), encoder_hidden_states=out[1]).sample
+            ref += ((pred - (a * eps - s * x0)) ** 2).mean()
+        torch.testing.assert_close(metric(out), (ref / 2).view(1), rtol=1e-5, atol=1e-6)
+        with capture(model, "decoder.blocks.*", adapter=adapter, layout=clean.layout) as cap:
+            denoise(unet, model.scheduler, out[1], (4, 8, 8), steps=2)
+    assert metric.prediction_type == "v_prediction" and len(cap.timesteps) == 2
+    rows = cap.rows("decoder.blocks.1")  # a 4-D feature map per row: one position
+    assert rows.step.tolist() == [0, 1] and rows.values.shape == (2, 16, 4, 4)
