@@ -1,7 +1,7 @@
 """Benchmark: an attention-knockout sweep (every layer × 4 key groups) — uniprobe's batched sweep vs a loop
 of one forward per configuration with hooks (the nnsight / TransformerLens way).
 
-    .venv/bin/python experiments/bench/knockout.py [--layers 12 --d-model 512 --seq 24 --drawn 8]
+    .venv/bin/python experiments/bench/knockout.py [--layers 12 --d-model 512 --seq 24 --drawn N]
                                                   [--repeats 3] [--threads 1]
 
 The model is the 12-layer, d_model 512 Llama of ``experiments/bench/patching.py`` (random seeded weights,
@@ -72,15 +72,22 @@ def run(
     layers: int = 12,
     d_model: int = 512,
     seq: int = 24,
-    drawn: int = 8,
+    drawn: int | None = None,
     repeats: int = 3,
+    device: str = "cpu",
     say: Any = print,
 ) -> dict[str, Any]:
-    """Time the batched knockout sweep against the per-configuration loop; returns the numbers."""
+    """Time the batched knockout sweep against the per-configuration loop; returns the numbers.
+
+    ``drawn``: image positions at the end of the prompt (default a third of ``seq``).
+    """
     if model is None:
         model = _patching_bench().llama(layers, d_model, 256)
+    model = model.to(device)
     adapter = adapter_for(model)
+    drawn = max(1, seq // 3) if drawn is None else drawn
     inputs = drawing_prompt(model, seq, drawn)
+    inputs.kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.kwargs.items()}
     with torch.no_grad():
         top = logits_of(adapter.run(model, inputs))[0, -1].topk(2).indices.tolist()
     metric = LogitDiff(top[0], top[1])
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--seq", type=int, default=24)
-    parser.add_argument("--drawn", type=int, default=8)
+    parser.add_argument("--drawn", type=int, help="image positions at the end (default: a third of --seq)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

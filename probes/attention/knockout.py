@@ -381,7 +381,8 @@ def knockout_reference(
                         raise RuntimeError(
                             f"{type(mod).__name__} was called without an attention_mask keyword"
                         )
-                    return args, {**kwargs, "attention_mask": mask}
+                    hidden = args[0] if args else kwargs["hidden_states"]
+                    return args, {**kwargs, "attention_mask": mask.to(hidden.device)}
 
                 hooks.pre(module, pre)
             res = fwd(model, inputs)
