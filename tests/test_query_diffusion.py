@@ -251,3 +251,15 @@ def test_a_unet_decoder_with_v_prediction(tiny):
     assert metric.prediction_type == "v_prediction" and len(cap.timesteps) == 2
     rows = cap.rows("decoder.blocks.1")  # a 4-D feature map per row: one position
     assert rows.step.tolist() == [0, 1] and rows.values.shape == (2, 16, 4, 4)
+
+
+def test_diffusers_is_imported_only_when_used():
+    """The extra stays optional: importing uniprobe's adapters, patching and tiny zoo loads no diffusers."""
+    import subprocess
+
+    code = (
+        "import sys, uniprobe.hooks.adapters, uniprobe.hooks.diffusion, uniprobe.probes.patching, "
+        "uniprobe.experiments.tiny; print('diffusers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
