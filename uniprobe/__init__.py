@@ -77,6 +77,18 @@ _EXPORTS: dict[str, str] = {
     "probe_direction": "uniprobe.probes.attention",
     "mean_difference": "uniprobe.probes.attention",
     "state_at": "uniprobe.probes.attention",
+    # attention: patterns, mass, knockout
+    "intercept_attention": "uniprobe.hooks.attention",
+    "attention_geometry": "uniprobe.hooks.attention",
+    "head_outputs": "uniprobe.hooks.attention",
+    "Knockout": "uniprobe.probes.attention",
+    "knockout_grid": "uniprobe.probes.attention",
+    "knockout_sweep": "uniprobe.probes.attention",
+    "knockout_reference": "uniprobe.probes.attention",
+    "AttentionMass": "uniprobe.probes.attention",
+    "MassTable": "uniprobe.probes.attention",
+    "attention_mass": "uniprobe.probes.attention",
+    "mass_table": "uniprobe.probes.attention",
 }
 
 __all__ = ["__version__", *_EXPORTS]

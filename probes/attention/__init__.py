@@ -1,6 +1,8 @@
 """Attention across the understanding → generation boundary: per-head patching, path patching, steering.
 
 Modules: :mod:`~uniprobe.probes.attention.heads` (head-level patching sites for the batched engine),
+:mod:`~uniprobe.probes.attention.knockout` (attention knockout, batched) and
+:mod:`~uniprobe.probes.attention.mass` (attention mass from query roles to key roles, table and metric),
 :mod:`~uniprobe.probes.attention.paths` (path patching: senders → receivers only),
 :mod:`~uniprobe.probes.attention.steering` and :mod:`~uniprobe.probes.attention.steer_sweep` (activation
 addition at points × positions × steps, batched alpha × point sweeps); the attention
@@ -8,6 +10,8 @@ mechanism itself (geometry, ``z``, interception) lives in :mod:`uniprobe.hooks.a
 """
 
 from uniprobe.probes.attention.heads import head_grid, head_sites
+from uniprobe.probes.attention.knockout import Knockout, knockout_grid, knockout_reference, knockout_sweep
+from uniprobe.probes.attention.mass import AttentionMass, MassTable, attention_mass, mass_table
 from uniprobe.probes.attention.paths import (
     PathResult,
     Receivers,
@@ -28,6 +32,14 @@ from uniprobe.probes.attention.steering import (
 )
 
 __all__ = [
+    "AttentionMass",
+    "Knockout",
+    "MassTable",
+    "attention_mass",
+    "knockout_grid",
+    "knockout_reference",
+    "knockout_sweep",
+    "mass_table",
     "PathResult",
     "Receivers",
     "Steer",
