@@ -45,7 +45,7 @@ def reasoning_parts(text: str) -> tuple[str | None, frozenset | None]:
         expr = text[len("what is ") : -2]
         return (expr, None) if expr[0].isdigit() else (None, None)
     if " as " in text:
-        return text.split(" as ", 1)[1], None
+        return text.rsplit(" as ", 1)[1], None
     return None, None
 
 
@@ -123,6 +123,26 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
         rec["steps_done"] == 1 and rec["data"]["mix"] == "arith_heavy" and rec["data"]["gen_fraction"] == 0.22
     )
     levels = [f"{t} L{k}" for t in ("arith", "mapping") for k in (1, 2, 3)]
-    assert set(rec["scores"]) == set(levels) | {"draw count", "und count", "draw portrait", "und portrait"}
+    direct = {"draw count", "und count", "draw portrait", "und portrait"}
+    assert set(rec["scores"]) == set(levels) | {f"draw {k}" for k in levels} | direct
     assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0
+
+
+def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite) -> None:
+    from uniprobe.experiments.tasks import world
+
+    exprs, _ = held_out_sets(suite)
+    train_l1 = dict(suite.arith_train[1])
+    drawn = 0
+    for ex in itertools.islice(suite.training_examples(0, reasoning_draw=0.5, gen_fraction=0.5), 2000):
+        if ex.target is not None and " as " in ex.prompt.text:
+            expr = ex.prompt.text.rsplit(" as ", 1)[1]
+            assert expr in train_l1 and expr not in exprs, expr  # level 1, training split
+            grid = world.decode(ex.target)
+            assert int((grid != world.EMPTY).sum()) == train_l1[expr]  # draws the expression's value
+            drawn += 1
+    assert drawn > 300
+    plain = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0), 300)]
+    zero = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0, reasoning_draw=0.0), 300)]
+    assert plain == zero and not any("draw as many" in t for t in plain)

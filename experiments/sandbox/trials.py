@@ -24,8 +24,9 @@ from uniprobe.experiments.tasks.suite import Suite
 
 
 def heldout_scores(model, suite: Suite, progress: bool = False) -> dict[str, float]:
-    """Understanding accuracy per reasoning row (``"arith L1"`` ... ``"mapping L3"``) and drawing
-    accuracy per direct row (``"draw count"``, ``"draw portrait"``), without CoT, on ``suite``'s items."""
+    """Understanding accuracy per reasoning row (``"arith L1"`` ... ``"mapping L3"``), drawing accuracy
+    per reasoning row (``"draw arith L1"`` ...) and per direct row (``"draw count"``, ``"draw
+    portrait"``, with their understanding ``"und ..."``), without CoT, on ``suite``'s items."""
     items = [it for it in suite.items if it.category in ("direct", "arithmetic", "mapping")]
     rows = gap_table(model, items=items, cot=False, progress=progress)
     out: dict[str, float] = {}
@@ -33,8 +34,9 @@ def heldout_scores(model, suite: Suite, progress: bool = False) -> dict[str, flo
         if r["category"] == "direct":
             out[f"draw {r['task']}"] = round(r["generation"], 4)
             out[f"und {r['task']}"] = round(r["understanding"], 4)
-        else:
+        else:  # understanding (the bar), and drawing without CoT (the latent-CoT question)
             out[f"{r['task']} L{r['level']}"] = round(r["understanding"], 4)
+            out[f"draw {r['task']} L{r['level']}"] = round(r["generation"], 4)
     return out
 
 

@@ -351,6 +351,12 @@ class Suite:
             world.encode(world.portrait_grid(attrs))
         )
 
+    def _level1_draw(self, rng: random.Random) -> tuple[Prompt, tuple[int, ...]]:
+        expr, v = rng.choice(self.arith_train[1])
+        tile = rng.choice(gen.countable_tiles())
+        grid = world.count_grid(v, world.TILE_ID[tile])
+        return Prompt(f"draw as many {gen.tile_phrase(tile)} as {expr}"), tuple(world.encode(grid))
+
     def training_examples(
         self,
         seed: int = 0,
@@ -359,6 +365,7 @@ class Suite:
         direct_heldout: bool = True,
         mix: str = "balanced",
         taught_reasoning: float = 0.0,
+        reasoning_draw: float = 0.0,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -372,6 +379,9 @@ class Suite:
             direct_heldout: hold out the (count, object) pairs of the direct test items. With False,
                 direct drawing prompts of the test split are trained on (the query model's parallel
                 decoder does not compose unseen pairs); reasoning and knowledge prompts stay unseen.
+            reasoning_draw: share of drawing examples that draw a *level-1* arithmetic expression of the
+                training split ("draw as many red cup as 7 - 3"), never levels 2-3 nor a test
+                expression: UniSandbox's latent-CoT variant (does drawing at levels 2-3 follow?).
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
@@ -387,7 +397,11 @@ class Suite:
                 else []
             )
             if rng.random() < gen_fraction:
-                prompt, target = self._direct(rng, direct_heldout)
+                # the extra draw only when asked, so streams without reasoning drawing stay as they were
+                if reasoning_draw and rng.random() < reasoning_draw:
+                    prompt, target = self._level1_draw(rng)
+                else:
+                    prompt, target = self._direct(rng, direct_heldout)
                 ex = TrainExample(prompt, target=target, prefix=prefix)
             else:
                 prompt, answer = self._qa(rng, mix, taught_reasoning)
