@@ -26,6 +26,6 @@ def test_head_patching_bench_grids_equal_transformer_lens(capsys):
 
 
 def test_main_runs_heads_then_the_knockout_bench(capsys):
-    assert bench.main(["--layers", "2", "--d-model", "64", "--seq", "4", "--threads", "1"]) == 0
+    assert bench.main(["--layers", "2", "--d-model", "64", "--seq", "9", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "== head patching" in out and "knockout" in out

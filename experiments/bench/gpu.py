@@ -232,7 +232,7 @@ def _head_sweep(
     return {"head_sites": len(grid), "head_exact_s": t_exact, "head_attribution_s": t_attr}
 
 
-def bench_knockout(device: str, smoke: bool) -> dict | None:
+def bench_knockout(device: str, smoke: bool, repeats: int = 1) -> dict | None:
     """Stage 3: ``experiments/bench/knockout.py``'s ``run`` when present (its own printout)."""
     knockout = load_script("knockout")
     if knockout is None or not hasattr(knockout, "run"):
@@ -241,8 +241,7 @@ def bench_knockout(device: str, smoke: bool) -> dict | None:
     print("\n== knockout (experiments/bench/knockout.py)")
     params = inspect.signature(knockout.run).parameters
     kwargs: dict[str, Any] = {}
-    if "device" in params:
-        kwargs["device"] = device
+    kwargs.update({k: v for k, v in {"device": device, "repeats": repeats}.items() if k in params})
     if smoke:  # toy sizes where the bench takes them
         kwargs.update({k: v for k, v in {"layers": 2, "d_model": 64, "seq": 8}.items() if k in params})
     return knockout.run(**kwargs)
@@ -288,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     results = {"kernels": bench_kernels(device, sizes, repeats)}
     results["patching"] = bench_patching(device, sizes, layers, d_model, repeats)
-    results["knockout"] = bench_knockout(device, args.smoke)
+    results["knockout"] = bench_knockout(device, args.smoke, repeats)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     return 0
 
