@@ -8,6 +8,7 @@ import pytest
 import torch
 from uniprobe.experiments.tiny import tiny_glm_image
 from uniprobe.hooks.adapters import adapter_for
+from uniprobe.hooks.adapters.glm_image import model_kwargs
 from uniprobe.hooks.capture import capture
 from uniprobe.hooks.errors import UsageError
 from uniprobe.hooks.layout import ROLE_ID
@@ -49,7 +50,7 @@ def test_understanding_capture_equals_the_models_hidden_states(glm):
     with torch.no_grad(), capture(model, "blocks.*.resid_post", adapter=adapter, layout=inputs.layout) as cap:
         out = adapter.run(model, inputs)
     with torch.no_grad():
-        ref = model(**inputs.kwargs, output_hidden_states=True)
+        ref = model(**model_kwargs(inputs.kwargs), output_hidden_states=True)
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(cap["blocks.0.resid_post"], ref.hidden_states[1])
     und = cap.rows("blocks.0.resid_post").select(cap.rows("blocks.0.resid_post").role == ROLE_ID["image_und"])
@@ -83,7 +84,7 @@ def test_generation_tokens_steps_and_roles(glm):
     # the same as the model's own generate, and each row as it would run alone (left padding is inert)
     with torch.no_grad():
         ref = model.generate(
-            **inputs.kwargs,
+            **model_kwargs(inputs.kwargs),
             max_new_tokens=4,
             min_new_tokens=4,
             do_sample=False,
@@ -159,3 +160,64 @@ def test_glm_image_dit_flow_loss_from_the_ar_tokens(glm):
         )(glyphs)
     torch.testing.assert_close(got, (ref / 3).view(1), rtol=1e-5, atol=1e-6)
     assert float(other) != pytest.approx(float(got))
+
+
+def test_teacher_forced_logits_are_generations_logits(glm):
+    """The prompt + target tokens + image_end in one forward: the codebook logits of every step
+    equal those the model's own generate computed (same 2-D positions), for a batch mixing an
+    image-to-image row and a left-padded text-to-image row."""
+    model, info, adapter, source = glm
+    prompt = adapter.prepare(model, [source, {"input_ids": T2I}], mode="generation")
+    with torch.no_grad():
+        gen = model.generate(
+            **model_kwargs(prompt.kwargs), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+            suppress_tokens=list(range(32, 40)), pad_token_id=95,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        tokens = gen.sequences[:, -4:]
+        forced = adapter.teacher_forced(prompt, tokens)
+        logits = adapter.image_forward(model, forced)
+    assert forced.layout.length == 9 + 4 + 1 and forced.layout.names(1)[-5:] == ["image_gen"] * 5
+    assert logits.shape == (2, 4, 32)
+    torch.testing.assert_close(logits, torch.stack(gen.logits, dim=1)[..., :32], atol=1e-5, rtol=1e-5)
+    assert torch.equal(logits.argmax(-1), tokens)
+
+
+def test_patching_with_a_source_image_equals_one_forward_per_site(glm):
+    """The batched engine stacks GLM-Image's batch-first image inputs row by row: an understanding
+    sweep and a teacher-forced image-token sweep equal the one-forward-per-site reference."""
+    from uniprobe.probes.patching import (
+        LogitDiff,
+        SequenceLogProb,
+        collect_states,
+        grid_sites,
+        patch_sweep,
+        run_sites_reference,
+    )
+
+    model, _, adapter, source = glm
+    corrupted_ex = {**source, "input_ids": [32, 90, 90, 90, 90, 33, 40, 44, 32]}
+    clean, corrupted = adapter.prepare(model, [source]), adapter.prepare(model, [corrupted_ex])
+    sites = grid_sites(adapter.n_layers(model), clean.layout.length, kinds=("resid_pre", "mlp_out"))
+    metric = LogitDiff(5, 6)
+    res = patch_sweep(model, clean, corrupted, sites, metric)
+    _, states = collect_states(model, adapter, clean, [s.point for s in sites.sites])
+    ref = run_sites_reference(model, adapter, corrupted, sites.sites, states, metric)
+    assert float((res.values - ref).abs().max()) <= 1e-5
+    # teacher-forced: does the clean prompt's state make the corrupted run write the clean drawing?
+    g_clean = adapter.prepare(model, [source], mode="generation")
+    g_corrupt = adapter.prepare(model, [corrupted_ex], mode="generation")
+    with torch.no_grad():
+        target = adapter.generate(model, g_clean)[0]
+    tf_clean, tf_corrupt = adapter.teacher_forced(g_clean, target), adapter.teacher_forced(g_corrupt, target)
+    seq = SequenceLogProb(target, logits_fn=lambda out: out)
+    sites = grid_sites(adapter.n_layers(model), tf_clean.layout.length, kinds=("resid_pre",))
+    res = patch_sweep(model, tf_clean, tf_corrupt, sites, seq, forward=adapter.image_forward)
+    _, states = collect_states(
+        model, adapter, tf_clean, [s.point for s in sites.sites], forward=adapter.image_forward
+    )
+    ref = run_sites_reference(
+        model, adapter, tf_corrupt, sites.sites, states, seq, forward=adapter.image_forward
+    )
+    assert float((res.values - ref).abs().max()) <= 1e-4
+    assert res.clean != pytest.approx(res.corrupted)
