@@ -92,6 +92,7 @@ def capture_dataset(
     attrs: dict[str, Any] | None = None,
     model_info: dict[str, Any] | None = None,
     progress: bool = True,
+    key_roles: Iterable[str] | None = None,
 ) -> ActivationStore:
     """Capture ``points`` for every example into a store at ``out``; returns it opened for reading.
 
@@ -106,6 +107,9 @@ def capture_dataset(
         shard_size: examples per shard file (consecutive examples; several batches accumulate into
             one shard, the last batch of a shard may be smaller). None: automatic, ``batch_size × k``
             up to 256 examples or ~64 MiB per shard, whichever comes first (see the module docstring).
+        key_roles: for attention points (``blocks.*.attn.pattern``): store each query row's attention
+            mass on each of these key roles, ``[head, n_roles]`` — the same columns for every example
+            (:mod:`uniprobe.hooks.attn_capture`); without it a pattern's columns are the batch's positions.
         overwrite / resume: what to do when ``out`` already holds a store (default: refuse). A
             resume must repeat the capture that started the store (same examples in the same
             order, batch size, shard size, roles, positions, mode, dtype, adapter, backend, model, points).
@@ -138,7 +142,7 @@ def capture_dataset(
         inputs = adapter.prepare(model, batch, mode="generation" if mode == "generate" else mode)
         cap = run_capture(
             model, inputs, names, adapter=adapter, backend=backend, roles=roles, positions=positions,
-            dtype=dtype, generate=mode == "generate",
+            dtype=dtype, generate=mode == "generate", key_roles=key_roles,
         )  # fmt: skip
         return inputs, cap
 
@@ -156,6 +160,8 @@ def capture_dataset(
         examples, batch_size=batch_size, shard_size=shard_size, roles=roles, positions=positions, mode=mode,
         dtype=dtype, adapter=adapter, backend=backend,
     )  # fmt: skip
+    if key_roles is not None:  # only then: stores captured before attention points resume as before
+        identity["key_roles"] = list(key_roles)
     store = ActivationStore.create(
         out, model=record, points=names, attrs=attrs, overwrite=overwrite, resume=resume, identity=identity
     )

@@ -125,3 +125,27 @@ def test_capture_during_generation_per_step(llama) -> None:
         k = 8 + step
         torch.testing.assert_close(r.values[:, :, :k], want[1][step][:, :, 0], atol=1e-6, rtol=1e-5)
         assert torch.isnan(r.values[:, :, k:]).all()
+
+
+def test_store_holds_attention_mass_per_key_role(tmp_path) -> None:
+    from uniprobe.hooks.pipeline import capture_dataset
+
+    model, _ = build_tiny("tiny-llama")
+    adapter = adapter_for(model)
+    examples = [{"input_ids": [1, 5, 6, 7][: 2 + i % 3], "labels": {"y": i % 2}} for i in range(6)]
+    store = capture_dataset(
+        model, examples, "blocks.1.attn.pattern", tmp_path / "s", adapter=adapter, batch_size=2,
+        key_roles=["text", "pad"], progress=False,
+    )  # fmt: skip
+    rows = store.rows("blocks.1.attn.pattern")
+    assert rows.values.shape[1:] == (4, 2)  # [head, key role] whatever each batch's length
+    torch.testing.assert_close(rows.values.sum(-1), torch.ones(len(rows), 4))  # text + pad = every key
+    assert store.identity["key_roles"] == ["text", "pad"]
+    inputs = adapter.prepare(model, examples[4:6])
+    with (
+        torch.no_grad(),
+        capture(model, "blocks.1.attn.pattern", layout=inputs.layout, key_roles=["text", "pad"]) as cap,
+    ):
+        adapter.run(model, inputs)
+    last = rows.example >= 4
+    torch.testing.assert_close(rows.values[last], cap.rows("blocks.1.attn.pattern").values)

@@ -39,12 +39,15 @@ def run_capture(
     device: str | torch.device = "cpu",
     generate: bool = False,
     remote: bool | str = False,
+    key_roles: Iterable[str] | None = None,
+    key_positions: Iterable[int] | None = None,
 ) -> Captured:
     """One forward pass on ``inputs`` with ``points`` captured by ``backend``.
 
     With ``generate=True`` the adapter's image generation runs instead (torch backend: many
     steps, rows tagged by step and guidance branch); the generated tokens ``[batch, n]`` are
-    left in ``captured.generated``.
+    left in ``captured.generated``. ``key_roles`` / ``key_positions``: the key columns of attention
+    patterns (torch backend; see :mod:`uniprobe.hooks.attn_capture`).
 
     ``model`` may also be an nnsight model (``nnsight.LanguageModel(...)``): the nnsight backend
     traces it as it is, the others run the torch module inside it. ``remote=True`` (nnsight
@@ -58,6 +61,8 @@ def run_capture(
     wrapper, model = model, _module_of(model)  # the torch module (the model itself if plain)
     adapter = adapter or adapter_for(model)
     selection = {"roles": roles, "positions": positions, "dtype": dtype, "device": device}
+    if key_roles is not None or key_positions is not None:  # attention patterns' key columns (torch)
+        selection.update(key_roles=key_roles, key_positions=key_positions)
     if generate:
         if backend != "torch":
             raise ValueError("capture during generation needs backend='torch' (many forward steps)")
