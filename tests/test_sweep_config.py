@@ -59,7 +59,7 @@ def test_query_adapter_file_loads():
         (
             _minimal(analyses=["capture", "probe", "probes"]),
             "analyses[2]: unknown value 'probes' (did you mean 'probe'?); allowed: capture, probe, lens, "
-            "patch, attention, knockout, gapeval, r3",
+            "patch, attention, knockout, steer, gapeval, r3",
         ),
         (
             _minimal(modles=[]),

@@ -8,6 +8,8 @@
     attention  uniprobe.experiments.attention.attention_prompt on the task's first prompts →
              attention/prompt-K/ (patterns, mass query → key roles per layer × head, role-band maps)
     knockout uniprobe.experiments.attention.knockout_prompt (layers × key groups) → knockout/prompt-K/
+    steer    uniprobe.experiments.steering.steer_prompt: each pair's corrupted prompt steered along the clean
+             − corrupted state at points × alphas → steer/pair-K/
     gapeval  the GapEval gap score of the task's items (sandbox) → gapeval/
     r3       the R3 regenerate loop on the task's items (sandbox) → r3/
 
@@ -307,12 +309,35 @@ def r3(ctx: RunContext) -> dict[str, Any]:
     }
 
 
+# -- steering -------------------------------------------------------------------------------------
+def steer(ctx: RunContext) -> dict[str, Any]:
+    from uniprobe.experiments.steering import steer_prompt
+
+    cfg = ctx.run["steer"]
+    try:
+        pairs = cfg["pairs"] or auto_pairs(ctx, cfg["n_pairs"])
+    except ValueError as err:
+        raise ValueError(str(err).replace("patch", "steer")) from err
+    gains = []
+    for k, pair in enumerate(pairs):
+        res = steer_prompt(
+            ctx.loaded, pair["corrupted"], points=cfg["points"], alphas=cfg["alphas"], target=pair["target"],
+            foil=pair["foil"], toward=pair["clean"], away=pair["corrupted"], role=cfg["role"],
+            budget_mb=cfg["budget_mb"], name=ctx.run["id"],
+        )  # fmt: skip
+        res.write(ctx.dir / "steer" / f"pair-{k}")
+        gains.append(float((res.result.values - res.result.plain).max()))
+    (ctx.dir / "steer" / "pairs.json").write_text(json.dumps(pairs, indent=1) + "\n")
+    return {"pairs": len(pairs), "gain_mean": sum(gains) / len(gains), "gain_max": max(gains)}
+
+
 ANALYSIS_FUNCTIONS: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "probe": probe,
     "lens": lens,
     "patch": patch,
     "attention": attention,
     "knockout": knockout,
+    "steer": steer,
     "gapeval": gapeval,
     "r3": r3,
 }

@@ -8,8 +8,8 @@ Top-level keys (only these; anything else is an error naming the key and the all
     models:   [{path, name?, adapter?, loader?, device_map?, dtype?, load_options?}, ...]
     tasks:    [{name, categories? | prompts?, form?, levels?, limit?, suite_seed?,
                 analyses?, capture?, probe?, lens?, patch?, r3?}, ...]
-    analyses: [capture, probe, lens, patch, attention, knockout, gapeval, r3]   # any subset, in this order
-    capture / probe / lens / patch / attention / knockout / r3: settings of each analysis (see SECTIONS)
+    analyses: [capture, probe, lens, patch, attention, knockout, steer, gapeval, r3]   # any subset, in order
+    capture / probe / lens / patch / attention / knockout / steer / r3: settings of each analysis (SECTIONS)
     sweep:    {distribute: auto|examples|runs, timeout_minutes: 120}
 
 Runs are the product models × tasks, in that order, with ids ``{model name}__{task name}``.
@@ -53,7 +53,9 @@ from uniprobe.hooks.dtypes import DTYPES as DTYPE_MAP
 from uniprobe.hooks.layout import ROLES
 from uniprobe.probes.patching.sites import HEAD_KINDS, KINDS
 
-ANALYSES: tuple[str, ...] = ("capture", "probe", "lens", "patch", "attention", "knockout", "gapeval", "r3")
+ANALYSES: tuple[str, ...] = (
+    "capture", "probe", "lens", "patch", "attention", "knockout", "steer", "gapeval", "r3",
+)  # fmt: skip
 NEEDS_STORE: tuple[str, ...] = ("probe", "lens")  # read the run's captured store
 SANDBOX_ONLY: tuple[str, ...] = ("gapeval", "r3")  # judge drawings with the sandbox's exact judge
 FORMS: tuple[str, ...] = ("understanding", "generation")
@@ -171,6 +173,14 @@ SECTIONS: dict[str, dict[str, tuple]] = {
         "heads": (optional(list_of(integer(0), scalar_ok=True)), None),
         "layers": (optional(list_of(integer(0), scalar_ok=True)), None),
         "mode": (choice(("auto", *FORMS)), "auto"),
+        "budget_mb": (number(0.0, float("inf")), 512.0),
+    },
+    "steer": {  # steer each pair's corrupted prompt along (clean − corrupted state) at points × alphas
+        "points": (list_of(string, scalar_ok=True), ["blocks.*.resid_pre"]),
+        "alphas": (list_of(number(float("-inf"), float("inf")), scalar_ok=True), [0.0, 1.0, 2.0, 4.0]),
+        "role": (optional(choice(ROLES)), None),
+        "n_pairs": (integer(1), 2),
+        "pairs": (optional(list_of(_pair)), None),
         "budget_mb": (number(0.0, float("inf")), 512.0),
     },
     "r3": {"rounds": (integer(1), 3)},
