@@ -198,7 +198,7 @@ def test_patching_with_a_source_image_equals_one_forward_per_site(glm):
     model, _, adapter, source = glm
     corrupted_ex = {**source, "input_ids": [32, 90, 90, 90, 90, 33, 40, 44, 32]}
     clean, corrupted = adapter.prepare(model, [source]), adapter.prepare(model, [corrupted_ex])
-    sites = grid_sites(adapter.n_layers(model), clean.layout.length, kinds=("resid_pre", "mlp_out"))
+    sites = grid_sites(adapter.n_layers(model), clean.layout.length, kinds=("mlp_out",))
     metric = LogitDiff(5, 6)
     res = patch_sweep(model, clean, corrupted, sites, metric)
     _, states = collect_states(model, adapter, clean, [s.point for s in sites.sites])
@@ -211,7 +211,10 @@ def test_patching_with_a_source_image_equals_one_forward_per_site(glm):
         target = adapter.generate(model, g_clean)[0]
     tf_clean, tf_corrupt = adapter.teacher_forced(g_clean, target), adapter.teacher_forced(g_corrupt, target)
     seq = SequenceLogProb(target, logits_fn=lambda out: out)
-    sites = grid_sites(adapter.n_layers(model), tf_clean.layout.length, kinds=("resid_pre",))
+    prompt_pos = list(range(g_clean.layout.length))  # the prompt's positions, where the runs differ
+    sites = grid_sites(
+        adapter.n_layers(model), tf_clean.layout.length, kinds=("resid_pre",), positions=prompt_pos
+    )
     res = patch_sweep(model, tf_clean, tf_corrupt, sites, seq, forward=adapter.image_forward)
     _, states = collect_states(
         model, adapter, tf_clean, [s.point for s in sites.sites], forward=adapter.image_forward
