@@ -243,6 +243,7 @@ def _load_folder(
     if (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get("arch") in (
         "ar",
         "query",
+        "mot",
     ):
         from uniprobe.experiments.sandbox.registry import sandbox_parts
 
