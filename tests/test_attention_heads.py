@@ -154,3 +154,16 @@ def test_head_results_round_trip_and_bad_heads_are_named(tmp_path) -> None:
         PatchSite("blocks.0.resid_pre", (1,), head=0)
     with pytest.raises(IndexError, match="the attention has 4 heads"):
         patch_sweep(model, clean, corrupted, [PatchSite("blocks.0.attn.z", (1,), head=7)], LogitDiff(11, 12))
+
+
+def test_unchanged_positions_of_a_head_site_are_not_recomputed() -> None:
+    model, _ = tiny_llama(layers=2)
+    adapter = adapter_for(model)
+    clean = adapter.prepare(model, [{"input_ids": [1, 5, 6, 7, 8, 9]}])
+    corrupted = adapter.prepare(model, [{"input_ids": [1, 5, 6, 10, 8, 9]}])  # differs at position 3
+    grid, metric = head_sites(model, clean), LogitDiff(11, 12)
+    trimmed = patch_sweep(model, clean, corrupted, grid, metric)
+    whole = patch_sweep(model, clean, corrupted, grid, metric, skip_noops=False)
+    assert trimmed.info["work_fraction"] < whole.info["work_fraction"]  # positions 0..2 reused
+    assert float((trimmed.values - whole.values).abs().max()) <= ATOL
+    assert [s.positions for s in trimmed.sites] == [tuple(range(6))] * len(grid)  # reported as given

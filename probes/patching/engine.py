@@ -5,7 +5,9 @@ Protocol (one target run, ``B`` examples, ``n`` sites per chunk):
 1. **Run** the unpatched target once and keep it (:mod:`uniprobe.probes.patching.cached_run`).
 2. **No-ops**: a site whose source values equal the target's own values there (positions before
    the first differing token, identical embeddings) cannot change anything; it gets the
-   unpatched value without a forward (``skip_noops``).
+   unpatched value without a forward (``skip_noops``). Likewise a site over several positions
+   (all positions of a head, a role) drops the positions where source equals target, so its
+   earliest *changed* position decides how much of the prefix is reused.
 3. **Group** the rest by start layer: a patch at block ``l`` (``resid_pre``, ``attn_out``,
    ``mlp_out``, ``resid_post``) leaves blocks ``< l`` unchanged; a model-level point that fires
    after the last block starts at ``L``. For plain causal LMs whose metric reads only the last
@@ -33,6 +35,7 @@ positions needs a default forward over ``input_ids`` only, no padding and a full
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections import defaultdict
@@ -216,12 +219,37 @@ def is_noop(
         return False
     if max(site.src) >= src.shape[1] or max(site.positions) >= tgt.shape[1]:
         return False
+    return not bool(_changed(site, src, tgt, heads).any())
+
+
+def _changed(
+    site: PatchSite, src: torch.Tensor, tgt: torch.Tensor, heads: dict[str, int] | None
+) -> torch.Tensor:
+    """``[k]`` bool: whether the site writes something new at each of its positions (any row)."""
     a = src[:, list(site.src)].expand(tgt.shape[0], len(site.src), *src.shape[2:])
     b = tgt[:, list(site.positions)]
     if site.head is not None:
         n_h = (heads or {}).get(site.point, 1)
         a, b = (x.reshape(*x.shape[:2], n_h, -1)[:, :, site.head] for x in (a, b))
-    return torch.equal(a, b)
+    return (a != b).reshape(a.shape[0], a.shape[1], -1).any(-1).any(0)
+
+
+def trim_site(
+    site: PatchSite, source: dict[str, torch.Tensor], tr: CachedRun, heads: dict[str, int] | None = None
+) -> PatchSite:
+    """``site`` without the positions where it would write the target's own values (bitwise): an exact
+    no-op there. Returned unchanged when nothing can be dropped (or the values are not comparable)."""
+    tgt, src = tr.values.get(site.point), source[site.point]
+    if len(site.positions) < 2 or tgt is None or tgt.shape[2:] != src.shape[2:]:
+        return site
+    if max(site.src) >= src.shape[1] or max(site.positions) >= tgt.shape[1]:
+        return site
+    keep = _changed(site, src, tgt, heads).tolist()
+    if all(keep) or not any(keep):
+        return site
+    pos = tuple(p for p, k in zip(site.positions, keep) if k)
+    src_pos = None if site.source_positions is None else tuple(p for p, k in zip(site.src, keep) if k)
+    return dataclasses.replace(site, positions=pos, source_positions=src_pos)
 
 
 def plan_chunks(
@@ -294,6 +322,9 @@ def run_sites(
     if any(noop):
         values[torch.tensor(noop)] = evaluate(metric, tr.outputs, b).mean()
     todo = [i for i, skip in enumerate(noop) if not skip]
+    if skip_noops:  # plan what each site really changes (the result still lists the sites as given)
+        keep = set(todo)
+        sites = [trim_site(s, source, tr, heads) if i in keep else s for i, s in enumerate(sites)]
     use_suffix, suffix_reason = _suffix_ok(tr, metric, resume, suffix)
     starts = [start_layer(sites[i], tr, resume) for i in todo]
     prefixes = [min(sites[i].positions) if use_suffix and sites[i].layer is not None else 0 for i in todo]
