@@ -111,7 +111,7 @@ def test_shipped_checkpoints_report_taught_reasoning_rows(name: str) -> None:
 
 
 def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
-    from uniprobe.experiments.sandbox.trials import run_trial
+    from uniprobe.experiments.sandbox.trials import format_trials, run_trial
 
     log = tmp_path / "trials.jsonl"
     rec = run_trial(
@@ -127,6 +127,8 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert set(rec["scores"]) == set(levels) | {f"draw {k}" for k in levels} | direct
     assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0
+    row = format_trials(log).splitlines()[2]
+    assert row.startswith("| tiny | arith_heavy | 1 | ") and row.count("%") == 9
 
 
 def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite) -> None:

@@ -93,11 +93,45 @@ def run_trial(
     return rec
 
 
+def format_trials(log: str | Path) -> str:
+    """Markdown table of every trial in ``log``: recipe, steps done, wall time, held-out understanding
+    per level, drawing without CoT at level 1 (latent-CoT) and direct drawing; "—" where not measured."""
+    levels = [f"{t} L{k}" for t in ("arith", "mapping") for k in (1, 2, 3)]
+    head = [
+        "trial",
+        "mix",
+        "steps done",
+        "train min",
+        *levels,
+        "draw arith L1",
+        "draw count",
+        "draw portrait",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for line in Path(log).read_text().splitlines():
+        r = json.loads(line)
+        sc = r["scores"]
+        cells = [
+            r["name"],
+            r["data"]["mix"],
+            str(r.get("steps_done", r["steps"])),
+            f"{r['train_s'] / 60:.0f}",
+        ]
+        cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in levels]
+        cells += [
+            f"{100 * sc[k]:.0f}%" if k in sc else "—"
+            for k in ("draw arith L1", "draw count", "draw portrait")
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", help="the trial's name (required unless --table)")
     p.add_argument("--arch", default="ar")
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--steps", type=int, help="training steps (required unless --table)")
+    p.add_argument("--table", action="store_true", help="print the log's trials as markdown and stop")
     p.add_argument("--data", default="{}", help="JSON: overrides of the arch's data mix")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -109,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="also save the checkpoint here")
     p.add_argument("--log", default="artifacts/sandbox/heldout-trials.jsonl")
     a = p.parse_args(argv)
+    if a.table:
+        print(format_trials(a.log), end="")
+        return
+    if a.name is None or a.steps is None:
+        p.error("--name and --steps are required to run a trial")
     rec = run_trial(
         a.name, a.arch, a.steps, json.loads(a.data), a.log, seed=a.seed, lr=a.lr, batch_size=a.batch_size,
         time_budget_s=a.time_budget, out=a.out, threads=a.threads,
