@@ -169,8 +169,22 @@ class AttnCall:
 
     @property
     def offset(self) -> int:
-        """Stream position of the first query (keys cover ``0 .. k-1``; queries the last ``q`` of them)."""
+        """Stream position of the first query: keys cover ``0 .. k-1``, queries the last ``q`` of them —
+        except sdpa's causal fast path (no mask, ``q > 1``), which aligns queries with the first keys (an
+        empty static cache's prefill; its unused slots follow). A static cache's decoding steps are not
+        told apart (their keys include the unused slots, masked by the model)."""
+        if self._sdpa_causal():
+            return 0
         return self.key.shape[-2] - self.query.shape[-2]
+
+    def _sdpa_causal(self) -> bool:
+        """Whether the kernel applies its own causal mask (transformers' sdpa: no mask, ``q > 1``)."""
+        return (
+            self.attention_mask is None
+            and self.impl == "sdpa"
+            and self.query.shape[-2] > 1
+            and bool(getattr(self.module, "is_causal", True))
+        )
 
     def query_positions(self) -> torch.Tensor:
         """``[q]`` absolute stream positions of the queries."""
@@ -178,11 +192,15 @@ class AttnCall:
 
     def allowed(self) -> torch.Tensor:
         """Bool ``[b|1, 1|heads, q, k]``: True where the model's mask lets a query attend a key."""
-        k = self.key.shape[-2]
+        q, k = self.query.shape[-2], self.key.shape[-2]
         mask = self.attention_mask
-        if mask is None:  # sdpa's causal fast path: the causal mask at this cache offset
-            qpos = self.query_positions()
-            return (torch.arange(k, device=qpos.device)[None, :] <= qpos[:, None])[None, None]
+        if mask is None:
+            if not self._sdpa_causal():  # no mask at all: every key (eager, or sdpa with one query)
+                return torch.ones(1, 1, q, k, dtype=torch.bool, device=self.query.device)
+            # sdpa's causal fast path, upper-left aligned as torch's is_causal (transformers drops the
+            # keys past q, an empty static cache's slots)
+            keys = torch.arange(k, device=self.query.device)
+            return (keys[None, :] <= torch.arange(q, device=keys.device)[:, None])[None, None]
         mask = mask[..., :k]
         if mask.dtype == torch.bool:
             return mask

@@ -149,3 +149,41 @@ def test_store_holds_attention_mass_per_key_role(tmp_path) -> None:
         adapter.run(model, inputs)
     last = rows.example >= 4
     torch.testing.assert_close(rows.values[last], cap.rows("blocks.1.attn.pattern").values)
+
+
+@pytest.mark.parametrize(("name", "branches"), [("tiny-janus", [0, 1]), ("tiny-emu3", [0])])
+def test_attention_mass_during_image_generation(name: str, branches: list[int]) -> None:
+    from uniprobe.hooks.backends import run_capture
+
+    model, _ = build_tiny(name)
+    adapter = adapter_for(model)
+    inputs = adapter.prepare(
+        model, [{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 8, 9, 10]}], mode="generation"
+    )
+    cap = run_capture(model, inputs, "blocks.1.attn.pattern", generate=True, key_roles=["text", "image_gen"])
+    r = cap.rows("blocks.1.attn.pattern")
+    assert r.branch.unique().tolist() == branches and r.step.max() >= 3  # every step, every guidance branch
+    torch.testing.assert_close(r.values.sum(-1), torch.ones(len(r), 4))  # text + drawn = every key
+    later = r.step > 1  # drawing steps attend to earlier drawn tokens too
+    assert bool((r.values[later][..., 1] > 0).all()) and bool((r.values[r.step == 0][..., 1] == 0).all())
+
+
+def test_janus_generation_patterns_equal_eager_weights_with_a_static_cache() -> None:
+    """Janus draws with a static cache (20 slots, sdpa's maskless prefill): per step, the captured
+    pattern equals an eager-loaded twin's weights, and the empty slots get nothing."""
+    from uniprobe.hooks.backends import run_capture
+
+    model, _ = build_tiny("tiny-janus")
+    adapter = adapter_for(model)
+    inputs = adapter.prepare(
+        model, [{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 8, 9, 10]}], mode="generation"
+    )
+    torch.manual_seed(0)
+    cap = run_capture(model, inputs, "blocks.1.attn.pattern", generate=True, key_positions=range(8))
+    torch.manual_seed(0)
+    want, _ = eager_weights(eager_copy(model), adapter, [1], lambda m: adapter.generate(m, inputs))
+    for step, w in enumerate(want[1]):  # [2B rows (cond, uncond), h, q, 20 slots]
+        r = cap.rows("blocks.1.attn.pattern", step=step)
+        got = r.values.view(w.shape[0], w.shape[2], 4, 8).transpose(1, 2)  # rows ordered by (row, pos)
+        torch.testing.assert_close(got, w[..., :8], atol=1e-6, rtol=1e-5)
+        assert float(w[..., 8:].abs().max()) == 0.0

@@ -57,6 +57,12 @@ def attention_mass(pattern: torch.Tensor, query_mask: torch.Tensor, key_mask: to
 def _masks(layout: TokenLayout, call: AttnCall, query_roles: Sequence[str], key_roles: Sequence[str]):
     """Bool ``[rows, q]`` / ``[rows, k]`` role masks of one call's queries and keys."""
     rows, q, k = call.query.shape[0], call.query.shape[-2], call.key.shape[-2]
+    if k > layout.length:
+        raise UsageError(
+            f"layer {call.layer} attends {k} keys but the layout has {layout.length} positions: the "
+            "attention mass is measured on a plain forward of the laid-out inputs (not on cached "
+            "generation steps; capture blocks.N.attn.pattern with key_roles=... during generation instead)"
+        )
     roles = layout.roles_at(0, k)
     if roles.shape[0] != rows:
         raise UsageError(
@@ -121,7 +127,7 @@ class MassTable:
         out = result_dir(out)
         files = {"json": out / JSON, "tensors": out / TENSORS}
         write_json(files["json"], self.to_dict())
-        tensors = {"values": self.values.contiguous(), "per_example": self.per_example.contiguous()}
+        tensors = {"values": self.values.clone(), "per_example": self.per_example.clone()}  # no shared memory
         save_safetensors(files["tensors"], tensors, what="attention mass")
         return SavedFiles(out, files)
 
