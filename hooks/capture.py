@@ -247,8 +247,6 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
             result.decoder_points = self.adapter.decoder_points(self.model) & set(self.points)
         if self.adapter.timestep_module:  # a flow backbone: its calls are denoising passes
             track_timesteps(self, self.model, self.adapter.timestep_module, result.log)
-        if self.adapter.timestep_module:  # a flow backbone: its calls are denoising passes
-            track_timesteps(self, self.model, self.adapter.timestep_module, result.log)
         attn = install_attention_capture(self, self.model, self.adapter, result, self.points, *self.keys)
         for point in self.points:
             if point not in attn:
@@ -257,10 +255,6 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
     def __enter__(self) -> Captured:  # type: ignore[override] — the capture hands out its result
         super().__enter__()
         return self.result
-
-
-# guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes
-_BRANCH_IDS = {"cond": 0, "uncond": 1, "uncond_text": 1, "uncond_image": 2}
 
 
 # guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes
