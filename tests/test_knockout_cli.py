@@ -73,3 +73,8 @@ def test_bad_input_exits_2(
     base = ["--model", "tiny-llama", "--prompt", "t1 t5 t6", "--out", str(tmp_path / "x")]
     assert main([*argv[:1], *base, *argv[1:]]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_points_lists_the_attention_points(capsys: pytest.CaptureFixture) -> None:
+    assert main(["points", "--model", "tiny-llama"]) == 0
+    assert "blocks.{0..1}.attn.{q,k,v,scores,pattern,z,head_out}" in capsys.readouterr().out

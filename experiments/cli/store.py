@@ -26,6 +26,18 @@ def cmd_points(args: argparse.Namespace) -> int:
     for p in a.points(loaded.model):
         site = a.site(loaded.model, p)
         print(f"  {p:<28} {site.io} of {site.module}")
+    from uniprobe.hooks.attention import attention_module
+    from uniprobe.hooks.errors import UniprobeError
+
+    n = a.n_layers(loaded.model)
+    try:  # only where the blocks hold transformers-style attention (the interception needs it)
+        attention_module(loaded.model, a, 0)
+    except (UniprobeError, AttributeError):
+        return 0
+    print(
+        f"  blocks.{{0..{n - 1}}}.attn.{{q,k,v,scores,pattern,z,head_out}}  attention internals (intercepted "
+        "attention function; z / head_out at the o_proj input)"
+    )
     return 0
 
 
