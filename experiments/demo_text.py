@@ -156,7 +156,7 @@ def _role_sentence(rows: Sequence[dict], where: str) -> str:
 
 def probe_paragraph(arch: str, rows: list[dict], gen_role: str | None = None) -> str:
     """Where the arithmetic answer is readable (:data:`READABLE`), per (run, role) of the probe map."""
-    gen_role = gen_role or {"ar": "image_gen", "query": "query"}[arch]
+    gen_role = gen_role or {"ar": "image_gen", "query": "query", "mot": "image_gen"}[arch]
     by_role: dict[str, list[dict]] = {}
     for r in rows:
         by_role.setdefault(r["role"], []).append(r)

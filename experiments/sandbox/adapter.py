@@ -93,7 +93,8 @@ def generate_flow(model: nn.Module, inputs: ModelInputs) -> torch.Tensor:
     run here, so a capture around this call sees every denoising step)."""
     if inputs.source is None:
         raise ValueError("sandbox generation needs the examples: build the inputs with adapter.prepare(...)")
-    grids = model.generate_image(list(_prompts(inputs.source)), cot=False)
+    prompts = list(_prompts(inputs.source))  # one batch: the rows of the prepared layout
+    grids = model.generate_image(prompts, cot=False, batch_size=max(1, len(prompts)))
     return torch.tensor([g.reshape(-1).tolist() for g in grids], dtype=torch.long)
 
 
