@@ -24,8 +24,11 @@ function; a model whose attention bypasses ``AttentionInterface`` raises :class:
 **Patterns** are recomputed from the q and k the function received, exactly as eager attention does
 (``softmax(q·kᵀ·scaling + mask)`` in float32, kv heads repeated for GQA), so they equal the eager
 ``output_attentions`` weights whatever kernel the model was loaded with (sdpa and flash kernels do
-not return them). Mask forms: None (sdpa's causal fast path: the causal mask is rebuilt with the
-cache offset ``k_len − q_len``), boolean 4-D (True = may attend), additive float 4-D.
+not return them). Mask forms: None (sdpa's causal fast path when ``q > 1``: causal, upper-left aligned
+as torch's ``is_causal`` — an empty static cache's slots past ``q`` get nothing; with one query, or under
+eager, None means every key), boolean 4-D (True = may attend), additive float 4-D. Tested equal to
+eager weights with left/right padding, during cached generation (dynamic and Janus's static cache) and
+on every family above.
 """
 
 from __future__ import annotations
