@@ -71,8 +71,9 @@ Forward = Callable[[nn.Module, ModelInputs], Any]
 class Knockout:
     """Edges to remove: from the selected queries to the selected keys, at ``layers`` (``heads``: all).
 
-    Queries and keys are each chosen by roles (``query_roles=("image_gen",)``) or by absolute positions
-    (``key_positions=(0, 1)``), not both. ``label`` names the configuration in tables (its key group).
+    Queries and keys are each chosen by roles (``query_roles=("image_gen",)``) or by positions
+    (``key_positions=(0, 1)``; negative ones count from the end), not both. ``label`` names the
+    configuration in tables (its key group).
     """
 
     layers: tuple[int, ...]
@@ -102,11 +103,13 @@ class Knockout:
         roles, pos = getattr(self, f"{side}_roles"), getattr(self, f"{side}_positions")
         if roles is not None:
             return layout.mask(list(roles))
-        bad = [p for p in pos if not 0 <= p < layout.length]
+        bad = [p for p in pos if not -layout.length <= p < layout.length]
         if bad:
-            raise UsageError(f"{side} positions {bad} are outside the sequence (0..{layout.length - 1})")
+            raise UsageError(
+                f"{side} positions {bad} are outside the sequence (0..{layout.length - 1}; -1 = the last)"
+            )
         sel = torch.zeros(layout.batch, layout.length, dtype=torch.bool)
-        sel[:, list(pos)] = True
+        sel[:, [p % layout.length for p in pos]] = True
         return sel
 
     def edges(self, layout: TokenLayout, n_heads: int) -> torch.Tensor:
