@@ -23,7 +23,7 @@ RECEIVERS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-chameleon"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-emu3", "tiny-chameleon"])
 def pair(request):
     model, _ = build_tiny(request.param, layers=3)
     adapter = adapter_for(model)
@@ -83,6 +83,25 @@ def test_drawing_positions_of_the_sandbox_model():
     res = path_patch(model, clean, corrupted, senders, receivers, metric)
     ref = path_patch_reference(model, clean, corrupted, senders, receivers, metric)
     assert float((res.values - ref).abs().max()) <= 1e-5
+
+
+def test_through_the_query_models_queries():
+    from uniprobe.probes.patching import GridLogProb
+    from uniprobe.probes.patching.metrics import second_output
+
+    model, _ = build_tiny("tiny-query", layers=3)
+    adapter = adapter_for(model)
+    clean = adapter.prepare(model, [{"input_ids": [1, 5, 6, 7]}])
+    corrupted = adapter.prepare(model, [{"input_ids": [1, 9, 6, 7]}])
+    with torch.no_grad():
+        metric = GridLogProb(second_output(adapter.run(model, clean)).argmax(-1)[0])
+    receivers = Receivers(layer=2, positions=tuple(clean.layout.positions(0, "query")))
+    senders = every_head(model, adapter, layers=[0, 1])
+    res = path_patch(model, clean, corrupted, senders, receivers, metric)
+    ref = path_patch_reference(model, clean, corrupted, senders, receivers, metric)
+    assert (
+        float((res.values - ref).abs().max()) <= 1e-5 and float((res.values - res.clean).abs().max()) > 1e-6
+    )
 
 
 def test_bad_receivers_and_senders_are_named():

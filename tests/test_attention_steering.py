@@ -175,3 +175,20 @@ def test_bad_steers_are_named(llama):
         steered_run(model, inputs, [Steer("blocks.1.resid_pre", torch.zeros(32), role="query")])
     with pytest.raises(UniprobeError, match="positions or role, not both"):
         Steer("blocks.1.resid_pre", torch.zeros(32), positions=[1], role="text")
+
+
+@pytest.mark.parametrize("name", ["tiny-emu3", "tiny-chameleon"])
+def test_steering_the_image_tokens_of_unified_vocabulary_models(name):
+    from uniprobe.experiments.tiny import build_tiny
+
+    model, _ = build_tiny(name)
+    adapter = adapter_for(model)
+    prompt = adapter.prepare(model, [{"input_ids": [1, 5, 6, 7]}], mode="generation")
+    with torch.no_grad():
+        plain = adapter.generate(model, prompt)
+    d = _direction(32, 5)
+    same = steered_generation(model, prompt, [Steer("blocks.1.resid_pre", d, 0.0, steps=range(1, 4))])
+    assert torch.equal(same, plain)
+    pushes = [Steer("blocks.0.resid_post", d, 80.0, steps=range(1, plain.shape[1]))]
+    pushed = steered_generation(model, prompt, pushes)
+    assert pushed.shape == plain.shape and pushes[0].applied == plain.shape[1] - 1
