@@ -3,7 +3,8 @@
 For both shipped sandbox models (sha256-verified): the gap table (understanding vs generation vs
 generation with CoT, judged exactly) and GapEval score, drawings beside their prompts, activation
 stores of every test item in both forms, the probe map and the logit-lens map of the answer, a
-patching map from understanding runs into generation runs, STARS self-training (on a copy) and the
+patching map from understanding runs into generation runs, how the answer travels (attention mass,
+knockout, steering: :mod:`uniprobe.experiments.demo_attention`), STARS self-training (on a copy) and the
 R3 loop. Everything lands in ``artifacts/demo/`` with ``report.md`` and ``report.html``; each
 sentence of the report is computed from the numbers beside it.
 """
@@ -38,7 +39,7 @@ from uniprobe.experiments.tasks.suite import Suite
 MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"))
 
 
-SECTIONS = ("gap", "capture", "probes", "lens", "patching", "stars", "r3")
+SECTIONS = ("gap", "capture", "probes", "lens", "patching", "attention", "stars", "r3")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class DemoSettings:
     stars_steps: int = 50  # the protocol's default: 150
     r3_rounds: int = 2  # `uniprobe seeds r3`: 3
     patch_items: int = 6
+    attention_items: int = 4  # "How does the answer travel?": understood level-2 arithmetic items
 
 
 class _ModelSections:
@@ -113,6 +115,15 @@ class _ModelSections:
         )
         return {"patch": patch_paragraph(self.arch, patch)}
 
+    def _attention(self) -> dict[str, str]:
+        from uniprobe.experiments.demo_attention import run_attention
+        from uniprobe.experiments.demo_attention_text import attention_paragraph
+
+        att = run_attention(
+            self.model, self.items, self.arch, self.out, n_items=self.settings.attention_items
+        )
+        return {"attention": attention_paragraph(att)}
+
     def _stars(self) -> dict[str, str]:
         from uniprobe.experiments.seeds.stars import StarsSettings, run_stars
         from uniprobe.experiments.seeds.stars_report import format_stars, stars_paragraph
@@ -136,7 +147,9 @@ def model_report(name: str, arch: str, text: dict[str, str]) -> list[str]:
         "### 2. Where the answer becomes readable (probes, logit lens)", "", text["probes"], text["lens"], "",
         f"![probe map](probe-map-{arch}.png) ![logit lens](lens-{arch}.png)", "",
         "### 3. Where it is used (patching)", "", text["patch"], "", f"![patching map](patch-{arch}.png)", "",
-        "### 4. What CoT, STARS and R3 change", "", text["cot"], "", text["stars"], "",
+        "### 4. How does the answer travel? (attention knockout, steering)", "", text["attention"], "",
+        f"![attention mass](attn-mass-{arch}.png) ![knockout and steering](attn-flow-{arch}.png)", "",
+        "### 5. What CoT, STARS and R3 change", "", text["cot"], "", text["stars"], "",
         f"![STARS](stars-{name}/stars.png)", "", text["r3"], "",
         f"Stores: `store-{arch}-und` (understanding form of every item) and `store-{arch}-gen` "
         "(generation form: prompt and drawing positions); reopen with `uniprobe inspect`.", "",
@@ -154,7 +167,8 @@ def settings_paragraph(settings: DemoSettings) -> str:
             f"{settings.stars_prompts_per_level} prompts per level for {settings.stars_steps} steps (the",
             f"full protocol, `uniprobe seeds stars`: {full.prompts_per_level} and {full.steps}), R3 for",
             f"{settings.r3_rounds} rounds (`uniprobe seeds r3`: 3), patching on {settings.patch_items} item",
-            "pairs. Each number means what the full protocol's does.",
+            f"pairs, attention on {settings.attention_items} items. Each number means what the full",
+            "protocol's does.",
         ]
     )
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from uniprobe.experiments import demo
 from uniprobe.experiments.demo import run_demo
+from uniprobe.experiments.demo_attention_text import attention_paragraph
 from uniprobe.hooks.store import ActivationStore
 
 
@@ -20,6 +22,8 @@ def test_demo_writes_report_with_every_section(tmp_path):
             f"probe-map-{arch}.png",
             f"lens-{arch}.png",
             f"patch-{arch}.png",
+            f"attn-mass-{arch}.png",
+            f"attn-flow-{arch}.png",
         ):
             assert (tmp_path / figure).stat().st_size > 1000, figure
             assert figure in report
@@ -40,6 +44,8 @@ def test_demo_writes_report_with_every_section(tmp_path):
         }
         patch = json.loads((tmp_path / f"patch-{arch}.json").read_text())
         assert "answer slot" in patch["columns"] and len(patch["grid"]) == 4
+        attention = json.loads((tmp_path / f"attention-{arch}.json").read_text())
+        assert attention_paragraph(attention) in report  # the section's text, from its numbers
     assert "Linear probes for the arithmetic answer" in report and "logit lens" in report
     assert "Fitting GapEval's two-dimensional IRT model" in report
     assert (tmp_path / "gapeval-sandbox-ar.png").exists()
@@ -50,11 +56,13 @@ def test_demo_writes_report_with_every_section(tmp_path):
         assert set(stars["before"]) == {"1", "2", "3"} and stars["weight_change"]
     # each model's part answers the questions in order: gap, readable, used, what CoT/STARS/R3 change
     for part in report.split("\n## sandbox-")[1:]:
-        heads = [part.index(h) for h in ("### 1. The gap", "### 2. Where", "### 3. Where", "### 4. What")]
+        heads = ["### 1. The gap", "### 2. Where", "### 3. Where", "### 4. How does", "### 5. What"]
+        heads = [part.index(h) for h in heads]
         assert heads == sorted(heads)
     # where the time went: seconds per section per model, measured in this run; the demo's settings
     timing = report[report.index("## Where the time went") :]
     assert "| stars |" in timing and "| **total** |" in timing and "`uniprobe seeds stars`" in timing
-    assert len(list((tmp_path / "sections").glob("*.json"))) == 14  # every section's DONE record
+    n_records = len(demo.MODELS) * len(demo.SECTIONS)
+    assert len(list((tmp_path / "sections").glob("*.json"))) == n_records  # every section's DONE record
     page = (tmp_path / "report.html").read_text()
     assert "<table>" in page and 'src="probe-map-ar.png"' in page and "<h2>sandbox-query</h2>" in page

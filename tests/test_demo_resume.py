@@ -16,6 +16,7 @@ TEXT = {
     "probes": {"probes": "PROBES"},
     "lens": {"lens": "LENS"},
     "patching": {"patch": "PATCH"},
+    "attention": {"attention": "ATTENTION"},
     "stars": {"stars": "**STARS self-training.** S"},
     "r3": {"r3": "**R3.** R"},
 }
