@@ -167,3 +167,25 @@ def test_unchanged_positions_of_a_head_site_are_not_recomputed() -> None:
     assert trimmed.info["work_fraction"] < whole.info["work_fraction"]  # positions 0..2 reused
     assert float((trimmed.values - whole.values).abs().max()) <= ATOL
     assert [s.positions for s in trimmed.sites] == [tuple(range(6))] * len(grid)  # reported as given
+
+
+def test_head_sites_on_a_teacher_forced_janus_image_pass() -> None:
+    from uniprobe.probes.patching import SequenceLogProb
+
+    model, info = build_tiny("tiny-janus", layers=2)
+    adapter = adapter_for(model)
+    boi, image = info["boi_token_id"], torch.tensor([3, 1, 4, 1])
+    clean, corrupted = (
+        adapter.teacher_forced(adapter.prepare(model, [{"input_ids": ids}], mode="generation"), image)
+        for ids in ([1, 5, 6, 7, boi], [1, 9, 6, 7, boi])
+    )
+    metric = SequenceLogProb(image, logits_fn=lambda out: out)
+
+    def forward(m, x):
+        return adapter.image_forward(m, x)
+
+    grid = head_sites(model, clean, roles=["text", "image_gen"])  # each head at the prompt / the drawing
+    res = patch_sweep(model, clean, corrupted, grid, metric, forward=forward)
+    _, states = collect_states(model, adapter, clean, [s.point for s in grid.sites], forward)
+    ref = run_sites_reference(model, adapter, corrupted, grid.sites, states, metric, forward=forward)
+    assert float((res.values - ref).abs().max()) <= ATOL and res.clean != res.corrupted

@@ -1,7 +1,7 @@
 """Path patching: the batched sweep equals the two-pass reference (q / k / v receivers with GQA, stream
-receivers at chosen positions, MLPs recomputed or frozen) on tiny Llama and Chameleon (q/k norms) and the
-shipped sandbox AR model at its last positions; a sender after its receivers has no effect; a sender just
-before a whole-stream receiver equals plain head patching of that head."""
+receivers at chosen positions, MLPs recomputed or frozen) on tiny Llama, Qwen2, Emu3 and Chameleon (q/k
+norms), a query model's queries and the shipped sandbox AR model at its last positions; a sender after its
+receivers has no effect; a sender just before a whole-stream receiver equals plain head patching of it."""
 
 from __future__ import annotations
 
