@@ -103,7 +103,12 @@ def _directions(
             if str(cls) not in classes:
                 raise UsageError(f"--class {cls!r} is not one of the probe's classes {classes}")
             label = results.meta["classes"][classes.index(str(cls))]
-        dirs = {p: probe_direction(results, p, probe_role, label) for p in points}
+        try:
+            dirs = {p: probe_direction(results, p, probe_role, label) for p in points}
+        except KeyError as err:  # the probe was not trained at a steered point / role
+            raise UsageError(
+                f"--probe {probe}: {err.args[0]}; steer the points the probe read (--points)"
+            ) from err
         return dirs, {"source": "probe", "probe": str(probe), "role": probe_role, "class": cls}
     if toward or away:
         if not (toward and away):
@@ -121,7 +126,10 @@ def _directions(
             f"--stores takes two store folders (A B: the direction is mean A − mean B), got {len(stores)}"
         )
     sa, sb = (ActivationStore.open(s) for s in stores)
-    dirs = {p: mean_difference(sa, sb, p, store_role) for p in points}
+    try:
+        dirs = {p: mean_difference(sa, sb, p, store_role) for p in points}
+    except (KeyError, ValueError) as err:  # a point or role the stores do not hold
+        raise UsageError(f"--stores: {err}; steer the points the stores hold (--points)") from err
     return dirs, {"source": "stores", "stores": [str(s) for s in stores], "role": store_role}
 
 

@@ -103,6 +103,8 @@ def test_steer_from_two_prompts_and_from_stores(tmp_path: Path, capsys: pytest.C
         == 0
     )
     assert json.loads((out / "steer.json").read_text())["direction"]["source"] == "stores"
+    assert main([*argv, "--stores", *stores, "--points", "blocks.1.resid_post", "--out", str(out)]) == 2
+    assert "--stores: no hook point 'blocks.1.resid_post'" in capsys.readouterr().err
 
 
 def test_steer_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -157,3 +159,6 @@ def test_steer_from_a_saved_probe(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert data["direction"]["norms"]["blocks.1.resid_pre"] == pytest.approx(1.0)  # a unit direction
     assert main([*argv, "--class", "5", "--out", str(tmp_path / "t")]) == 2
     assert "not one of the probe's classes ['3', '4']" in capsys.readouterr().err
+    argv[argv.index("blocks.1.resid_pre")] = "blocks.0.resid_pre"
+    assert main([*argv, "--class", "4", "--out", str(tmp_path / "t")]) == 2
+    assert "steer the points the probe read" in capsys.readouterr().err
