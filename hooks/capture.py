@@ -3,7 +3,7 @@
     with capture(model, "blocks.*.resid_post", adapter=adapter, layout=layout, roles=["query"]) as cap:
         model(**inputs)
     cap["blocks.3.resid_post"]        # [batch, pos, d] when every position was kept
-    cap.rows("blocks.3.resid_post")   # Rows: values [n, d] + example / pos / role / step / branch
+    cap.rows("blocks.3.resid_post")   # Rows: values [n, d] + example / pos / role / step / branch / timestep
 
 Protocol. On enter, one forward pre-hook goes on the first block (the *call tracker*,
 :mod:`uniprobe.hooks.calls`): each backbone call reports its column offset (the length of the
@@ -22,7 +22,8 @@ Diffusion decoders. When the adapter names a ``decoder`` (a diffusers denoiser, 
 denoising step), a second tracker on that module logs each of its calls as a
 :class:`~uniprobe.hooks.calls.DecoderStep` (step, timestep, rows). Points inside the decoder (its
 blocks, its conditioning input, ``decoder.out``) are tagged with that *denoising* step
-(``cap.timesteps[step]`` is its timestep), the CFG branch as above (a pipeline that runs the
+(``cap.timesteps[step]`` is its timestep, and every row carries it in ``Rows.timestep``), the CFG
+branch as above (a pipeline that runs the
 branches as separate calls at one timestep, as GLM-Image's does, gets one step with branches 0, 1 by
 call order), role ``image_gen`` and the
 decoder's own token positions (0..k-1; a 4-D ``[rows, C, H, W]`` output is one position).
@@ -98,6 +99,8 @@ class Captured:
         """
         step, offset, length = self._call()
         first_branch = 0
+        # the denoising timestep of this call: a flow backbone's pass (CallLog.note_timestep), else none
+        timestep = self.log.flow_steps[-1].timestep if self.log.branch is not None else float("nan")
         t = tensor.detach()
         if point in self.decoder_points:  # the decoder's own positions, its denoising step
             if not self.decoder_steps:
@@ -105,6 +108,7 @@ class Captured:
             t = t[:, None] if t.dim() != 3 else t
             call = self.decoder_steps[-1]
             step, offset, length, first_branch = call.step, 0, t.shape[1], call.branch
+            timestep = call.timestep
         elif t.dim() == 2:
             t = t[:, None]
         n_rows, k = t.shape[0], t.shape[1]
@@ -144,6 +148,7 @@ class Captured:
                 role=roles[r_idx, p_idx],
                 step=torch.full_like(r_idx, step),
                 branch=branch[r_idx],
+                timestep=torch.full(r_idx.shape, timestep, dtype=torch.float32),
             )
         )
 

@@ -119,12 +119,16 @@ def denoise(
 
     ``guidance_scale > 1`` runs ``[cond; uncond]`` in one batch (``uncond`` defaults to zeros: the
     decoder's null condition) and mixes ``uncond + s·(cond − uncond)``. One decoder forward per step:
-    a capture around this call tags step ``j`` with ``scheduler.timesteps[j]``.
+    a capture around this call tags step ``j`` with ``scheduler.timesteps[j]``. ``seed`` seeds the
+    initial noise and every noise the scheduler's ``step`` draws (DDPM adds noise each step), so the
+    same seed gives the same latents.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(cond.shape[0], *shape, generator=gen).to(cond)
     x = x * getattr(scheduler, "init_noise_sigma", 1.0)
     scheduler.set_timesteps(steps)
+    # stochastic schedulers (DDPM) draw noise in step(): from our generator, not the global RNG
+    step_kw = {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
     cfg = guidance_scale != 1.0
     if cfg:
         cond = torch.cat([cond, torch.zeros_like(cond) if uncond is None else uncond.to(cond)])
@@ -136,5 +140,5 @@ def denoise(
         if cfg:
             c, u = pred.chunk(2)
             pred = u + guidance_scale * (c - u)
-        x = scheduler.step(pred, t, x, return_dict=False)[0]
+        x = scheduler.step(pred, t, x, return_dict=False, **step_kw)[0]
     return x

@@ -1,8 +1,9 @@
 """Rows: captured activations as a flat table of positions.
 
 Capture keeps only the positions that were asked for, so a batch's activations at one hook
-point are a table of rows, each row one (example, position) with its role, generation step
-and guidance branch. The store writes these tables shard by shard.
+point are a table of rows, each row one (example, position) with its role, generation step,
+guidance branch and — inside a diffusion decoder or a flow backbone — the denoising timestep it
+ran at. The store writes these tables shard by shard.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Rows:
         role: ``[n]`` int64, index into ``uniprobe.hooks.layout.ROLES``.
         step: ``[n]`` int64, generation step (0 for a plain forward / the prompt pass).
         branch: ``[n]`` int64, index into :data:`BRANCHES` (0 conditional, 1 unconditional).
+        timestep: ``[n]`` float32, the denoising timestep the row ran at (the model's own units: a
+            diffusers decoder's ``timestep``, a flow model's ``t``); NaN where there is none (a plain
+            forward, the prompt pass, stores written before timesteps were stored). Defaults to NaN.
     """
 
     values: torch.Tensor
@@ -33,6 +37,11 @@ class Rows:
     role: torch.Tensor
     step: torch.Tensor
     branch: torch.Tensor
+    timestep: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.timestep is None:  # no timestep: NaN, so rows of plain forwards still cat with others
+            self.timestep = torch.full((self.values.shape[0],), float("nan"))
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -49,5 +58,5 @@ class Rows:
         return Rows(**{f.name: getattr(self, f.name)[keep] for f in fields(Rows)})
 
     def index_tensors(self) -> dict[str, torch.Tensor]:
-        """The integer columns (everything but ``values``)."""
-        return {f.name: getattr(self, f.name) for f in fields(Rows) if f.name != "values"}
+        """The integer columns (everything but ``values`` and the float ``timestep``)."""
+        return {f.name: getattr(self, f.name) for f in fields(Rows) if f.name not in ("values", "timestep")}

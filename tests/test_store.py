@@ -291,7 +291,9 @@ def test_manifest_contents(tmp_path):
         assert rec["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
         with safe_open(str(file), framework="pt") as f:
             assert {
-                f"{p}/{c}" for p in POINTS for c in ("values", "example", "pos", "role", "step", "branch")
+                f"{p}/{c}"
+                for p in POINTS
+                for c in ("values", "example", "pos", "role", "step", "branch", "timestep")
             } == set(f.keys())
             # example indices on disk are global
             assert f.get_tensor("queries/example").min() == i * BATCH

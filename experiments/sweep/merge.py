@@ -17,11 +17,13 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from uniprobe.hooks.layout import ROLES
 from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store import INDEX_COLUMNS, ActivationStore, atomic_write_text
+from uniprobe.hooks.store.format import FLOAT_COLUMNS, GENERATED_KEY
 
 EXAMPLE_KEYS = ("id", "labels", "meta", "layout")
 PARTS_MARKER = "PARTS.json"
@@ -88,9 +90,9 @@ def merge_parts(parts: list[Path], out: Path, identity: dict | None = None) -> A
         for record in sorted(store.manifest["shards"], key=lambda r: r["index"]):
             if not merged.has_shard(index):
                 lo, hi = record["examples"]
-                rows = _shard_rows(store.path / record["file"], store.points, lo)
+                rows, latents = _shard_rows(store.path / record["file"], store.points, lo)
                 examples = [{k: ex[k] for k in EXAMPLE_KEYS} for ex in store.examples[lo:hi]]
-                merged.write_shard(index, rows, examples)
+                merged.write_shard(index, rows, examples, latents)
             index += 1
     merged.finalize()
     return ActivationStore.open(out)
@@ -102,15 +104,19 @@ def _settings(store: ActivationStore) -> dict:
     return {k: v for k, v in identity.items() if k != "prompts"}
 
 
-def _shard_rows(file: Path, points: list[str], first: int) -> dict[str, Rows]:
-    """Every point's rows of one shard file, with batch-local example indices."""
+def _shard_rows(file: Path, points: list[str], first: int) -> tuple[dict[str, Rows], Any]:
+    """Every point's rows of one shard file, with batch-local example indices (and timesteps, where the
+    shard has them), and its generated latents ``[n, *latent]`` or None."""
     out = {}
     with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
         for p in points:
             cols = {c: f.get_tensor(f"{p}/{c}") for c in INDEX_COLUMNS}
+            cols.update({c: f.get_tensor(f"{p}/{c}") for c in FLOAT_COLUMNS if f"{p}/{c}" in keys})
             cols["example"] = cols["example"] - first
             out[p] = Rows(values=f.get_tensor(f"{p}/values"), **cols)
-    return out
+        latents = f.get_tensor(GENERATED_KEY) if GENERATED_KEY in keys else None
+    return out, latents
 
 
 def remove_parts(store: Path) -> bool:

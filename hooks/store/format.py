@@ -9,7 +9,12 @@ A store is a directory::
 
 A shard holds, for every hook point ``P``, the columns of a :class:`~uniprobe.hooks.rows.Rows` table:
 ``P/values`` ``[n, *feature]`` and the int64 ``[n]`` columns ``P/example`` (*global* example index),
-``P/pos``, ``P/role``, ``P/step`` and ``P/branch``. Its safetensors header (:data:`META_KEY`) also
+``P/pos``, ``P/role``, ``P/step`` and ``P/branch``, and the float32 ``[n]`` column ``P/timestep`` (the
+denoising timestep of each row, NaN where none; shards written before it existed lack it and read as
+NaN — an optional column, so the schema version stays 2). A capture that generated continuous
+latents (a diffusion decoder's samples) also puts them in the shard, ``generated``
+``[n_examples, *latent]`` (:data:`GENERATED_KEY`; the shard's record then lists their shape). Its
+safetensors header (:data:`META_KEY`) also
 carries the shard's own record (index, first global example, the example dicts, model, points, dtype,
 row counts and, from schema 2 on, the roles list and the capture identity), so a lost or damaged
 manifest can be rebuilt by a resumed capture, and a manifest edited afterwards is caught.
@@ -51,6 +56,9 @@ from uniprobe.hooks.store.files import inside
 SCHEMA_VERSION = 2  # written; 1 is still read (see the module docstring)
 MANIFEST = "manifest.json"
 INDEX_COLUMNS: tuple[str, ...] = ("example", "pos", "role", "step", "branch")
+# float32 columns a shard may lack (written before they existed): read as NaN then
+FLOAT_COLUMNS: tuple[str, ...] = ("timestep",)
+GENERATED_KEY = "generated"  # a shard's generated latents [n_examples, *latent], when captured
 VERIFY_MODES: tuple[str, ...] = ("lazy", "full", "none")
 SHARD_RE = re.compile(r"^shard-(\d+)\.safetensors$")
 META_KEY = "uniprobe.shard"  # the shard header's metadata key
@@ -314,6 +322,14 @@ def shard_tensors(
                     f"must be {bound}" + (" (batch-local example index)" if c == "example" else "")
                 )
             tensors[f"{p}/{c}"] = col + first if c == "example" else col
+        for c in FLOAT_COLUMNS:
+            col = torch.as_tensor(getattr(r, c))
+            if not col.dtype.is_floating_point or col.dim() != 1 or col.shape[0] != n:
+                raise ValueError(
+                    f"shard {index}, point {p!r}: column {c!r} must be float [{n}] (values have {n} rows), "
+                    f"got {col.dtype} {list(col.shape)}"
+                )
+            tensors[f"{p}/{c}"] = col.detach().cpu().to(torch.float32).contiguous()
         counts[p] = n
         bins = torch.bincount(tensors[f"{p}/role"], minlength=len(ROLES)).tolist()
         role_counts[p] = {ROLES[i]: k for i, k in enumerate(bins) if k}

@@ -39,6 +39,8 @@ from uniprobe.hooks.store.format import (
     EXAMPLE_KEYS,
     FIX_MANIFEST,
     FIX_SHARD,
+    FLOAT_COLUMNS,
+    GENERATED_KEY,
     INDEX_COLUMNS,
     MANIFEST,
     META_KEY,
@@ -351,13 +353,15 @@ class IntegrityChecks:
                     n = record["rows"][p]
                     want = {"values": [n, *self._m["feature_shapes"].get(p, [])]}
                     want.update({c: [n] for c in INDEX_COLUMNS})
+                    # optional columns (older shards lack them): checked where present
+                    want.update({c: [n] for c in FLOAT_COLUMNS if f"{p}/{c}" in keys})
                     for col, shape in want.items():
                         key = f"{p}/{col}"
                         if key not in keys:
                             absent.append(key)
                             continue
                         s = f.get_slice(key)
-                        want_dtype = dtype if col == "values" else "I64"
+                        want_dtype = dtype if col == "values" else "F32" if col in FLOAT_COLUMNS else "I64"
                         if s.get_shape() != shape:
                             problems.append(
                                 f"{file}: {key!r} has shape {s.get_shape()}, manifest implies {shape}"
@@ -366,6 +370,13 @@ class IntegrityChecks:
                             problems.append(
                                 f"{file}: {key!r} has dtype {s.get_dtype()}, expected {want_dtype}"
                             )
+                if "generated" in record:  # the shard's generated latents [n_examples, *latent]
+                    shape = [record["n_examples"], *record["generated"]]
+                    if GENERATED_KEY not in keys:
+                        absent.append(GENERATED_KEY)
+                    elif f.get_slice(GENERATED_KEY).get_shape() != shape:
+                        got = f.get_slice(GENERATED_KEY).get_shape()
+                        problems.append(f"{file}: 'generated' has shape {got}, manifest implies {shape}")
                 if absent:
                     problems.insert(0, f"{file} has no tensor {', '.join(repr(k) for k in absent)}")
                 problems += self._header_problems(file, f.metadata(), record)

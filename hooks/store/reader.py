@@ -5,11 +5,12 @@
 (:meth:`ActivationStore.open`) take no lock: reading beside a writer is safe.
 
 What a store gives back is plain row selection: :meth:`ActivationStore.rows` (every row of a point,
-filtered by role, step, branch), :meth:`ActivationStore.matrix` (one row per example: the example's
+filtered by role, step, branch, timestep), :meth:`ActivationStore.matrix` (one row per example: the example's
 rows reduced over their positions, with the examples' labels), :meth:`ActivationStore.role_counts`
-(rows per role, from the manifest) and :meth:`ActivationStore.subset` (a read-only view of some
-examples, renumbered ``0..k-1``, without copying anything). Building probe designs from these (role
-selections, label encoding, splits) is :mod:`uniprobe.probes.design`'s job.
+(rows per role, from the manifest), :meth:`ActivationStore.timesteps` (denoising step → timestep),
+:meth:`ActivationStore.generated` (generated latents) and :meth:`ActivationStore.subset` (a read-only
+view of some examples, renumbered ``0..k-1``, without copying anything). Building probe designs from
+these (role selections, label encoding, splits) is :mod:`uniprobe.probes.design`'s job.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import torch
 from uniprobe.hooks.layout import ROLE_ID, ROLES, role_ids
 from uniprobe.hooks.rows import BRANCHES, Rows
 from uniprobe.hooks.store.errors import StoreCorruptError
-from uniprobe.hooks.store.format import INDEX_COLUMNS, VERIFY_MODES, dtype_from_name, near, read_manifest_json
+from uniprobe.hooks.store.format import (
+    FLOAT_COLUMNS,
+    GENERATED_KEY,
+    INDEX_COLUMNS,
+    VERIFY_MODES,
+    dtype_from_name,
+    near,
+    read_manifest_json,
+)
 from uniprobe.hooks.store.integrity import IntegrityChecks, LabelTypes
 from uniprobe.hooks.store.lock import StoreLock
 from uniprobe.hooks.store.resume import Resume
@@ -325,6 +334,10 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
     # -- reading ----------------------------------------------------------------------------------
     def _columns(self, f: Any, point: str) -> dict[str, torch.Tensor]:
         cols = {c: f.get_tensor(f"{point}/{c}") for c in INDEX_COLUMNS}
+        keys = set(f.keys())
+        for c in FLOAT_COLUMNS:  # optional: shards written before the column existed read as NaN
+            key = f"{point}/{c}"
+            cols[c] = f.get_tensor(key) if key in keys else torch.full(cols["step"].shape, float("nan"))
         if self._role_map is not None:
             cols["role"] = self._role_map[cols["role"]]
         return cols
@@ -336,8 +349,10 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         step: int | Iterable[int] | None,
         branch: str | int | None,
         with_values: bool = True,
+        timestep: float | Iterable[float] | None = None,
     ) -> Rows:
         self._check_point(point)
+        t_set = None if timestep is None else _timestep_set(timestep)
         role_set = (
             None if roles is None else torch.tensor(role_ids([roles] if isinstance(roles, str) else roles))
         )
@@ -364,6 +379,8 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
                     keep &= torch.isin(cols["step"], step_set)
                 if branch is not None:
                     keep &= cols["branch"] == branch
+                if t_set is not None:
+                    keep &= _timestep_in(cols["timestep"], t_set)
                 sel = keep.nonzero().flatten()
                 if sel.numel() == 0:
                     continue
@@ -387,6 +404,8 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         roles: str | Iterable[str] | None = None,
         step: int | Iterable[int] | None = None,
         branch: str | int | None = None,
+        *,
+        timestep: float | Iterable[float] | None = None,
     ) -> Rows:
         """All rows at ``point`` across shards, filtered; ``example`` holds global indices.
 
@@ -394,11 +413,56 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
             roles: a role name or names (``None``: every role).
             step: a generation step or steps (``None``: every step).
             branch: ``"cond"``/``"uncond"`` or its index (``None``: both).
+            timestep: a denoising timestep or timesteps, in the model's units (``None``: every row;
+                matched to float32 precision; rows without a timestep never match).
 
         Returns:
-            :class:`Rows` with ``values`` ``[n, *feature]`` in the store's dtype, in shard order.
+            :class:`Rows` with ``values`` ``[n, *feature]`` in the store's dtype, in shard order, and
+            ``timestep`` ``[n]`` float32 (NaN for rows without one, and in stores made before it was kept).
         """
-        return self._select(point, roles, step, branch)
+        return self._select(point, roles, step, branch, timestep=timestep)
+
+    def timesteps(self, point: str) -> dict[int, float]:
+        """Denoising step → the timestep its rows at ``point`` ran at (rows without a timestep are
+        left out: ``{}`` for a plain forward, the prompt pass, or a store made before timesteps were kept).
+
+        Raises:
+            ValueError: a step whose rows ran at several timesteps (flow captures of per-row timesteps);
+                read ``rows(point).timestep`` then.
+        """
+        r = self._select(point, None, None, None, with_values=False)
+        has = ~torch.isnan(r.timestep)
+        out: dict[int, float] = {}
+        for step, t in zip(r.step[has].tolist(), r.timestep[has].tolist(), strict=True):
+            if out.setdefault(step, t) != t:
+                raise ValueError(
+                    f"step {step} at {point!r} in {self.path} has rows at several timesteps ({out[step]}, "
+                    f"{t}, ...); read them per row with store.rows({point!r}).timestep"
+                )
+        return dict(sorted(out.items()))
+
+    def generated(self) -> torch.Tensor:
+        """The generated latents ``[n_examples, *latent]`` of a ``mode="generate"`` capture with a
+        diffusion decoder, by example index (a view: its examples).
+
+        Raises:
+            ValueError: the store holds none (not a generate capture, ``save_latents=False``, or
+                generated tokens, which are in each example's ``meta["generated"]``).
+        """
+        missing = [i for i in sorted(self._records) if "generated" not in self._records[i]]
+        if not self._records or missing:
+            raise ValueError(
+                f"{self.path} holds no generated latents (shards without them: {missing[:5] or 'all'}); "
+                "they are stored by capture_dataset(mode='generate') for models with a diffusion decoder "
+                "unless save_latents=False; generated image tokens are in "
+                "store.examples[i]['meta']['generated']"
+            )
+        parts = []
+        for index in sorted(self._records):
+            with self._open_shard(index) as f:
+                parts.append(f.get_tensor(GENERATED_KEY))
+        out = torch.cat(parts)
+        return out if self._kept is None else out[torch.tensor(self._kept, dtype=torch.long)]
 
     def matrix(
         self,
@@ -407,10 +471,13 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         reduce: str | int = "last",
         step: int | Iterable[int] | None = None,
         branch: str | int | None = "cond",
+        *,
+        timestep: float | Iterable[float] | None = None,
     ) -> Matrix:
         """One row per example at ``point``, with the examples' labels.
 
-        Each example's rows with the selected role(s), step(s) and branch are ordered by position
+        Each example's rows with the selected role(s), step(s), branch and timestep(s) (see
+        :meth:`rows`) are ordered by position
         (ties by step) and reduced: ``"last"``, ``"first"``, ``"mean"`` (accumulated in float32, or
         float64 for float64 stores, returned in the store's dtype), or an int ``k``: the k-th of them
         (negative from the end). Examples without such rows (or with fewer than needed for ``k``)
@@ -421,11 +488,30 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         """
         if not (reduce in REDUCTIONS or (isinstance(reduce, int) and not isinstance(reduce, bool))):
             raise ValueError(f"reduce must be 'last', 'first', 'mean' or an int position, got {reduce!r}")
-        r = self._select(point, role, step, branch)
+        r = self._select(point, role, step, branch, timestep=timestep)
         if len(r) == 0:
-            raise ValueError(self._no_rows_message(point, role, step, branch))
+            message = self._no_rows_message(point, role, step, branch)
+            if timestep is not None:
+                message += f" (and timestep {timestep!r}: timesteps per step here {self.timesteps(point)})"
+            raise ValueError(message)
         example, values = reduce_per_example(r, reduce, f"point {point!r}, role {role!r}")
         exs = self._ex
         labels = {k: [exs[e]["labels"].get(k) for e in example.tolist()] for k in self.label_keys}
         ids = [exs[e]["id"] for e in example.tolist()]
         return Matrix(values=values, example=example, labels=labels, ids=ids)
+
+
+def _timestep_set(timestep: float | Iterable[float]) -> torch.Tensor:
+    """Requested timesteps as float32 ``[k]`` (how the store keeps them)."""
+    try:
+        values = torch.as_tensor(timestep, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        values = torch.empty(0)
+    if values.numel() == 0 or isinstance(timestep, bool):
+        raise ValueError(f"timestep must be a number or numbers (the model's units), got {timestep!r}")
+    return values
+
+
+def _timestep_in(column: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """``[n]`` bool: rows whose timestep equals one of ``wanted`` (float32 rounding; NaN never matches)."""
+    return torch.isclose(column[:, None], wanted[None, :], rtol=1e-6, atol=0.0).any(dim=1)

@@ -23,6 +23,7 @@ from uniprobe.hooks.store.errors import ResumeMismatchError, StoreCorruptError
 from uniprobe.hooks.store.files import inside, is_temp_name
 from uniprobe.hooks.store.format import (
     DIGEST_KEY,
+    GENERATED_KEY,
     MANIFEST,
     META_KEY,
     SCHEMA_VERSION,
@@ -148,6 +149,8 @@ class Resume:
                 with safe_open(str(file), framework="pt") as f:
                     meta = json.loads((f.metadata() or {})[META_KEY])
                     shapes = {p: f.get_slice(f"{p}/values").get_shape()[1:] for p in meta["points"]}
+                    keys = set(f.keys())
+                    latents = f.get_slice(GENERATED_KEY).get_shape()[1:] if GENERATED_KEY in keys else None
             except (SafetensorError, KeyError, ValueError, OSError) as e:
                 warnings.warn(
                     f"cannot read {file} ({e}); it and later shards will be rewritten", stacklevel=6
@@ -183,6 +186,7 @@ class Resume:
                     "examples": [first, first + n],
                     "rows": meta["rows"],
                     "role_rows": meta["role_rows"],
+                    **({} if latents is None else {"generated": list(latents)}),
                 }
             )
         manifest["attrs"]["rebuilt_manifest"] = datetime.now(UTC).isoformat(timespec="seconds")

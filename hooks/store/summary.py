@@ -90,6 +90,9 @@ class Summary:
             shape = m["feature_shapes"].get(p, "?")
             per_role = ", ".join(f"{k} {v}" for k, v in roles.items()) or "none"
             lines.append(f"    {p}  {shape} {dtype}  rows {sum(roles.values())}: {per_role}")
+        latents = {tuple(r["generated"]) for r in self._records.values() if "generated" in r}
+        if latents:  # a diffusion decoder's samples, in the shard files (store.generated())
+            lines.append(f"  generated latents per example: {', '.join(str(list(s)) for s in latents)}")
         keys = self.label_keys
         lines.append("  labels:" + ("" if keys else " none"))
         for key in keys:

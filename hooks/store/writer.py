@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from safetensors.torch import save_file
 from uniprobe.hooks.rows import Rows
 from uniprobe.hooks.store.errors import StoreCorruptError, StoreExistsError
@@ -37,6 +38,7 @@ from uniprobe.hooks.store.format import (
     DIGEST_KEY,
     EXAMPLE_KEYS,
     FIX_SHARD,
+    GENERATED_KEY,
     MANIFEST,
     META_KEY,
     SCHEMA_VERSION,
@@ -202,7 +204,9 @@ class Writer:
         """Indices of finished shards."""
         return set(self._records)
 
-    def write_shard(self, index: int, rows: dict[str, Rows], examples: list[dict]) -> None:
+    def write_shard(
+        self, index: int, rows: dict[str, Rows], examples: list[dict], generated: torch.Tensor | None = None
+    ) -> None:
         """Write one captured batch as shard ``index`` and record it in the manifest.
 
         Args:
@@ -211,6 +215,8 @@ class Writer:
                 ``example`` in ``0..len(examples)-1``; every store point must be present.
             examples: the batch's example dicts: ``id``, ``labels`` {key: value}, ``meta`` {...},
                 ``layout`` (role ids of the example's positions, ``[pos]``).
+            generated: the examples' generated latents ``[len(examples), *latent]`` (a diffusion
+                decoder's samples), stored in the shard as ``generated`` (never in the JSON), or None.
 
         Raises:
             StoreExistsError: shard ``index`` is already finished.
@@ -250,6 +256,13 @@ class Writer:
                 "cumulative over shard indices"
             )
         tensors, counts, role_counts, shapes, dtype = shard_tensors(index, rows, self._m, n, first)
+        if generated is not None:
+            if not isinstance(generated, torch.Tensor) or generated.dim() < 1 or generated.shape[0] != n:
+                got = getattr(generated, "shape", type(generated).__name__)
+                raise ValueError(
+                    f"shard {index}: generated must be a tensor [n_examples={n}, *latent], got {got}"
+                )
+            tensors[GENERATED_KEY] = generated.detach().cpu().contiguous()
         if self._label_types is None:
             self._label_types = LabelTypes(self._m["examples"])
         self._label_types.add(exs)
@@ -292,6 +305,7 @@ class Writer:
             "examples": [first, first + n],
             "rows": counts,
             "role_rows": role_counts,
+            **({} if generated is None else {"generated": list(generated.shape[1:])}),
         }
         self._checked.add(index)
         self._hashed.add(index)
