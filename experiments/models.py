@@ -77,13 +77,15 @@ class LoadedModel:
         mode: str = "understanding",
         backend: str = "torch",
         dtype: torch.dtype | None = None,
+        generate_kwargs: dict[str, Any] | None = None,
     ) -> tuple[Any, Captured]:
         """Run once with ``points`` hooked: ``(outputs, cache)``, like TransformerLens's ``run_with_cache``.
 
         ``cache[point]`` is ``[batch, pos, *feature]`` when every position was kept, else read
         ``cache.rows(point)`` (values ``[n, *feature]`` with example / pos / role / step / branch).
         ``mode="generate"`` runs the adapter's image generation with every step captured; ``outputs``
-        is then the generated tokens ``[batch, n]``.
+        is then the generated tokens ``[batch, n]`` (a diffusion decoder's: latents ``[batch, *latent]``),
+        ``generate_kwargs`` the generation's settings (``num_inference_steps``, ``guidance_scale``, ``seed``).
         """
         from uniprobe.hooks.backends import run_capture
 
@@ -95,8 +97,9 @@ class LoadedModel:
         )
         if generate:
             cap = run_capture(
-                self.model, inputs, points, adapter=self.adapter, roles=roles, dtype=dtype, generate=True
-            )
+                self.model, inputs, points, adapter=self.adapter, roles=roles, dtype=dtype, generate=True,
+                generate_kwargs=generate_kwargs,
+            )  # fmt: skip
             return cap.generated, cap
         if backend != "torch":
             cap = run_capture(

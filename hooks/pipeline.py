@@ -93,6 +93,8 @@ def capture_dataset(
     model_info: dict[str, Any] | None = None,
     progress: bool = True,
     key_roles: Iterable[str] | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+    save_latents: bool = True,
 ) -> ActivationStore:
     """Capture ``points`` for every example into a store at ``out``; returns it opened for reading.
 
@@ -102,7 +104,9 @@ def capture_dataset(
         roles / positions: keep only these positions (see :class:`uniprobe.hooks.capture.capture`).
         mode: ``"understanding"``; ``"generation"`` (teacher-forced: prompt image tokens are
             ``image_gen``); or ``"generate"``: the adapter's image generation runs, every step is
-            captured (tagged by step and guidance branch) and the tokens go to ``meta["generated"]``.
+            captured (tagged by step, guidance branch and — in a diffusion decoder — timestep); image
+            tokens go to ``meta["generated"]``, a diffusion decoder's latents ``[n, *latent]`` into the
+            shard files (:meth:`ActivationStore.generated`), never into the JSON.
         batch_size: examples per forward pass.
         shard_size: examples per shard file (consecutive examples; several batches accumulate into
             one shard, the last batch of a shard may be smaller). None: automatic, ``batch_size × k``
@@ -110,6 +114,10 @@ def capture_dataset(
         key_roles: for attention points (``blocks.*.attn.pattern``): store each query row's attention
             mass on each of these key roles, ``[head, n_roles]`` — the same columns for every example
             (:mod:`uniprobe.hooks.attn_capture`); without it a pattern's columns are the batch's positions.
+        generate_kwargs: settings for the adapter's generation (``mode="generate"``), e.g.
+            ``{"num_inference_steps": 8, "guidance_scale": 3.0, "seed": 0}`` for a diffusion decoder;
+            part of the capture identity when given.
+        save_latents: store generated latents (False: keep only the rows; tokens always go to ``meta``).
         overwrite / resume: what to do when ``out`` already holds a store (default: refuse). A
             resume must repeat the capture that started the store (same examples in the same
             order, batch size, shard size, roles, positions, mode, dtype, adapter, backend, model, points).
@@ -135,6 +143,8 @@ def capture_dataset(
         if not roles:
             raise ValueError("empty role selection: pass at least one role, or None for every position")
     positions = None if positions is None else list(positions)
+    if generate_kwargs and mode != "generate":
+        raise ValueError(f"generate_kwargs {sorted(generate_kwargs)} apply to mode='generate', not {mode!r}")
     LabelTypes(_label_view(examples))  # refuse 0 / "0" before any work
     record = model_record(model, adapter, **(model_info or {}))
 
@@ -142,7 +152,7 @@ def capture_dataset(
         inputs = adapter.prepare(model, batch, mode="generation" if mode == "generate" else mode)
         cap = run_capture(
             model, inputs, names, adapter=adapter, backend=backend, roles=roles, positions=positions,
-            dtype=dtype, generate=mode == "generate", key_roles=key_roles,
+            dtype=dtype, generate=mode == "generate", key_roles=key_roles, generate_kwargs=generate_kwargs,
         )  # fmt: skip
         return inputs, cap
 
@@ -162,6 +172,8 @@ def capture_dataset(
     )  # fmt: skip
     if key_roles is not None:  # only then: stores captured before attention points resume as before
         identity["key_roles"] = list(key_roles)
+    if generate_kwargs:  # likewise: generation settings join the identity only when given
+        identity["generate_kwargs"] = dict(generate_kwargs)
     store = ActivationStore.create(
         out, model=record, points=names, attrs=attrs, overwrite=overwrite, resume=resume, identity=identity
     )
@@ -175,6 +187,7 @@ def capture_dataset(
             shard = list(examples[start : start + shard_size])
             parts: dict[str, list[Rows]] = {p: [] for p in names}
             records: list[dict] = []
+            latents: list[torch.Tensor] = []  # a diffusion decoder's samples: into the shard, not JSON
             for offset in range(0, len(shard), batch_size):
                 batch = shard[offset : offset + batch_size]
                 if first is not None and start + offset == 0:
@@ -182,7 +195,9 @@ def capture_dataset(
                 else:
                     inputs, cap = run(batch)
                 recs = _example_records(batch, inputs, start + offset)
-                if cap.generated is not None:
+                if cap.generated is not None and cap.generated.dtype.is_floating_point:
+                    latents.append(cap.generated)
+                elif cap.generated is not None:
                     for rec, tokens in zip(recs, cap.generated.tolist(), strict=True):
                         rec["meta"]["generated"] = tokens
                 for p in names:
@@ -191,7 +206,8 @@ def capture_dataset(
                 records.extend(recs)
                 bar.update(1)
             first = None
-            store.write_shard(index, {p: Rows.cat(r) for p, r in parts.items()}, records)
+            generated = torch.cat(latents) if latents and save_latents else None
+            store.write_shard(index, {p: Rows.cat(r) for p, r in parts.items()}, records, generated)
         bar.close()
         check_rows_stored(store, roles, mode)
         store.finalize()

@@ -194,6 +194,7 @@ def test_the_docs_page_code_runs(capsys):
         exec(compile(block, str(page), "exec"), namespace)  # noqa: S102 - the page's own code
     out = capsys.readouterr().out
     assert "decoder.blocks.1" in out and "{0: 66.0, 1: 33.0, 2: 0.0}" in out
+    assert namespace["last"].values.shape == (2, 16) and namespace["latents"].shape == (1, 4, 8, 8)
     assert namespace["res"].normalised[0] == pytest.approx(1.0, abs=1e-2)
 
 

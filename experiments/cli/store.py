@@ -2,6 +2,7 @@
 
 uniprobe points  --model SPEC
 uniprobe capture --model SPEC --prompts FILE.jsonl --points GLOB [--roles ...] --out DIR
+                 [--mode generate [--num-inference-steps N --guidance-scale S --seed K --no-latents]]
 uniprobe inspect DIR
 uniprobe demo
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from uniprobe.experiments.cli._args import positive_int
 from uniprobe.experiments.cli._choices import DTYPE_NAMES, ROLES
+from uniprobe.hooks.errors import UsageError
 
 
 def cmd_points(args: argparse.Namespace) -> int:
@@ -49,11 +51,18 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, args.adapter, device_map=args.device_map)
     examples = read_prompts(args.prompts, loaded)  # every line checked before the store is created
+    settings = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale}
+    settings["seed"] = args.seed
+    generate_kwargs = {k: v for k, v in settings.items() if v is not None}  # only what was given
+    if generate_kwargs and args.mode != "generate":
+        flags = ", ".join("--" + k.replace("_", "-") for k in generate_kwargs)
+        raise UsageError(f"{flags} set how images are generated: add --mode generate")
     store = capture_dataset(
         loaded.model, examples, args.points, args.out, adapter=loaded.adapter, roles=args.roles,
         mode=args.mode, batch_size=args.batch_size, shard_size=args.shard_size, backend=args.backend,
         dtype=dtype_of(args.dtype), overwrite=args.overwrite, resume=args.resume,
-        model_info={"spec": args.model},
+        model_info={"spec": args.model}, generate_kwargs=generate_kwargs or None,
+        save_latents=not args.no_latents,
     )  # fmt: skip
     print(store.summary())
     return 0
@@ -94,6 +103,13 @@ def add_parsers(sub: Any) -> None:
     )
     p.add_argument("--backend", choices=("torch", "nnsight", "transformer_lens"), default="torch")
     p.add_argument("--dtype", choices=DTYPE_NAMES)
+    gen = p.add_argument_group("generation (--mode generate, a model with a diffusion decoder)")
+    gen.add_argument("--num-inference-steps", type=positive_int, help="denoising steps (adapter default: 4)")
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default 1: none)")
+    gen.add_argument("--seed", type=int, help="seed of the initial noise (default 0)")
+    gen.add_argument(
+        "--no-latents", action="store_true", help="do not store the generated latents (only the activations)"
+    )
     p.add_argument(
         "--device-map",
         help="model folder only: transformers device_map ('auto', 'cpu', 'cuda:0', ...); needs accelerate",

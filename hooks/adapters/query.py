@@ -27,6 +27,13 @@ the blocks read it, e.g. PixArt's ``decoder.caption_projection``: point ``decode
 ``decoder.out`` by denoising step and timestep (:mod:`uniprobe.hooks.capture`); sample with
 :func:`uniprobe.hooks.diffusion.denoise`, measure with
 :class:`uniprobe.probes.patching.denoising.DenoisingLoss`.
+
+Such an adapter's ``generate(model, inputs, num_inference_steps=4, guidance_scale=1.0, seed=0)``
+runs the backbone once, reads the connector's output and samples latents ``[batch, *latent_shape]``
+with :func:`~uniprobe.hooks.diffusion.denoise`; the scheduler, the latent shape and extra decoder
+keywords come from the model's ``scheduler``, ``latent_shape`` and ``decoder_kwargs`` attributes
+(or ``scheduler=`` / ``latent_shape=`` / ``decoder_kwargs=`` keywords), so
+``run_with_cache(mode="generate")`` and ``capture_dataset(mode="generate")`` work for it.
 """
 
 from __future__ import annotations
@@ -106,6 +113,8 @@ def query_adapter(spec: dict[str, Any]) -> Adapter:
         tl_view=(lambda model: get_module(model, lm_path)) if lm_path else None,
         tl_embed=embed if lm_path else None,
         decoder=spec["decoder"] if diffusion else None,
+        generate=_diffusion_generate(spec["connector"], spec["decoder"]) if diffusion else None,
+        generation_cfg=diffusion,  # with guidance the decoder runs [cond; uncond]: cfg_batch = batch
         model_points=_decoder_points(spec["decoder"], spec.get("decoder_blocks")) if diffusion else None,
         notes=spec.get("notes", "query-based: N learnable queries after the prompt → connector → decoder"),
     )
@@ -125,6 +134,57 @@ def _decoder_points(decoder: str, blocks: str | None) -> Any:
 
 def _forward_with_padded_queries(model: nn.Module, inputs: ModelInputs) -> Any:
     return model(**inputs.kwargs)
+
+
+def _diffusion_generate(connector: str, decoder: str) -> Any:
+    """The ``generate`` of a query model with a diffusion decoder (see the module docstring)."""
+
+    def generate(
+        model: nn.Module,
+        inputs: ModelInputs,
+        num_inference_steps: int = 4,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        scheduler: Any = None,
+        latent_shape: Sequence[int] | None = None,
+        decoder_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Latents ``[batch, *latent_shape]`` sampled from the connector's output ``[batch, N, d]``."""
+        from uniprobe.hooks.diffusion import denoise
+        from uniprobe.hooks.hookset import HookSet  # imported here: hookset imports the adapters package
+
+        if (
+            not isinstance(num_inference_steps, int)
+            or isinstance(num_inference_steps, bool)
+            or (num_inference_steps < 1)
+        ):
+            raise ValueError(f"num_inference_steps must be a whole number >= 1, got {num_inference_steps!r}")
+        scheduler = scheduler if scheduler is not None else _model_attr(model, "scheduler")
+        shape = tuple(latent_shape if latent_shape is not None else _model_attr(model, "latent_shape"))
+        kwargs = decoder_kwargs if decoder_kwargs is not None else getattr(model, "decoder_kwargs", {})
+        seen: list[torch.Tensor] = []
+        with torch.no_grad(), HookSet() as hooks:
+            hooks.read(model, Site(connector, "output"), seen.append)
+            _forward_with_padded_queries(model, inputs)
+        if not seen:
+            raise RuntimeError(f"the model's forward did not call its connector {connector!r}")
+        return denoise(
+            get_module(model, decoder), scheduler, seen[-1], shape, steps=num_inference_steps,
+            guidance_scale=guidance_scale, seed=seed, **kwargs,
+        )  # fmt: skip
+
+    return generate
+
+
+def _model_attr(model: nn.Module, name: str) -> Any:
+    value = getattr(model, name, None)
+    if value is None:
+        what = "a diffusers scheduler" if name == "scheduler" else "the latent shape (C, H, W)"
+        raise ValueError(
+            f"{type(model).__name__} has no {name!r} attribute, which generation with a diffusion "
+            f"decoder reads ({what}); set model.{name} = ... or pass {name}= to generate"
+        )
+    return value
 
 
 def _param(model: nn.Module, path: str) -> torch.Tensor:

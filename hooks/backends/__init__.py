@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from uniprobe.hooks.adapters import Adapter, ModelInputs, adapter_for
 from uniprobe.hooks.capture import Captured, capture
+from uniprobe.hooks.errors import UsageError
 
 BACKENDS = ("torch", "nnsight", "transformer_lens")
 
@@ -41,13 +42,17 @@ def run_capture(
     remote: bool | str = False,
     key_roles: Iterable[str] | None = None,
     key_positions: Iterable[int] | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
 ) -> Captured:
     """One forward pass on ``inputs`` with ``points`` captured by ``backend``.
 
     With ``generate=True`` the adapter's image generation runs instead (torch backend: many
     steps, rows tagged by step and guidance branch); the generated tokens ``[batch, n]`` are
-    left in ``captured.generated``. ``key_roles`` / ``key_positions``: the key columns of attention
-    patterns (torch backend; see :mod:`uniprobe.hooks.attn_capture`).
+    left in ``captured.generated`` (a diffusion decoder's: the sampled latents ``[batch, *latent]``);
+    ``generate_kwargs`` go to the adapter's generate (``num_inference_steps``, ``guidance_scale``,
+    ``seed`` for a diffusion decoder; an unknown keyword is an error naming the accepted ones).
+    ``key_roles`` / ``key_positions``: the key columns of attention patterns (torch backend; see
+    :mod:`uniprobe.hooks.attn_capture`).
 
     ``model`` may also be an nnsight model (``nnsight.LanguageModel(...)``): the nnsight backend
     traces it as it is, the others run the torch module inside it. ``remote=True`` (nnsight
@@ -67,11 +72,17 @@ def run_capture(
         if backend != "torch":
             raise ValueError("capture during generation needs backend='torch' (many forward steps)")
         if adapter.generate is None:
-            raise ValueError(f"the {adapter.name!r} adapter has no image generation")
+            raise UsageError(
+                f"the {adapter.name!r} adapter has no image generation to capture (mode 'generate'); "
+                "capture a forward instead (mode 'understanding', or 'generation': teacher-forced image "
+                "tokens), or use a model whose adapter generates (Janus, Emu3, GLM-Image, the sandbox "
+                "models, a query model with a diffusion decoder)"
+            )
+        gen_kw = _generate_kwargs(adapter, generate_kwargs)
         if adapter.replay_generation:
             # models that re-run the whole stream per step: draw first, then capture one
             # teacher-forced forward on the drawing (identical states, every position)
-            tokens, replay = adapter.generate(model, inputs)
+            tokens, replay = adapter.generate(model, inputs, **gen_kw)
             cap = run_capture(model, replay, points, adapter=adapter, **selection)
             cap.generated = tokens
             return cap
@@ -88,7 +99,7 @@ def run_capture(
                 **selection,
             ) as cap,
         ):
-            cap.generated = adapter.generate(model, inputs)
+            cap.generated = adapter.generate(model, inputs, **gen_kw)
         return cap
     if backend == "torch":
         with (
@@ -115,6 +126,23 @@ def run_capture(
     for name in names:
         result.add(name, dense[name])
     return result
+
+
+def _generate_kwargs(adapter: Adapter, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``kwargs`` for ``adapter.generate``, checked against its signature (it takes ``model, inputs``)."""
+    import inspect
+
+    kwargs = dict(kwargs or {})
+    params = list(inspect.signature(adapter.generate).parameters.values())[2:]
+    if kwargs and not any(p.kind is p.VAR_KEYWORD for p in params):
+        names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(
+                f"the {adapter.name!r} adapter's generate takes no {', '.join(map(repr, unknown))}; "
+                f"its settings: {', '.join(names) or 'none'}"
+            )
+    return kwargs
 
 
 def _module_of(model: Any) -> nn.Module:
