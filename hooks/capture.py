@@ -40,7 +40,7 @@ from uniprobe.hooks.attn_capture import install_attention_capture
 from uniprobe.hooks.calls import Call, CallLog, DecoderStep, track_calls, track_decoder_steps, track_timesteps
 from uniprobe.hooks.hookset import HookSet
 from uniprobe.hooks.layout import ROLE_ID, TokenLayout, role_ids
-from uniprobe.hooks.rows import Rows
+from uniprobe.hooks.rows import BRANCH_IDS, Rows
 
 
 class Captured:
@@ -168,7 +168,7 @@ class Captured:
         if step is not None:
             keep &= out.step == step
         if branch is not None:
-            keep &= out.branch == (branch if isinstance(branch, int) else _BRANCH_IDS[branch])
+            keep &= out.branch == (branch if isinstance(branch, int) else BRANCH_IDS[branch])
         return out.select(keep)
 
     def dense(self, point: str, branch: str | int = "cond") -> torch.Tensor:
@@ -260,10 +260,6 @@ class capture(HookSet):  # noqa: N801 — used as a context manager, like torch.
     def __enter__(self) -> Captured:  # type: ignore[override] — the capture hands out its result
         super().__enter__()
         return self.result
-
-
-# guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes
-_BRANCH_IDS = {"cond": 0, "uncond": 1, "uncond_text": 1, "uncond_image": 2}
 
 
 def _adder(result: Captured, point: str) -> Callable[[torch.Tensor], None]:

@@ -13,6 +13,10 @@ from dataclasses import dataclass, fields
 import torch
 
 BRANCHES: tuple[str, ...] = ("cond", "uncond")
+# guidance branch names → Rows.branch: a doubled CFG batch (cond, uncond), or a flow model's passes
+# (uniprobe.hooks.flow.BRANCHES: cond, uncond_text, uncond_image); capture and stores read names here
+BRANCH_IDS: dict[str, int] = {"cond": 0, "uncond": 1, "uncond_text": 1, "uncond_image": 2}
+N_BRANCHES = max(BRANCH_IDS.values()) + 1
 
 
 @dataclass
@@ -25,7 +29,8 @@ class Rows:
         pos: ``[n]`` int64, absolute position in the example's sequence.
         role: ``[n]`` int64, index into ``uniprobe.hooks.layout.ROLES``.
         step: ``[n]`` int64, generation step (0 for a plain forward / the prompt pass).
-        branch: ``[n]`` int64, index into :data:`BRANCHES` (0 conditional, 1 unconditional).
+        branch: ``[n]`` int64, the guidance branch (:data:`BRANCH_IDS`: 0 conditional, 1 unconditional or a
+            flow model's text-unconditional pass, 2 its image-unconditional pass).
         timestep: ``[n]`` float32, the denoising timestep the row ran at (the model's own units: a
             diffusers decoder's ``timestep``, a flow model's ``t``); NaN where there is none (a plain
             forward, the prompt pass, stores written before timesteps were stored). Defaults to NaN.

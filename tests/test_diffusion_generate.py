@@ -230,3 +230,26 @@ def test_cli_capture_generate(tmp_path, capsys):
     assert main([*llama, "--mode", "generate"]) == 2
     assert "has no image generation" in capsys.readouterr().err
     assert issubclass(UsageError, ValueError)
+
+
+def test_a_flow_models_three_branches_round_trip(tmp_path):
+    """BAGEL's passes cond / uncond_text / uncond_image (branches 0, 1, 2) store and read by name."""
+    from uniprobe.hooks.rows import Rows
+
+    n = 6
+    zeros = torch.zeros(n, dtype=torch.long)
+    rows = Rows(
+        values=torch.arange(n * 2, dtype=torch.float32).view(n, 2), example=zeros, pos=torch.arange(n) % 2,
+        role=torch.full((n,), ROLE_ID["image_gen"]), step=zeros, branch=torch.arange(n) // 2,
+        timestep=torch.full((n,), 0.75),
+    )  # fmt: skip
+    store = ActivationStore.create(tmp_path / "s", model={"m": 1}, points=["blocks.0.resid_post"])
+    store.write_shard(0, {"blocks.0.resid_post": rows}, [{"id": "a", "layout": [ROLE_ID["image_gen"]] * 2}])
+    store.finalize()
+    store = ActivationStore.open(tmp_path / "s", verify="full")
+    for name, b in (("cond", 0), ("uncond_text", 1), ("uncond_image", 2)):
+        got = store.rows("blocks.0.resid_post", branch=name)
+        torch.testing.assert_close(got.values, rows.values[rows.branch == b])
+    assert store.timesteps("blocks.0.resid_post") == {0: 0.75}
+    with pytest.raises(ValueError, match="unknown branch 'text'; branches are cond, uncond, uncond_text"):
+        store.rows("blocks.0.resid_post", branch="text")

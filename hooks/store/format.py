@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 from uniprobe.hooks.layout import ROLES
-from uniprobe.hooks.rows import BRANCHES, Rows
+from uniprobe.hooks.rows import N_BRANCHES, Rows
 from uniprobe.hooks.store.errors import StoreCorruptError
 from uniprobe.hooks.store.files import inside
 
@@ -275,7 +275,7 @@ def shard_tensors(
     shapes: dict[str, list[int]] = {}
     dtype: torch.dtype | None = None
     first_point = None
-    limits = {"example": n_examples, "role": len(ROLES), "branch": len(BRANCHES)}
+    limits = {"example": n_examples, "role": len(ROLES), "branch": N_BRANCHES}
     for p in points:
         r = rows[p]
         if not isinstance(r, Rows):

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from uniprobe.hooks.layout import ROLE_ID, ROLES, role_ids
-from uniprobe.hooks.rows import BRANCHES, Rows
+from uniprobe.hooks.rows import BRANCH_IDS, Rows
 from uniprobe.hooks.store.errors import StoreCorruptError
 from uniprobe.hooks.store.format import (
     FLOAT_COLUMNS,
@@ -358,9 +358,9 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         )
         step_set = None if step is None else torch.tensor([step] if isinstance(step, int) else list(step))
         if isinstance(branch, str):
-            if branch not in BRANCHES:
-                raise ValueError(f"unknown branch {branch!r}; branches are {BRANCHES}")
-            branch = BRANCHES.index(branch)
+            if branch not in BRANCH_IDS:
+                raise ValueError(f"unknown branch {branch!r}; branches are {', '.join(BRANCH_IDS)}")
+            branch = BRANCH_IDS[branch]
         parts = []
         for index in sorted(self._records):
             if self._renumber is not None:  # a view: skip shards holding none of its examples
@@ -412,7 +412,8 @@ class ActivationStore(Writer, Resume, IntegrityChecks, Summary):
         Args:
             roles: a role name or names (``None``: every role).
             step: a generation step or steps (``None``: every step).
-            branch: ``"cond"``/``"uncond"`` or its index (``None``: both).
+            branch: ``"cond"``/``"uncond"`` (a flow model's ``"uncond_text"``/``"uncond_image"``) or its
+                index (``None``: every branch).
             timestep: a denoising timestep or timesteps, in the model's units (``None``: every row;
                 matched to float32 precision; rows without a timestep never match).
 
