@@ -96,7 +96,7 @@ def drawing_positions(inputs: Any, arch: str) -> list[int]:
     return ([pos[0] - 1] if arch == "ar" else []) + pos
 
 
-def _word_positions(model: Any, inputs: Any, words: list[str], after: int = 0) -> list[int]:
+def word_positions(model: Any, inputs: Any, words: list[str], after: int = 0) -> list[int]:
     """Positions of the first occurrence of the consecutive ``words`` at or after ``after``."""
     ids = inputs.kwargs["input_ids"][0].tolist()
     want = [model.tokenizer[w] for w in words]
@@ -112,6 +112,14 @@ def _check_words(model: Any, inputs: Any, pos: int, words: list[str]) -> None:
     roles, ids = inputs.layout.roles, inputs.kwargs["input_ids"][:, pos].tolist()
     if not bool((roles == roles[:1]).all()) or ids != [model.tokenizer[w] for w in words]:
         raise ValueError(f"the streams do not line up at position {pos}: expected {words}")
+
+
+def restated_position(model: Any, cot: Any, items: list[Item]) -> int:
+    """The position of the answer as the CoT run's drawing prompt restates it (``draw a ENTITY <boi>``:
+    two after the last ``cot`` token), checked to hold each item's answer in its row."""
+    pos = cot.layout.positions(0, "cot")[-1] + 2
+    _check_words(model, cot, pos, [it.answer for it in items])
+    return pos
 
 
 def uniform_share(inputs: Any, queries: list[int]) -> float:
@@ -225,13 +233,11 @@ def run_attention(model: Any, items: list[Item], arch: str, out: Path, n_items: 
     metric = PerRow([drawing_metric(model, it) for it in chosen])
     cot = cot_inputs(model, chosen)
     mass = mass_table(model, cot, [role], ["cot"]).values
-    # the answer as the drawing prompt restates it: "draw a ENTITY <boi>" (same position in every row)
-    restated = cot.layout.positions(0, "cot")[-1] + 2
-    _check_words(model, cot, restated, [it.answer for it in chosen])
+    restated = restated_position(model, cot, chosen)
     groups = {"CoT answer": ["cot"], "restated answer": [restated]}
     cot_ko = _knock(model, cot, drawing_positions(cot, arch), groups, metric)
     direct = direct_inputs(model, chosen)
-    expr = _word_positions(model, direct, chosen[0].labels["expr"].split())
+    expr = word_positions(model, direct, chosen[0].labels["expr"].split())
     direct_ko = _knock(
         model, direct, drawing_positions(direct, arch), {"expression": expr, "whole prompt": ["text"]}, metric
     )

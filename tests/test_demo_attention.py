@@ -62,7 +62,7 @@ def test_batched_items_equal_one_item_at_a_time(ar, ar_result, items):
     result, _ = ar_result
     chosen = [it for it in items if it.id in result["items"]]
     cot = da.cot_inputs(ar, chosen)
-    restated = cot.layout.positions(0, "cot")[-1] + 2
+    restated = da.restated_position(ar, cot, chosen)
     groups = {"CoT answer": ["cot"], "restated answer": [restated]}
     metric = da.PerRow([da.drawing_metric(ar, it) for it in chosen])
     batched = da._knock(ar, cot, da.drawing_positions(cot, "ar"), groups, metric)

@@ -13,7 +13,12 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # inline PNG figures a notebook must show at least (any other notebook: one)
-MIN_FIGURES = {"01_quickstart.ipynb": 2, "02_knowledge_flow.ipynb": 4, "03_real_models.ipynb": 9}
+MIN_FIGURES = {
+    "01_quickstart.ipynb": 2,
+    "02_knowledge_flow.ipynb": 4,
+    "03_real_models.ipynb": 9,
+    "04_attention_flow.ipynb": 12,  # per model: attention map, 2 mass heatmaps, 2 knockouts, steering
+}
 
 
 @pytest.fixture(autouse=True)
