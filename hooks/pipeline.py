@@ -145,6 +145,14 @@ def capture_dataset(
     positions = None if positions is None else list(positions)
     if generate_kwargs and mode != "generate":
         raise ValueError(f"generate_kwargs {sorted(generate_kwargs)} apply to mode='generate', not {mode!r}")
+    if generate_kwargs:  # recorded in the store's identity: plain JSON only
+        try:
+            json.dumps(generate_kwargs, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"generate_kwargs must be plain JSON settings (numbers, strings), as the store records them "
+                f"({err}); set objects such as a scheduler on the model instead (model.scheduler = ...)"
+            ) from None
     LabelTypes(_label_view(examples))  # refuse 0 / "0" before any work
     record = model_record(model, adapter, **(model_info or {}))
 

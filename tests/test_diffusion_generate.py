@@ -158,6 +158,15 @@ def test_resume_and_no_latents(loaded, tmp_path):
     assert len(bare.rows("decoder.out")) == 2 * 2 * 3
     with pytest.raises(ValueError, match="no generated latents.*save_latents=False"):
         bare.generated()
+    with pytest.raises(ValueError, match="plain JSON settings.*model.scheduler"):
+        capture_dataset(
+            loaded.model,
+            _examples(2),
+            "decoder.out",
+            tmp_path / "e",
+            generate_kwargs={"scheduler": object()},
+            **kw,
+        )
     with pytest.raises(ValueError, match="apply to mode='generate'"):
         capture_dataset(loaded.model, _examples(2), "queries", tmp_path / "d", generate_kwargs={"seed": 1})
 
