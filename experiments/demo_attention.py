@@ -35,7 +35,7 @@ from uniprobe.experiments.tasks import world
 from uniprobe.experiments.tasks.prompts import Item, Prompt
 from uniprobe.hooks.adapters import adapter_for
 
-ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)  # the first must be 0: the plain run
 METRIC = "mean log p of the right drawing's tiles"
 
 
@@ -203,7 +203,9 @@ def _steer(model: Any, arch: str, chosen: list[Item], directions: dict, points: 
         grids.append(res.values.numpy())
         plain.append(res.plain)
     grid = np.mean(grids, axis=0)  # [layer, alpha]
-    layer, a = np.unravel_index(np.argmax(grid), grid.shape)
+    # the best *steered* configuration (alpha > 0), even when it is worse than the plain run
+    layer, a = np.unravel_index(np.argmax(grid[:, 1:]), grid[:, 1:].shape)
+    a = int(a) + 1  # column 0 is alpha 0
     point = points[layer]  # the grid's rows are the steered points, not always every layer
     best = {
         "layer": int(point.split(".")[1]),

@@ -110,9 +110,9 @@ def steer_sentence(result: dict) -> str:
         "Steering the run without CoT at "
         f"{s['where']} with alpha × the understanding run's answer direction (the mean `<answer>` state of "
         f"the understanding runs with that answer minus the mean of all; resid_pre of layers {layers}; "
-        f"alphas {', '.join(f'{a:g}' for a in s['alphas'])}): the best is layer {best['layer']} at alpha "
-        f"{best['alpha']:g}, metric {s['plain']:.2f} → {best['metric']:.2f} ({gain:+.2f}); "
-        f"{verdict}.{plainly}"
+        f"alphas {', '.join(f'{a:g}' for a in s['alphas'])}): the best steered configuration is layer "
+        f"{best['layer']} at alpha {best['alpha']:g}, metric {s['plain']:.2f} → {best['metric']:.2f} "
+        f"({gain:+.2f}); {verdict}.{plainly}"
     )
 
 
