@@ -54,7 +54,9 @@ def cot_inputs(model: Any, items: list[Item]) -> Any:
         segs = model._bos() + qa_segments(tok, Prompt(it.cot_questions[0]), None)
         segs.append(Segment("cot", tok.encode(f"{it.answer} <eos>")))  # as generate_image(cot=True) writes
         segs += prompt_segments(tok, it.cot_draw.format(it.answer) + " <boi>")
-        segs += model._draw_segments(list(it.target))  # AR: the right tiles; query: its query tokens
+        # AR: teacher-forced on the right tiles; query: its query tokens; MoT: empty latents (as it
+        # starts a drawing; the right tiles there would hand the answer to the drawing)
+        segs += model._draw_segments(list(it.target) if getattr(model, "arch", "") == "ar" else None)
         streams.append(segs)
     return batch_to_inputs(model._collate(streams))
 
