@@ -34,6 +34,8 @@ SKIP: dict[str, str] = {
     "from uniprobe.experiments.models import load_model":
         "needs the Emu3 weights; tests/test_models_device_map.py runs device maps on a tiny model",
     "import nnsight": "needs NDIF (network, an API key); tests/test_nnsight_remote.py runs remote='local'",
+    "uniprobe sandbox seeds --arch ar --seeds 0 1 2 --out artifacts/seeds-ar":
+        "three full trainings (3 x ~5.5 min) plus the analyses; tests/test_seeds.py runs it on a tiny budget",
 }  # fmt: skip
 
 # heavy commands (seconds measured on the project's 2-core machine, idle-ish) -> the slow test
