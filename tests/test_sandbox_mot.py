@@ -104,6 +104,7 @@ def test_masking_the_text_condition_equals_dropping_it(model, mixed_batch) -> No
 
 def test_sampling_equals_a_hand_written_euler_loop(model) -> None:
     batch = model.prompt_layout(["draw 3 red apple", "draw 1 blue cup"], mode="generate")
+    saved = model.cfg_text_scale, model.n_steps, model.shift
     model.cfg_text_scale, model.n_steps, model.shift = 2.5, 3, 2.0
     try:
         noise = torch.randn(2, model.n_cells, model.latent_dim, generator=torch.Generator().manual_seed(3))
@@ -120,7 +121,7 @@ def test_sampling_equals_a_hand_written_euler_loop(model) -> None:
                 vu = model(**unc, latents=x, timesteps=t).velocity
                 x = x - (ts[i] - ts[i + 1]) * (vu + 2.5 * (vc - vu))
     finally:
-        model.cfg_text_scale, model.n_steps, model.shift = 1.0, 8, 1.0
+        model.cfg_text_scale, model.n_steps, model.shift = saved
     torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
 
 
@@ -128,6 +129,7 @@ def test_capture_tags_denoising_steps_timesteps_and_branches(model) -> None:
     adapter = adapter_for(model)
     assert adapter is SANDBOX_MOT and adapter.timestep_module == "time_embedder"
     inputs = prepare(model, [{"prompt": "draw 2 red apple"}, {"prompt": "draw 4 green star"}], "generation")
+    saved = model.cfg_text_scale, model.n_steps
     model.cfg_text_scale, model.n_steps = 3.0, 4
     try:
         with (
@@ -138,7 +140,7 @@ def test_capture_tags_denoising_steps_timesteps_and_branches(model) -> None:
         ):
             tiles = adapter.generate(model, inputs)
     finally:
-        model.cfg_text_scale, model.n_steps = 1.0, 8
+        model.cfg_text_scale, model.n_steps = saved
     assert tiles.shape == (2, model.n_cells)
     r = cap.rows("blocks.1.resid_post")
     assert sorted(set(r.step.tolist())) == [0, 1, 2, 3]
@@ -195,3 +197,17 @@ def test_training_loss_backpropagates_through_the_packed_path(model, mixed_batch
     assert parts["n_image"] == model.n_cells * int(model.gen_mask(mixed_batch.image_mask).any(-1).sum())
     assert model.llm2vae.weight.grad.abs().sum() > 0
     assert model.language_model.model.layers[0].mlp_moe_gen.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_shipped_checkpoint_is_verified_and_draws() -> None:
+    """sandbox-mot ships sha256-verified; a sample of direct items is understood and drawn."""
+    from uniprobe.experiments.sandbox.checkpoint import SHIPPED, verify_checkpoint
+    from uniprobe.experiments.sandbox.evaluate import evaluate_items
+
+    verify_checkpoint(SHIPPED["sandbox-mot"])
+    shipped = load_sandbox("sandbox-mot")
+    assert shipped.arch == "mot" and shipped.training_recipe["source"] == "sandbox-query"
+    items = [it for it in Suite(0).items if it.category == "direct" and it.task == "count"][::5]
+    res = evaluate_items(shipped, items, cot=False, progress=False)
+    assert sum(r["generation"] for r in res) >= 0.8 * len(res)
+    assert sum(r["understanding"] for r in res) >= 0.8 * len(res)

@@ -25,6 +25,7 @@ CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 SHIPPED: dict[str, Path] = {
     "sandbox-ar": CHECKPOINTS / "ar",
     "sandbox-query": CHECKPOINTS / "query",
+    "sandbox-mot": CHECKPOINTS / "mot",
 }
 CHECKED_FILES: tuple[str, ...] = ("model.safetensors", "config.json", "tokenizer.json")
 TRAINING_FILE = "training.json"  # the training recipe, when known (see save_sandbox)
@@ -115,7 +116,7 @@ def verify_checkpoint(path: str | Path) -> None:
 
 
 def resolve_model_dir(name_or_dir: str | Path) -> Path:
-    """``"sandbox-ar"`` / ``"sandbox-query"`` → the shipped checkpoint directory; else the path itself."""
+    """A shipped name (``sandbox-ar``, ``-query``, ``-mot``) → its checkpoint directory; else the path."""
     if str(name_or_dir) in SHIPPED:
         return SHIPPED[str(name_or_dir)]
     path = Path(name_or_dir)
@@ -138,8 +139,6 @@ def load_sandbox(path: str | Path, verify: bool = True) -> SandboxModel:
     kw = {"grid": cfg["grid"], "n_tiles": cfg["n_tiles"]}
     if cfg["arch"] == "query":
         kw.update(n_queries=cfg["n_queries"], decoder_hidden=cfg["decoder_hidden"])
-    if cfg["arch"] == "mot":
-        kw.update(latent_dim=cfg["latent_dim"])
     if cfg["arch"] == "mot":
         kw.update(latent_dim=cfg["latent_dim"])
     model = build_model(cfg["arch"], tok, cfg["backbone"], **kw)

@@ -25,7 +25,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm, apply_rotary_pos_emb
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2MLP,
+    Qwen2RMSNorm,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -101,11 +107,19 @@ def attention_bias(
 
 class PackedAttentionMoT(nn.Module):
     """One self-attention over the sequence; ``q/k/v/o_proj`` for understanding positions and
-    ``..._moe_gen`` twins for generation latents (Qwen2: q/k/v with bias, o without; no q/k norms)."""
+    ``..._moe_gen`` twins for generation latents (Qwen2: q/k/v with bias, o without; no q/k norms).
 
-    def __init__(self, d: int, n_heads: int, n_kv_heads: int) -> None:
+    The attention kernel is looked up as transformers' attention modules do
+    (``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``, default the Qwen2 eager one), so
+    the toolkit's attention interception (patterns, knockout) sees it like any transformers model's."""
+
+    def __init__(self, config) -> None:  # noqa: ANN001 - a transformers Qwen2Config
         super().__init__()
+        d, n_heads, n_kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.config = config
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv_heads, d // n_heads
+        self.num_key_value_groups = n_heads // n_kv_heads
+        self.scaling, self.is_causal, self.attention_dropout = self.head_dim**-0.5, True, 0.0
         for suffix in ("", "_moe_gen"):
             setattr(self, f"q_proj{suffix}", nn.Linear(d, n_heads * self.head_dim, bias=True))
             setattr(self, f"k_proj{suffix}", nn.Linear(d, n_kv_heads * self.head_dim, bias=True))
@@ -113,10 +127,16 @@ class PackedAttentionMoT(nn.Module):
             setattr(self, f"o_proj{suffix}", nn.Linear(n_heads * self.head_dim, d, bias=False))
 
     def forward(
-        self, x: torch.Tensor, route, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """``x`` in the routing's layout; ``cos/sin [b, L, head_dim]``, ``bias [b, 1, L, L]`` on the
-        batch view → attention output in the routing's layout."""
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        route=None,  # noqa: ANN001 - a BatchedRouting or PackedRouting
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``hidden_states`` in the routing's layout; ``position_embeddings`` = ``cos, sin [b, L, head_dim]``
+        and ``attention_mask`` (additive ``[b, 1, L, L]``) on the batch view → ``(attention output in
+        the routing's layout, weights [b, heads, L, L] or None)``, as transformers' attention modules."""
+        x, (cos, sin), bias = hidden_states, position_embeddings, attention_mask
         q = route.apply(self.q_proj, self.q_proj_moe_gen, x)
         k = route.apply(self.k_proj, self.k_proj_moe_gen, x)
         v = route.apply(self.v_proj, self.v_proj_moe_gen, x)
@@ -126,11 +146,12 @@ class PackedAttentionMoT(nn.Module):
         k = k.view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, length, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        rep = self.n_heads // self.n_kv
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias
-        z = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, length, -1)
-        return route.apply(self.o_proj, self.o_proj_moe_gen, route.from_batch(z))
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        z, weights = attend(self, q, k, v, bias, dropout=0.0, scaling=self.scaling)
+        z = z.reshape(b, length, -1)
+        return route.apply(self.o_proj, self.o_proj_moe_gen, route.from_batch(z)), weights
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -143,7 +164,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
     def __init__(self, config) -> None:  # noqa: ANN001 - a transformers Qwen2Config
         super().__init__()
         d = config.hidden_size
-        self.self_attn = PackedAttentionMoT(d, config.num_attention_heads, config.num_key_value_heads)
+        self.self_attn = PackedAttentionMoT(config)
         self.mlp, self.mlp_moe_gen = Qwen2MLP(config), Qwen2MLP(config)
         eps = config.rms_norm_eps
         self.input_layernorm, self.input_layernorm_moe_gen = Qwen2RMSNorm(d, eps), Qwen2RMSNorm(d, eps)
@@ -156,7 +177,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
         on a subset of rows slices it with the others) or a :class:`PackedRouting`."""
         route = BatchedRouting(route) if isinstance(route, torch.Tensor) else route
         h = route.apply(self.input_layernorm, self.input_layernorm_moe_gen, x)
-        x = x + self.self_attn(h, route, cos, sin, bias)
+        x = x + self.self_attn(h, position_embeddings=(cos, sin), attention_mask=bias, route=route)[0]
         h = route.apply(self.post_attention_layernorm, self.post_attention_layernorm_moe_gen, x)
         return x + self.mlp_out(route.apply(self.mlp, self.mlp_moe_gen, h))
 

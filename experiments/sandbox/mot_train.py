@@ -27,12 +27,11 @@ RECIPE: dict = {
     "source": "sandbox-query",
     "seed": 0,
     "suite_seed": 0,
-    "steps": 300,
-    "lr": 2e-3,
-    "warmup": 30,
     "batch_size": 32,
     "micro_batch": 32,
     "data": {"gen_fraction": 1.0, "prefix_p": 0.12, "direct_heldout": False, "mix": "count_heavier"},
+    # two cosine schedules; stage k re-seeds torch with seed + k and draws its own example stream
+    "stages": [{"steps": 300, "lr": 2e-3, "warmup": 30}, {"steps": 300, "lr": 1e-3, "warmup": 10}],
 }
 
 _TWINS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,28 +73,38 @@ def _is_generation_param(name: str) -> bool:
 
 def train_mot(
     out: str | Path | None,
-    steps: int | None = None,
-    time_budget_s: float | None = None,
+    stages: list[dict] | None = None,
     threads: int | None = None,
     progress: bool = True,
+    model: SandboxMoT | None = None,
+    first_stage: int = 0,
 ) -> SandboxMoT:
-    """Warm-start and train ``sandbox-mot`` with :data:`RECIPE` (``steps`` overrides its step count);
-    save it to ``out`` (with ``train_log.jsonl`` and the recipe in ``training.json``) if given."""
-    r = {**RECIPE, "steps": steps or RECIPE["steps"]}
+    """Warm-start and train ``sandbox-mot`` with :data:`RECIPE` (``stages`` overrides its stages);
+    save it to ``out`` (``train_log.jsonl`` per stage, the recipe in ``training.json``) if given.
+    ``model`` / ``first_stage`` continue a model that already ran the stages before ``first_stage``."""
+    r = {**RECIPE, "stages": stages or RECIPE["stages"]}
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(r["seed"])
-    model = warm_start(SandboxMoT(), r["source"])
-    stream = Suite(r["suite_seed"]).training_examples(r["seed"], **r["data"])
-    log_path = None
+    if model is None:
+        model = warm_start(SandboxMoT(), r["source"])
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad = _is_generation_param(name)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        log_path = Path(out) / "train_log.jsonl"
     t0 = time.time()
-    fit(
-        model, stream, r["steps"], r["lr"], r["batch_size"], warmup=r["warmup"], time_budget_s=time_budget_s,
-        log_path=log_path, log_every=10, progress=progress, micro_batch=r["micro_batch"], desc="train mot",
-    )  # fmt: skip
+    for k, stage in enumerate(r["stages"]):
+        if k < first_stage:
+            continue
+        torch.manual_seed(r["seed"] + k)
+        stream = Suite(r["suite_seed"]).training_examples(r["seed"] + k, **r["data"])
+        log_path = None if out is None else Path(out) / f"train_log_stage{k}.jsonl"
+        fit(
+            model, stream, stage["steps"], stage["lr"], r["batch_size"], warmup=stage["warmup"],
+            log_path=log_path, log_every=10, progress=progress, micro_batch=r["micro_batch"],
+            desc=f"train mot (stage {k})",
+        )  # fmt: skip
     for p in model.parameters():
         p.requires_grad = True
     if out is not None:
