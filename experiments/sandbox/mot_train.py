@@ -13,7 +13,6 @@ and the cost is the generation path alone (measured in the checkpoint's ``train_
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -108,8 +107,9 @@ def train_mot(
     for p in model.parameters():
         p.requires_grad = True
     if out is not None:
-        save_sandbox(model, out)
-        Path(out, "training.json").write_text(
-            json.dumps({**r, "seconds": round(time.time() - t0, 1)}, indent=1)
-        )
+        # "data": what the understanding expert learnt (the source's mix; it decides which test items
+        # are held out of training), "generation_data": the drawing stream of the stages
+        source_data = (load_sandbox(r["source"]).training_recipe or {}).get("data", {})
+        recipe = {**r, "arch": "mot", "data": source_data, "generation_data": r["data"]}
+        save_sandbox(model, out, training={**recipe, "seconds": round(time.time() - t0, 1)})
     return model
