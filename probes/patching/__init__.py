@@ -13,7 +13,8 @@ Modules: :mod:`~uniprobe.probes.patching.sites` (what to patch), :mod:`~uniprobe
 (sweeps), :mod:`~uniprobe.probes.patching.attribution`, :mod:`~uniprobe.probes.patching.cross_prompt`
 (understanding → generation with explicit alignments), :mod:`~uniprobe.probes.patching.generation`
 (teacher-forced and free generation, query models), :mod:`~uniprobe.probes.patching.metrics`
-(and :mod:`~uniprobe.probes.patching.denoising`, a diffusion decoder's loss),
+(and :mod:`~uniprobe.probes.patching.denoising`, a diffusion decoder's loss;
+:mod:`~uniprobe.probes.patching.flow`, rectified-flow generation's loss and velocity difference),
 :mod:`~uniprobe.probes.patching.results`, :mod:`~uniprobe.probes.patching.plots`. Kernels live in
 :mod:`uniprobe.probes.kernels`.
 """
@@ -31,6 +32,7 @@ from uniprobe.probes.patching.cross_prompt import (
 from uniprobe.probes.patching.denoising import DenoisingLoss, denoising_loss
 from uniprobe.probes.patching.engine import DEFAULT_BUDGET, collect_states, run_sites, run_sites_reference
 from uniprobe.probes.patching.exact import patch_sweep
+from uniprobe.probes.patching.flow import FlowLoss, VelocityDiff, flow_inputs, flow_loss
 from uniprobe.probes.patching.generation import (
     GenerationEffect,
     StepPatch,
@@ -76,6 +78,7 @@ __all__ = [
     "KINDS",
     "Alignment",
     "DenoisingLoss",
+    "FlowLoss",
     "GenerationEffect",
     "GridLogProb",
     "JudgeRate",
@@ -86,6 +89,7 @@ __all__ = [
     "SequenceLogProb",
     "SiteGrid",
     "StepPatch",
+    "VelocityDiff",
     "TargetProb",
     "align_by_anchors",
     "align_by_role",
@@ -97,6 +101,8 @@ __all__ = [
     "collect_states",
     "correlation",
     "denoising_loss",
+    "flow_inputs",
+    "flow_loss",
     "generation_effect",
     "grid_sites",
     "head_grid",
