@@ -106,9 +106,10 @@ def steer_sentence(result: dict) -> str:
     drawn = f"the model draws {s['drawn_steered']} of {n} items right (unsteered {s['drawn_plain']})"
     verdict = f"steering there {raises} and {drawn}"
     plainly = "" if works else " Nothing in this sweep makes the model draw the answer it knows without CoT."
+    where = f"`{s['where']}`" if s["where"].startswith("<") else s["where"]  # HTML would eat <boi>
     return (
         "Steering the run without CoT at "
-        f"{s['where']} with alpha × the understanding run's answer direction (the mean `<answer>` state of "
+        f"{where} with alpha × the understanding run's answer direction (the mean `<answer>` state of "
         f"the understanding runs with that answer minus the mean of all; resid_pre of layers {layers}; "
         f"alphas {', '.join(f'{a:g}' for a in s['alphas'])}): the best steered configuration is layer "
         f"{best['layer']} at alpha {best['alpha']:g}, metric {s['plain']:.2f} → {best['metric']:.2f} "
