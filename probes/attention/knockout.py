@@ -353,6 +353,14 @@ def explicit_mask(layout: TokenLayout, edges: torch.Tensor, impl: str, dtype: to
     return keep
 
 
+def with_edges_removed(mask: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """A model-built 4-D mask ``[B, 1 or h, P, P]`` minus ``edges`` ``[B, h, P, P]``: bool masks
+    (True = attend) lose the edges, additive masks get dtype min there."""
+    if mask.dtype == torch.bool:
+        return mask & ~edges
+    return mask.masked_fill(edges, torch.finfo(mask.dtype).min)
+
+
 @torch.no_grad()
 def knockout_reference(
     model: nn.Module,
@@ -364,7 +372,8 @@ def knockout_reference(
     forward: Forward | None = None,
 ) -> torch.Tensor:
     """The definition: per configuration, one plain forward whose knocked layers' attention modules get
-    the explicit 4-D mask (:func:`explicit_mask`) by a forward pre-hook → ``[n]`` (mean over examples)."""
+    the model's own 4-D mask minus the knocked edges by a forward pre-hook (the explicit causal mask of
+    :func:`explicit_mask` where the model passes none) → ``[n]`` (mean over examples)."""
     adapter = adapter or adapter_for(model)
     fwd = forward_of(adapter, forward)
     n_heads = attention_geometry(model, adapter, 0).n_heads
@@ -379,12 +388,17 @@ def knockout_reference(
                 dtype = next(module.parameters()).dtype
                 mask = explicit_mask(inputs.layout, e, impl, dtype)
 
-                def pre(mod: nn.Module, args: tuple, kwargs: dict, mask: torch.Tensor = mask) -> tuple:
+                def pre(
+                    mod: nn.Module, args: tuple, kwargs: dict, mask: torch.Tensor = mask, e: torch.Tensor = e
+                ) -> tuple:
                     if "attention_mask" not in kwargs:  # the reference must not silently knock nothing
                         raise RuntimeError(
                             f"{type(mod).__name__} was called without an attention_mask keyword"
                         )
                     hidden = args[0] if args else kwargs["hidden_states"]
+                    given = kwargs["attention_mask"]
+                    if given is not None:  # the model's own mask (it may not be causal: MoT latents)
+                        mask = with_edges_removed(given, e.to(given.device))
                     return args, {**kwargs, "attention_mask": mask.to(hidden.device)}
 
                 hooks.pre(module, pre)
