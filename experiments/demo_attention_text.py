@@ -10,6 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 MATTERS = 0.1
+# what the drawing positions hold in the forwards measured, by the model's generation role
+TEACHER_FORCED = {
+    "image_gen": "the drawing positions hold the right tiles (AR, teacher-forced) or empty latents (MoT)",
+    "query": "the query tokens draw every cell in one forward",
+}
 
 
 def largest_change(ko: dict, group: str) -> dict:
@@ -60,25 +65,27 @@ def mass_sentence(result: dict) -> str:
     )
 
 
+def _loses(c: dict, what: str) -> str:
+    """What a knockout of the drawing's edges to ``what`` says about the answer, by the sign of the
+    largest change (a knockout may also *raise* the right drawing's probability)."""
+    if not _matters(c):
+        return f"the drawing does not lose the answer when it cannot see {what}"
+    if min(c["delta"], c["all_delta"]) <= -MATTERS:
+        at = f"at layer {c['layer']}" if c["delta"] <= -MATTERS else "only with every layer at once"
+        return f"without {what} the drawing loses the answer (most {at})"
+    return f"without {what} the model draws the right answer more readily, not less"
+
+
 def cot_knockout_sentence(result: dict) -> str:
     ko = result["cot_knockout"]
     cot, restated = largest_change(ko, "CoT answer"), largest_change(ko, "restated answer")
-    where = (
-        f"it loses the answer most when the edges go at layer {cot['layer']}"
-        if _matters(cot)
-        else "the drawing does not lose the answer when it cannot see the CoT answer tokens"
-    )
-    where_r = (
-        f"without it the drawing loses the answer (most at layer {restated['layer']})"
-        if _matters(restated)
-        else "the drawing does not need it either"
-    )
     return " ".join(
         [
             f"Knocking out the edges from the drawing positions to the CoT answer tokens {_effect(cot)}",
             f"(unknocked {ko['clean']:.2f}; the run without CoT {result['direct_knockout']['clean']:.2f}):",
-            f"{where}. Knocking out the edges to the answer as the drawing prompt restates it",
-            f"(`draw a ENTITY <boi>`) {_effect(restated)}: {where_r}.",
+            f"{_loses(cot, 'the CoT answer tokens')}. Knocking out the edges to the answer as the drawing",
+            f"prompt restates it (`draw a ENTITY <boi>`) {_effect(restated)}:",
+            f"{_loses(restated, 'the restated answer')}.",
         ]
     )
 
@@ -123,7 +130,7 @@ def attention_paragraph(result: dict) -> str:
     return "\n\n".join(
         [
             f"On {n} level-2 arithmetic items the model answers right as questions"
-            f" ({', '.join(result['items'])}), both runs teacher-forced on the right drawing;"
+            f" ({', '.join(result['items'])}); {TEACHER_FORCED[result['gen_role']]};"
             f" metric: {result['metric']} (mean over items); a change of at least {MATTERS} counts"
             " as mattering.",
             mass_sentence(result),

@@ -112,8 +112,11 @@ def test_verdicts_follow_the_threshold(ar_result):
     assert "does not lose the answer" in cot_knockout_sentence(result)
     ko["CoT answer"] = [-0.1, -0.9, -0.1, -0.1, -1.5]
     sentence = cot_knockout_sentence(result)
-    assert "loses the answer most when the edges go at layer 1" in sentence
+    assert "without the CoT answer tokens the drawing loses the answer (most at layer 1)" in sentence
     assert "lowers it to -1.50 at every layer at once (-1.40)" in sentence
+    ko["CoT answer"] = [-0.1, 0.0, -0.1, -0.1, 0.2]  # a knockout that helps the right drawing
+    sentence = cot_knockout_sentence(result)
+    assert "raises it to 0.20" in sentence and "draws the right answer more readily" in sentence
     s = result["steer"]
     s.update(plain=-1.0, best={"layer": 2, "point": "blocks.2.resid_pre", "alpha": 4.0, "metric": -0.95})
     s.update(drawn_plain=1, drawn_steered=1)
@@ -122,3 +125,20 @@ def test_verdicts_follow_the_threshold(ar_result):
     sentence = steer_sentence(result)
     assert "Nothing in this sweep" not in sentence and "layer 2 at alpha 4" in sentence
     assert "-1.00 → -0.50 (+0.50)" in sentence and _numbers(sentence)[-1] == 0.5
+
+
+@pytest.mark.parametrize("name, arch", [("sandbox-query", "query"), ("sandbox-mot", "mot")])
+def test_section_is_generic_over_the_generation_role(name, arch, items, tmp_path):
+    """Query model: the queries draw; MoT: the latents (role image_gen, empty as a drawing starts)."""
+    model = load_model(name).model
+    result = da.run_attention(model, items, arch, tmp_path, n_items=1)
+    role = {"query": "query", "mot": "image_gen"}[arch]
+    assert result["gen_role"] == role and (tmp_path / f"attn-flow-{arch}.png").exists()
+    text = attention_paragraph(result)
+    assert f"the {role} positions put" in text and f"at the {role} positions with alpha" in text
+    if arch == "mot":  # the right tiles there would hand the answer to the drawing
+        from uniprobe.experiments.tasks import world
+
+        cot = da.cot_inputs(model, [it for it in items if it.id == result["items"][0]])
+        latents = cot.kwargs["image_tokens"][0, cot.layout.mask(role)[0]]
+        assert latents.tolist() == [world.EMPTY] * len(latents)
