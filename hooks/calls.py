@@ -142,8 +142,9 @@ class CallLog:
         self.flow_steps: list[DecoderStep] = []  # denoising steps of a flow backbone (note_timestep)
         self.branch: int | None = None  # the last call's CFG pass within its denoising step, if any
         self._passes = 0
+        self._pass_names: tuple[str, ...] | None = None  # the passes a sampler declared it runs
 
-    def note_timestep(self, t: float, rows: int) -> None:
+    def note_timestep(self, t: float, rows: int, passes: Iterable[str] | None = None) -> None:
         """A flow model's timestep module ran (BAGEL's ``time_embedder``, before the backbone). A
         timestep other than the last opens the next denoising step; each backbone call until the next
         one is a CFG pass of that step (0 ``cond``, 1 ``uncond_text``, 2 ``uncond_image``, in the order
@@ -152,12 +153,26 @@ class CallLog:
         if not self.flow_steps or self.flow_steps[-1].timestep != t:
             self.flow_steps.append(DecoderStep(len(self.flow_steps), t, rows))
             self._passes = 0
+        # a sampler that skips a pass (no text guidance, image guidance on) names the passes it runs,
+        # so the image pass is tagged uncond_image, not uncond_text by its place in the order
+        self._pass_names = tuple(passes) if passes is not None else None
+
+    def _pass_branch(self, i: int) -> int:
+        """The branch id (:data:`~uniprobe.hooks.rows.BRANCH_IDS`) of a denoising step's ``i``-th pass."""
+        from uniprobe.hooks.rows import BRANCH_IDS
+
+        names = self._pass_names
+        if names is None:
+            return i
+        if i >= len(names) or names[i] not in BRANCH_IDS:
+            self._fail(f"denoising pass {i} is not among the declared passes {names}", 0, 0)
+        return BRANCH_IDS[names[i]]
 
     def begin(self, offset: int, length: int, has_cache: bool = True) -> Call:
         """Record one call; raises :class:`CallPatternError` if it breaks the expected pattern."""
         if self.flow_steps:  # a CFG pass of the current denoising step; each re-runs its whole sequence
             call = Call(self.flow_steps[-1].step, offset, length)
-            self.branch, self._passes = self._passes, self._passes + 1
+            self.branch, self._passes = self._pass_branch(self._passes), self._passes + 1
             self.calls.append(call)
             return call
         self.branch = None
@@ -236,12 +251,15 @@ class DecoderStep(NamedTuple):
 
 def track_timesteps(hooks: HookSet, model: nn.Module, module: str, log: CallLog) -> Any:
     """Put the flow-step tracker on the timestep ``module`` (a path; it takes the timesteps ``[rows]``
-    as its first argument) in ``hooks``: every call reports its timestep to ``log.note_timestep``."""
+    as its first argument) in ``hooks``: every call reports its timestep to ``log.note_timestep``,
+    with the CFG passes the model says it runs (its ``flow_passes`` attribute, names of
+    :data:`~uniprobe.hooks.rows.BRANCH_IDS`, when it has one; else passes count in BAGEL's order)."""
 
     def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         t = input_tensor(args, kwargs).detach().flatten().float().cpu()
         same = t.numel() > 0 and bool((t == t[0]).all())
-        log.note_timestep(float(t[0]) if same else float("nan"), int(t.numel()))
+        passes = getattr(model, "flow_passes", None)  # set by a sampler that names its CFG passes
+        log.note_timestep(float(t[0]) if same else float("nan"), int(t.numel()), passes)
 
     return hooks.pre(get_module(model, module), pre_hook)
 

@@ -155,6 +155,40 @@ def test_capture_tags_denoising_steps_timesteps_and_branches(model) -> None:
     assert v.values.shape == (2 * model.n_cells, model.latent_dim)
 
 
+def test_a_skipped_pass_does_not_shift_the_branch_tags(model, monkeypatch) -> None:
+    """Image guidance without text guidance runs cond then uncond_image: the second pass is tagged
+    uncond_image (2), not uncond_text by its place in the order."""
+    inputs = prepare(model, [{"prompt": "draw 2 red apple"}], "generation")
+    real = model.branch_inputs
+
+    def cond_and_image(batch):  # what branch_inputs gives with cfg_text_scale 1 and an und image
+        cond = real(batch)["cond"]
+        return {"cond": cond, "uncond_image": dict(cond)}
+
+    monkeypatch.setattr(model, "branch_inputs", cond_and_image)
+    monkeypatch.setattr(model, "n_steps", 2)
+    with (
+        torch.no_grad(),
+        capture(model, ["blocks.1.resid_post"], layout=inputs.layout, roles=["image_gen"]) as cap,
+    ):
+        SANDBOX_MOT.generate(model, inputs)
+    assert model.flow_passes == ("cond", "uncond_image")
+    r = cap.rows("blocks.1.resid_post")
+    assert sorted(set(r.branch.tolist())) == [0, 2]
+    assert len(cap.rows("blocks.1.resid_post", branch="uncond_text")) == 0
+    assert len(cap.rows("blocks.1.resid_post", step=1, branch="uncond_image")) == model.n_cells
+
+
+def test_a_pass_the_sampler_did_not_declare_is_an_error() -> None:
+    from uniprobe.hooks.calls import CallLog, CallPatternError
+
+    log = CallLog()
+    log.note_timestep(1.0, 2, ("cond", "uncond_image"))
+    assert [log.begin(0, 5) and log.branch, log.begin(0, 5) and log.branch] == [0, 2]
+    with pytest.raises(CallPatternError, match="not among the declared passes"):
+        log.begin(0, 5)
+
+
 def test_expert_points_join_to_the_block_points(model) -> None:
     inputs = prepare(model, [{"prompt": "draw 2 red apple"}, {"prompt": "how many apple ?"}], "generation")
     pts = ["blocks.0.mlp_out", "blocks.0.mlp_und.out", "blocks.0.mlp_gen.out", "blocks.0.attn_out"]

@@ -130,6 +130,7 @@ class SandboxMoT(SandboxModel):
             nn.init.normal_(e.weight, std=cfg.initializer_range)
         # the shipped checkpoint's best on the direct test items: 8 Euler steps, text-CFG 3 (90%; 1.0: 78%)
         self.n_steps, self.shift, self.cfg_text_scale, self.cfg_img_scale, self.seed = 8, 1.0, 3.0, 1.0, 0
+        self.flow_passes: tuple[str, ...] | None = None  # the CFG passes the last sample() ran
 
     @property
     def lm(self) -> Qwen2ForCausalLM:
@@ -317,6 +318,7 @@ class SandboxMoT(SandboxModel):
         passes = {
             k: {n: t.to(self.device) for n, t in kw.items()} for k, kw in self.branch_inputs(batch).items()
         }
+        self.flow_passes = tuple(passes)  # which CFG passes run, for the capture's branch tags
         for i in range(self.n_steps):
             t = torch.full((b,), float(ts[i]), device=self.device)
             v = {k: self(**kw, latents=x, timesteps=t).velocity for k, kw in passes.items()}
