@@ -21,7 +21,7 @@ TORCH := torch==2.13.0
 VERSIONS := import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in \
 	('torch', 'transformers', 'transformer-lens', 'nnsight', 'numpy', 'safetensors', 'matplotlib')))
 
-.PHONY: demo test lint docs bench lock test-latest test-oldest clean-venv
+.PHONY: demo test test-heavy lint docs bench lock test-latest test-oldest clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,11 @@ docs: $(DEV)
 	$(BIN)/mkdocs build --strict --site-dir build/site
 
 test: lint docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not heavy"
+
+# the README's multi-minute commands, verbatim (tests/test_readme.py HEAVY): ~15 min on 2 cores
+test-heavy: $(DEV)
+	$(BIN)/python -m pytest -q -m heavy tests/test_readme.py
 
 bench: $(DEV)
 	$(BIN)/python experiments/bench/probes.py
