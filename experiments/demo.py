@@ -1,12 +1,12 @@
 """The built-in demo: what ``make demo`` runs (a few minutes on 2 cores after install).
 
-For both shipped sandbox models (sha256-verified): the gap table (understanding vs generation vs
-generation with CoT, judged exactly) and GapEval score, drawings beside their prompts, activation
-stores of every test item in both forms, the probe map and the logit-lens map of the answer, a
-patching map from understanding runs into generation runs, how the answer travels (attention mass,
-knockout, steering: :mod:`uniprobe.experiments.demo_attention`), STARS self-training (on a copy) and the
-R3 loop. Everything lands in ``artifacts/demo/`` with ``report.md`` and ``report.html``; each
-sentence of the report is computed from the numbers beside it.
+For each shipped sandbox model (sha256-verified; AR, query-based, MoT; ``models`` picks some): the
+gap table (understanding vs generation vs generation with CoT, judged exactly) and GapEval score,
+drawings beside their prompts, activation stores of the test items in both forms, the probe map and
+the logit-lens map of the answer, a patching map from understanding runs into generation runs, how
+the answer travels (attention mass, knockout, steering: :mod:`uniprobe.experiments.demo_attention`),
+STARS self-training (on a copy) and the R3 loop. Everything lands in ``artifacts/demo/`` with
+``report.md`` and ``report.html``; each sentence of the report is computed from the numbers beside it.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from uniprobe.experiments.models import load_model
 from uniprobe.experiments.progress import bar
 from uniprobe.experiments.seeds.r3 import format_r3, r3_loop
 from uniprobe.experiments.tasks.suite import Suite
+from uniprobe.hooks.errors import UsageError
 
-MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"))
+MODELS = (("sandbox-ar", "ar"), ("sandbox-query", "query"), ("sandbox-mot", "mot"))
 
 
 SECTIONS = ("gap", "capture", "probes", "lens", "patching", "attention", "stars", "r3")
@@ -53,6 +54,26 @@ class DemoSettings:
     r3_rounds: int = 2  # `uniprobe seeds r3`: 3
     patch_items: int = 6
     attention_items: int = 4  # "How does the answer travel?": understood level-2 arithmetic items
+    # sandbox-mot draws by flow: 8 Euler steps × 2 CFG passes, each a full forward over both experts,
+    # so one drawing costs ~16 of the AR model's cached steps; its gap table, stores, logit lens and
+    # R3 run on every `mot_item_stride`-th test item of each category (patching, attention, STARS
+    # pick their own items as for the other models). Each number means what it does for the others;
+    # only n is smaller.
+    mot_item_stride: int = 3
+
+
+def thin(items: list, stride: int) -> list:
+    """Every ``stride``-th item group of each category (an item alone, or a mapping A/B pair — the
+    gap table counts a pair as one), in the suite's order; every category is kept."""
+    if not isinstance(stride, int) or stride < 1:
+        raise UsageError(f"mot_item_stride={stride!r}: use a whole number of at least 1 (1: every item)")
+    groups: dict[str, list[str]] = {}
+    for it in items:
+        seen = groups.setdefault(it.category, [])
+        if it.group not in seen:
+            seen.append(it.group)
+    keep = {g for seen in groups.values() for g in seen[::stride]}
+    return [it for it in items if it.group in keep]
 
 
 class _ModelSections:
@@ -61,7 +82,8 @@ class _ModelSections:
 
     def __init__(self, name: str, arch: str, out: Path, suite: Suite, settings: DemoSettings) -> None:
         self.name, self.arch, self.out, self.suite, self.settings = name, arch, out, suite, settings
-        self.items = suite.items
+        # sandbox-mot: a stated subset for its item-wide sections (DemoSettings.mot_item_stride)
+        self.items = thin(suite.items, settings.mot_item_stride) if arch == "mot" else suite.items
         self._model = None
         self._stores: dict | None = None
 
@@ -111,7 +133,7 @@ class _ModelSections:
 
     def _patching(self) -> dict[str, str]:
         patch = sections.run_patching(
-            self.model, self.items, self.arch, self.out, n_items=self.settings.patch_items
+            self.model, self.suite.items, self.arch, self.out, n_items=self.settings.patch_items
         )
         return {"patch": patch_paragraph(self.arch, patch)}
 
@@ -120,7 +142,7 @@ class _ModelSections:
         from uniprobe.experiments.demo_attention_text import attention_paragraph
 
         att = run_attention(
-            self.model, self.items, self.arch, self.out, n_items=self.settings.attention_items
+            self.model, self.suite.items, self.arch, self.out, n_items=self.settings.attention_items
         )
         return {"attention": attention_paragraph(att)}
 
@@ -156,12 +178,15 @@ def model_report(name: str, arch: str, text: dict[str, str]) -> list[str]:
     ]  # fmt: skip
 
 
-def settings_paragraph(settings: DemoSettings) -> str:
-    """The demo's sizes next to the full protocols'."""
+def settings_paragraph(
+    settings: DemoSettings, items: list | None = None, models: list[str] | None = None
+) -> str:
+    """The demo's sizes next to the full protocols', then (given the suite's ``items`` and the models
+    run) a table of the items each model's item-wide sections used."""
     from uniprobe.experiments.seeds.stars import StarsSettings
 
     full = StarsSettings()
-    return " ".join(
+    text = " ".join(
         [
             "The demo runs smaller protocols than the full ones: STARS on",
             f"{settings.stars_prompts_per_level} prompts per level for {settings.stars_steps} steps (the",
@@ -171,6 +196,29 @@ def settings_paragraph(settings: DemoSettings) -> str:
             "protocol's does.",
         ]
     )
+    if items is None or not models:
+        return text
+    rows = ["| model | gap table, stores, logit lens, R3 on | sampling |", "| --- | --- | --- |"]
+    for name in models:
+        if dict(MODELS)[name] == "mot":
+            n = len(thin(items, settings.mot_item_stride))
+            used = f"{n} of {len(items)} test items (1 in {settings.mot_item_stride} of each category)"
+            how = "8 Euler steps, text-CFG 3 (the shipped settings)"
+        else:
+            used, how = f"all {len(items)} test items", "greedy (the shipped settings)"
+        rows.append(f"| {name} | {used} | {how} |")
+    return text + "\n\n" + "\n".join(rows)
+
+
+def pick_models(names: list[str] | tuple[str, ...] | None) -> list[tuple[str, str]]:
+    """``(name, arch)`` of the chosen models in the report's order; None: all of :data:`MODELS`."""
+    if not names:
+        return list(MODELS)
+    known = dict(MODELS)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UsageError(f"demo --models {' '.join(bad)}: unknown; choose from {', '.join(known)}")
+    return [(n, a) for n, a in MODELS if n in names]
 
 
 def run_demo(
@@ -178,8 +226,10 @@ def run_demo(
     stars_steps: int | None = None,
     settings: DemoSettings | None = None,
     progress: bool = True,
+    models: list[str] | tuple[str, ...] | None = None,
 ) -> int:
-    """Run every section for both sandbox models; write ``report.md`` and ``report.html``; returns 0.
+    """Run every section for each chosen sandbox model (``models``: names, default all three); write
+    ``report.md`` and ``report.html``; returns 0. Unknown names: :class:`UsageError`.
 
     Per model, in the order the report answers them: the gap table (and GapEval score); where the
     answer becomes readable (probe and logit-lens maps); where it is used (patching map); what CoT,
@@ -189,6 +239,7 @@ def run_demo(
     """
     from uniprobe.experiments.report_html import write_html
 
+    chosen = pick_models(models)
     settings = settings or DemoSettings()
     if stars_steps:
         settings = replace(settings, stars_steps=stars_steps)
@@ -207,9 +258,9 @@ def run_demo(
     # the sections' bar only on a terminal: nested bars in a log are cursor codes; there, one line each
     lines = progress and not sys.stderr.isatty()
     with bar(
-        total=len(MODELS) * len(SECTIONS), desc="demo", unit="section", progress=progress and not lines
+        total=len(chosen) * len(SECTIONS), desc="demo", unit="section", progress=progress and not lines
     ) as pbar:
-        for name, arch in MODELS:
+        for name, arch in chosen:
             print(f"== {name}")
             run = _ModelSections(name, arch, out, suite, settings)
             text: dict[str, str] = {}
@@ -217,7 +268,7 @@ def run_demo(
                 pbar.set_description(f"demo: {name} {section}")
                 if lines:
                     step = len(records) + 1
-                    print(f"demo: {name} {section} ({step}/{len(MODELS) * len(SECTIONS)})", file=sys.stderr)
+                    print(f"demo: {name} {section} ({step}/{len(chosen) * len(SECTIONS)})", file=sys.stderr)
                 record = log.get(name, section)
                 if record is not None:
                     record["kept"] = True
@@ -235,9 +286,9 @@ def run_demo(
     report += [
         "## Where the time went",
         "",
-        settings_paragraph(settings),
+        settings_paragraph(settings, suite.items, [m for m, _ in chosen]),
         "",
-        timing_table(records, [m for m, _ in MODELS], list(SECTIONS)),
+        timing_table(records, [m for m, _ in chosen], list(SECTIONS)),
         "",
         "Wall seconds measured in this run"
         + (" (`*`: a section kept from an earlier, interrupted run, with that run's seconds)" if kept else "")

@@ -9,6 +9,7 @@ import json
 import pytest
 from uniprobe.experiments import demo
 from uniprobe.experiments.demo_resume import SectionLog, timing_table, written_since
+from uniprobe.hooks.errors import UsageError
 
 TEXT = {
     "gap": {"gap": "GAP", "cot": "COT"},
@@ -49,16 +50,40 @@ def test_a_rerun_keeps_finished_sections_and_runs_the_rest(tmp_path, calls):
     stop["at"] = None
     ran.clear()
     assert demo.run_demo(tmp_path, progress=False) == 0
-    assert ran == [("sandbox-query", s) for s in demo.SECTIONS[3:]]  # only what had not finished
+    # only what had not finished: the rest of sandbox-query, then every section of sandbox-mot
+    assert ran == [("sandbox-query", s) for s in demo.SECTIONS[3:]] + [
+        ("sandbox-mot", s) for s in demo.SECTIONS
+    ]
     report = (tmp_path / "report.md").read_text()
-    assert report.count("**R3.** R") == 2 and "## Where the time went" in report
+    assert report.count("**R3.** R") == 3 and "## Where the time went" in report
     assert "`uniprobe seeds stars`" in report and "kept from an earlier, interrupted run" in report
     table = report[report.index("| section |") :]
     assert table.count("*") >= len(demo.SECTIONS) + 3  # the kept sections are marked
     # other settings: nothing is kept
     ran.clear()
     demo.run_demo(tmp_path, progress=False, settings=demo.DemoSettings(stars_steps=7))
-    assert len(ran) == 2 * len(demo.SECTIONS)
+    assert len(ran) == 3 * len(demo.SECTIONS)
+
+
+def test_models_picks_columns_and_keeps_the_others_records(tmp_path, calls):
+    ran, _ = calls
+    assert demo.run_demo(tmp_path, progress=False, models=["sandbox-mot"]) == 0
+    assert ran == [("sandbox-mot", s) for s in demo.SECTIONS]
+    report = (tmp_path / "report.md").read_text()
+    assert "## sandbox-mot" in report and "## sandbox-ar" not in report
+    assert "| section | sandbox-mot |" in report  # the timing table has the chosen column only
+    # the settings table states which items sandbox-mot's item-wide sections used
+    n = len(demo.thin(demo.Suite(0).items, demo.DemoSettings().mot_item_stride))
+    assert f"| sandbox-mot | {n} of 364 test items (1 in 3 of each category) |" in report
+    ran.clear()
+    demo.run_demo(tmp_path, progress=False)  # then all three: sandbox-mot's sections are kept
+    assert ran == [(m, s) for m in ("sandbox-ar", "sandbox-query") for s in demo.SECTIONS]
+    assert "| section | sandbox-ar | sandbox-query | sandbox-mot |" in (tmp_path / "report.md").read_text()
+
+
+def test_unknown_model_name_is_a_usage_error_naming_the_choices(tmp_path):
+    with pytest.raises(UsageError, match="sandbox-foo.*sandbox-ar, sandbox-query, sandbox-mot"):
+        demo.run_demo(tmp_path, progress=False, models=["sandbox-foo"])
 
 
 def test_a_section_whose_files_are_gone_runs_again(tmp_path, calls):
@@ -83,3 +108,19 @@ def test_section_log_records_are_whole_and_checked(tmp_path):
     rec = json.loads((tmp_path / "sections" / "m.gap.json").read_text())
     table = timing_table({("m", "gap"): {**rec, "kept": True}}, ["m"], ["gap"])
     assert "| gap | 2 s* |" in table and "| CPU (all threads) | 3 s |" in table
+
+
+def test_thin_keeps_every_category_and_whole_mapping_pairs():
+    items = demo.Suite(0).items
+    picked = demo.thin(items, 3)
+    assert {it.category for it in picked} == {it.category for it in items}
+    for cat in {it.category for it in items}:
+        groups = list(dict.fromkeys(it.group for it in items if it.category == cat))
+        assert [it.id for it in picked if it.category == cat] == [
+            it.id for it in items if it.group in groups[::3]
+        ]
+    mapping = [it for it in picked if it.category == "mapping"]
+    assert mapping and all(sum(m.group == it.group for m in mapping) == 2 for it in mapping)  # A and B
+    assert demo.thin(items, 1) == list(items)
+    with pytest.raises(UsageError, match="mot_item_stride=0"):
+        demo.thin(items, 0)

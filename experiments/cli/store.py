@@ -79,7 +79,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from uniprobe.experiments.demo import run_demo
 
-    return run_demo(args.out)
+    return run_demo(args.out, models=args.models)
 
 
 def add_parsers(sub: Any) -> None:
@@ -132,4 +132,8 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("demo", help="run the built-in demo (writes artifacts/demo/report.md)")
     p.add_argument("--out", default="artifacts/demo")
+    p.add_argument(
+        "--models", nargs="+", metavar="NAME",
+        help="run only these models' columns (default: all three, sandbox-ar sandbox-query sandbox-mot)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_demo)
