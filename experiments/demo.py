@@ -162,8 +162,10 @@ class _ModelSections:
         return {"r3": "**R3.** " + r3_paragraph(r3) + "\n\n" + format_r3(r3)}
 
 
-def model_report(name: str, arch: str, text: dict[str, str]) -> list[str]:
-    """One model's part of the report, from its sections' text."""
+def model_report(name: str, arch: str, text: dict[str, str], n_items: int | None = None) -> list[str]:
+    """One model's part of the report, from its sections' text; ``n_items``: how many test items its
+    stores hold (None: every item)."""
+    which = "every item" if n_items is None else f"its {n_items} items"
     return [
         f"## {name}", "", "### 1. The gap", "", text["gap"], "",
         "### 2. Where the answer becomes readable (probes, logit lens)", "", text["probes"], text["lens"], "",
@@ -173,7 +175,7 @@ def model_report(name: str, arch: str, text: dict[str, str]) -> list[str]:
         f"![attention mass](attn-mass-{arch}.png) ![knockout and steering](attn-flow-{arch}.png)", "",
         "### 5. What CoT, STARS and R3 change", "", text["cot"], "", text["stars"], "",
         f"![STARS](stars-{name}/stars.png)", "", text["r3"], "",
-        f"Stores: `store-{arch}-und` (understanding form of every item) and `store-{arch}-gen` "
+        f"Stores: `store-{arch}-und` (understanding form of {which}) and `store-{arch}-gen` "
         "(generation form: prompt and drawing positions); reopen with `uniprobe inspect`.", "",
     ]  # fmt: skip
 
@@ -198,15 +200,18 @@ def settings_paragraph(
     )
     if items is None or not models:
         return text
-    rows = ["| model | gap table, stores, logit lens, R3 on | sampling |", "| --- | --- | --- |"]
+    rows = [
+        "| model | gap table, stores, logit lens, R3 on | patching | attention |",
+        "| --- | --- | --- | --- |",
+    ]
     for name in models:
         if dict(MODELS)[name] == "mot":
             n = len(thin(items, settings.mot_item_stride))
             used = f"{n} of {len(items)} test items (1 in {settings.mot_item_stride} of each category)"
-            how = "8 Euler steps, text-CFG 3 (the shipped settings)"
         else:
-            used, how = f"all {len(items)} test items", "greedy (the shipped settings)"
-        rows.append(f"| {name} | {used} | {how} |")
+            used = f"all {len(items)} test items"
+        pairs, att = f"{settings.patch_items} item pairs", f"{settings.attention_items} items"
+        rows.append(f"| {name} | {used} | {pairs} | {att} |")
     return text + "\n\n" + "\n".join(rows)
 
 
@@ -281,7 +286,8 @@ def run_demo(
                 records[(name, section)] = record
                 text.update(record["text"])
                 pbar.update(1)
-            report += model_report(name, arch, text)
+            n_items = len(run.items) if len(run.items) < len(suite.items) else None
+            report += model_report(name, arch, text, n_items)
     kept = any(r.get("kept") for r in records.values())
     report += [
         "## Where the time went",
