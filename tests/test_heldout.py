@@ -128,7 +128,7 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0
     row = format_trials(log).splitlines()[2]
-    assert row.startswith("| tiny | arith_heavy | 1 | ") and row.count("%") == 9
+    assert row.startswith("| tiny | arith_heavy | 1 | ") and row.count("%") == 11
 
 
 def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite) -> None:

@@ -95,7 +95,7 @@ def run_trial(
 
 def format_trials(log: str | Path) -> str:
     """Markdown table of every trial in ``log``: recipe, steps done, wall time, held-out understanding
-    per level, drawing without CoT at level 1 (latent-CoT) and direct drawing; "—" where not measured."""
+    per level, drawing without CoT per arithmetic level (latent-CoT) and direct drawing; "—": not measured."""
     levels = [f"{t} L{k}" for t in ("arith", "mapping") for k in (1, 2, 3)]
     head = [
         "trial",
@@ -104,6 +104,8 @@ def format_trials(log: str | Path) -> str:
         "train min",
         *levels,
         "draw arith L1",
+        "draw arith L2",
+        "draw arith L3",
         "draw count",
         "draw portrait",
     ]
@@ -118,10 +120,7 @@ def format_trials(log: str | Path) -> str:
             f"{r['train_s'] / 60:.0f}",
         ]
         cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in levels]
-        cells += [
-            f"{100 * sc[k]:.0f}%" if k in sc else "—"
-            for k in ("draw arith L1", "draw count", "draw portrait")
-        ]
+        cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in head[4 + len(levels) :]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
