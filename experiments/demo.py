@@ -56,15 +56,20 @@ class DemoSettings:
     attention_items: int = 4  # "How does the answer travel?": understood level-2 arithmetic items
     # sandbox-mot draws by flow: 8 Euler steps × 2 CFG passes, each a full forward over both experts,
     # so one drawing costs ~16 of the AR model's cached steps; its gap table, stores, logit lens and
-    # R3 run on every `mot_item_stride`-th test item of each category (patching, attention, STARS
+    # R3 run on every arithmetic item (the probe map's) and every `mot_item_stride`-th item of each
+    # other category (patching, attention, STARS
     # pick their own items as for the other models). Each number means what it does for the others;
     # only n is smaller.
     mot_item_stride: int = 3
 
 
-def thin(items: list, stride: int) -> list:
+WHOLE = ("arithmetic",)  # the probe map's items: 4 folds need every answer class several times
+
+
+def thin(items: list, stride: int, whole: tuple[str, ...] = WHOLE) -> list:
     """Every ``stride``-th item group of each category (an item alone, or a mapping A/B pair — the
-    gap table counts a pair as one), in the suite's order; every category is kept."""
+    gap table counts a pair as one), in the suite's order; every category is kept, and every item of
+    the categories in ``whole``."""
     if not isinstance(stride, int) or stride < 1:
         raise UsageError(f"mot_item_stride={stride!r}: use a whole number of at least 1 (1: every item)")
     groups: dict[str, list[str]] = {}
@@ -72,7 +77,7 @@ def thin(items: list, stride: int) -> list:
         seen = groups.setdefault(it.category, [])
         if it.group not in seen:
             seen.append(it.group)
-    keep = {g for seen in groups.values() for g in seen[::stride]}
+    keep = {g for cat, seen in groups.items() for g in (seen if cat in whole else seen[::stride])}
     return [it for it in items if it.group in keep]
 
 
@@ -207,7 +212,10 @@ def settings_paragraph(
     for name in models:
         if dict(MODELS)[name] == "mot":
             n = len(thin(items, settings.mot_item_stride))
-            used = f"{n} of {len(items)} test items (1 in {settings.mot_item_stride} of each category)"
+            used = (
+                f"{n} of {len(items)} test items (every {', '.join(WHOLE)} item, 1 in"
+                f" {settings.mot_item_stride} of each other category)"
+            )
         else:
             used = f"all {len(items)} test items"
         pairs, att = f"{settings.patch_items} item pairs", f"{settings.attention_items} items"

@@ -74,7 +74,7 @@ def test_models_picks_columns_and_keeps_the_others_records(tmp_path, calls):
     assert "| section | sandbox-mot |" in report  # the timing table has the chosen column only
     # the settings table states which items sandbox-mot's item-wide sections used
     n = len(demo.thin(demo.Suite(0).items, demo.DemoSettings().mot_item_stride))
-    assert f"| sandbox-mot | {n} of 364 test items (1 in 3 of each category) |" in report
+    assert f"| sandbox-mot | {n} of 364 test items (every arithmetic item, 1 in 3 of each other" in report
     ran.clear()
     demo.run_demo(tmp_path, progress=False)  # then all three: sandbox-mot's sections are kept
     assert ran == [(m, s) for m in ("sandbox-ar", "sandbox-query") for s in demo.SECTIONS]
@@ -116,9 +116,8 @@ def test_thin_keeps_every_category_and_whole_mapping_pairs():
     assert {it.category for it in picked} == {it.category for it in items}
     for cat in {it.category for it in items}:
         groups = list(dict.fromkeys(it.group for it in items if it.category == cat))
-        assert [it.id for it in picked if it.category == cat] == [
-            it.id for it in items if it.group in groups[::3]
-        ]
+        kept = groups if cat == "arithmetic" else groups[::3]  # the probe map's items stay whole
+        assert [it.id for it in picked if it.category == cat] == [it.id for it in items if it.group in kept]
     mapping = [it for it in picked if it.category == "mapping"]
     assert mapping and all(sum(m.group == it.group for m in mapping) == 2 for it in mapping)  # A and B
     assert demo.thin(items, 1) == list(items)
