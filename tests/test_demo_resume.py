@@ -123,3 +123,13 @@ def test_thin_keeps_every_category_and_whole_mapping_pairs():
     assert demo.thin(items, 1) == list(items)
     with pytest.raises(UsageError, match="mot_item_stride=0"):
         demo.thin(items, 0)
+
+
+def test_cli_models_option(tmp_path, calls, capsys):
+    from uniprobe.experiments.cli import main
+
+    ran, _ = calls
+    assert main(["demo", "--out", str(tmp_path), "--models", "sandbox-query", "sandbox-ar"]) == 0
+    assert [m for m, _ in ran[:: len(demo.SECTIONS)]] == ["sandbox-ar", "sandbox-query"]  # report order
+    assert main(["demo", "--out", str(tmp_path), "--models", "sandbox-foo"]) == 2
+    assert "sandbox-foo" in capsys.readouterr().err
