@@ -154,7 +154,7 @@ def test_readme_runs_verbatim_from_outside_the_repository(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "key",
     [pytest.param(k, marks=pytest.mark.slow) for k in sorted(SLOW)]
-    + [pytest.param(k, marks=pytest.mark.heavy) for k in sorted(HEAVY)],
+    + [pytest.param(k, marks=[pytest.mark.slow, pytest.mark.heavy]) for k in sorted(HEAVY)],
 )
 def test_readme_heavy_command_runs_verbatim(key: str, tmp_path: Path) -> None:
     (step,) = [s for s in readme_steps() if s.key == key]
