@@ -1,7 +1,8 @@
 """Path patching: the batched sweep equals the two-pass reference (q / k / v receivers with GQA, stream
 receivers at chosen positions, MLPs recomputed or frozen) on tiny Llama, Qwen2, Emu3, Janus (its LM) and
-Chameleon (q/k norms), a query model's queries and the shipped sandbox AR model at its last positions; a sender after its
-receivers has no effect; a sender just before a whole-stream receiver equals plain head patching of it."""
+Chameleon (q/k norms), a query model's queries and the shipped sandbox AR model at its last positions; a
+sender after its receivers has no effect; a sender just before a whole-stream receiver equals plain head
+patching of it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ RECEIVERS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-qwen2", "tiny-emu3", "tiny-chameleon", "tiny-janus"])
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-emu3", "tiny-chameleon", "tiny-janus"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def pair(request):
     model, _ = build_tiny(request.param, layers=3)
     adapter = adapter_for(model)
