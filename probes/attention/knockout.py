@@ -46,19 +46,15 @@ from uniprobe.hooks.layout import TokenLayout, role_ids
 from uniprobe.probes.patching.cached_run import CachedRun, cached_run
 from uniprobe.probes.patching.engine import (
     DEFAULT_BUDGET,
-    _first,
-    _last_position_modules,
     _rows,
-    _suffix_kwargs,
     _suffix_ok,
-    check_suffix_run,
     evaluate,
     forward_of,
     plan_chunks,
-    repeat_inputs,
+    resumed_forward,
+    resumed_rows,
 )
 from uniprobe.probes.patching.exact import prepare_metric
-from uniprobe.probes.patching.hooking import last_position, stagger
 from uniprobe.probes.patching.metrics import metric_name
 from uniprobe.probes.patching.results import PatchResult
 from uniprobe.probes.patching.sites import PatchSite, SiteGrid
@@ -311,31 +307,16 @@ def _run_chunk(
     p0: int | None,
 ) -> torch.Tensor:
     """One forward for ``configs`` (ordered by start layer) → ``[n]`` metric (mean over examples)."""
-    n, b, n_layers = len(configs), tr.batch, tr.n_layers
+    n, b = len(configs), tr.batch
     h = max(e.shape[1] for _, e in configs)
     edges = torch.cat([_rows(e.expand(-1, h, -1, -1), 1) for _, e in configs])  # [n·B, h, P, P]
     layers = sorted({x for ls, _ in configs for x in ls})
     knocks = {j: torch.tensor([j in ls for ls, _ in configs]).repeat_interleave(b) for j in layers}
-    active = [b * sum(s <= j for s in starts) for j in range(n_layers)]
-    start = p0 or 0
-
-    def carry(j: int, k: int) -> torch.Tensor:
-        after = tr.block_inputs[j + 1] if j + 1 < n_layers else _first(tr.block_outputs[j])
-        return _rows(after[:, start:], k // b).contiguous()
-
-    trimmed = _last_position_modules(model, adapter, n_layers) if p0 is not None else []
     with (
-        stagger(model, adapter, active, n * b, carry, tr.block_outputs),
+        resumed_rows(model, adapter, tr, n, starts, p0) as active,
         intercept_attention(model, adapter, layers, _Remover(edges, knocks)),
-        last_position(trimmed, tr.length - start),
     ):
-        if p0 is None:
-            out = fwd(model, repeat_inputs(target, n))
-        else:
-            kwargs = _suffix_kwargs(model, tr, n, p0, active, last_logits=True)
-            out = model(**kwargs)
-            if p0:
-                check_suffix_run(model, out, kwargs, tr.length)
+        out = resumed_forward(model, target, fwd, tr, n, p0, active, last_logits=True)
     return evaluate(metric, out, n * b).view(n, b).mean(1)
 
 

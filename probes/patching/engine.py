@@ -38,7 +38,8 @@ from __future__ import annotations
 import inspect
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -323,8 +324,26 @@ def _run_chunk(
     position); an int (0 included) runs the plain causal LM over positions ``p0..`` of its cached
     prefix, the metric reading only the last position (see :func:`_last_position_modules`).
     """
-    n, b, n_layers = len(sites), tr.batch, tr.n_layers
+    n, b = len(sites), tr.batch
     plans = build_plans(sites, source, b, shift=p0 or 0, heads=heads)
+    with (
+        resumed_rows(model, adapter, tr, n, starts, p0) as active,
+        overwrite(model, adapter, plans, force) as ow,
+    ):
+        out = resumed_forward(model, target, fwd, tr, n, p0, active, _head_untouched(model, adapter, plans))
+        ow.check_fired(1 if tr.resumable else None)
+    return evaluate(metric, out, n * b).view(n, b).mean(1)
+
+
+@contextmanager
+def resumed_rows(
+    model: nn.Module, adapter: Adapter, tr: CachedRun, n: int, starts: list[int], p0: int | None
+) -> Iterator[list[int]]:
+    """``n`` copies of the cached run's ``B`` rows, copy ``i`` resumed at block ``starts[i]``
+    (ordered) from the cached stream over positions ``p0..`` (all when None), the final MLP on the
+    last position only when positions are skipped. Yields ``active``: rows each block computes.
+    The one setup of a resumed chunk, shared by patching and knockout."""
+    b, n_layers = tr.batch, tr.n_layers
     active = [b * sum(s <= j for s in starts) for j in range(n_layers)]
     start = p0 or 0
 
@@ -335,18 +354,30 @@ def _run_chunk(
     trimmed = _last_position_modules(model, adapter, n_layers) if p0 is not None else []
     with (
         stagger(model, adapter, active, n * b, carry, tr.block_outputs),
-        overwrite(model, adapter, plans, force) as ow,
         last_position(trimmed, tr.length - start),
     ):
-        if p0 is None:
-            out = fwd(model, repeat_inputs(target, n))
-        else:
-            kwargs = _suffix_kwargs(model, tr, n, p0, active, _head_untouched(model, adapter, plans))
-            out = model(**kwargs)
-            if p0:
-                check_suffix_run(model, out, kwargs, tr.length)
-        ow.check_fired(1 if tr.resumable else None)
-    return evaluate(metric, out, n * b).view(n, b).mean(1)
+        yield active
+
+
+def resumed_forward(
+    model: nn.Module,
+    target: ModelInputs,
+    fwd: Forward,
+    tr: CachedRun,
+    n: int,
+    p0: int | None,
+    active: list[int],
+    last_logits: bool = False,
+) -> Any:
+    """The forward of a :func:`resumed_rows` chunk: the adapter's over ``n`` stacked copies of the
+    target, or (``p0`` given) the plain causal LM over positions ``p0..`` of its cached prefix."""
+    if p0 is None:
+        return fwd(model, repeat_inputs(target, n))
+    kwargs = _suffix_kwargs(model, tr, n, p0, active, last_logits)
+    out = model(**kwargs)
+    if p0:
+        check_suffix_run(model, out, kwargs, tr.length)
+    return out
 
 
 def _last_position_modules(model: nn.Module, adapter: Adapter, n_layers: int) -> list[nn.Module]:
