@@ -29,14 +29,12 @@ from uniprobe.probes.patching.engine import (
     DEFAULT_BUDGET,
     Forward,
     Metric,
-    _first,
-    _rows,
     evaluate,
     forward_of,
     repeat_inputs,
+    resumed_rows,
     start_layer,
 )
-from uniprobe.probes.patching.hooking import stagger
 from uniprobe.probes.patching.metrics import metric_name
 from uniprobe.probes.patching.sites import PatchSite
 
@@ -169,7 +167,7 @@ def steer_sweep(
         directions = dict.fromkeys(points, direction.float())
     fwd = forward_of(adapter, forward)
     tr = cached_run(model, adapter, inputs, forward, points)
-    b, n_layers = tr.batch, tr.n_layers
+    b = tr.batch
     plain = float(evaluate(metric, tr.outputs, b).mean())
     configs = [(p, a) for p in points for a in alphas]
     starts = [start_layer(PatchSite(p, (0,)), tr, resume) for p, _ in configs]
@@ -183,16 +181,8 @@ def steer_sweep(
         coef = {p: torch.zeros(n * b) for p in dict.fromkeys(configs[i][0] for i in part)}
         for row, i in enumerate(part):
             coef[configs[i][0]][row * b : (row + 1) * b] = configs[i][1]
-        active = [b * sum(starts[i] <= j for i in part) for j in range(n_layers)]
-
-        def carry(j: int, rows: int) -> torch.Tensor:
-            after = tr.block_inputs[j + 1] if j + 1 < n_layers else _first(tr.block_outputs[j])
-            return _rows(after, rows // b).contiguous()
-
-        if not (resume and tr.resumable):
-            active = [n * b] * n_layers
         with (
-            stagger(model, adapter, active, n * b, carry, tr.block_outputs),
+            resumed_rows(model, adapter, tr, n, [starts[i] for i in part], None),
             _row_steer(model, adapter, coef, directions, cols) as rs,
         ):
             out = fwd(model, repeat_inputs(inputs, n))
