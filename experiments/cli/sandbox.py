@@ -1,8 +1,10 @@
 """``uniprobe train-sandbox`` and ``uniprobe gap``: train a sandbox model, its gap table.
 
-uniprobe train-sandbox --arch ar|query --out DIR [--steps N] [--seed S] [--time-budget SECONDS]
+uniprobe train-sandbox --arch ar|query|mot --out DIR [--steps N] [--seed S] [--time-budget SECONDS]
+    (mot: warm start from ``--source`` (default sandbox-query), then the generation path;
+    ``mot_train.RECIPE``)
 uniprobe gap --model sandbox-ar|sandbox-query|DIR [--out DIR] [--no-verify]
-uniprobe sandbox seeds --arch ar|query --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
+uniprobe sandbox seeds --arch ar|query|mot --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
 """
 
 from __future__ import annotations
@@ -13,14 +15,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from uniprobe.hooks.errors import UsageError
+
 
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train-sandbox``."""
     p = subparsers.add_parser("train-sandbox", help="train a sandbox model on CPU (a few minutes)")
-    p.add_argument("--arch", choices=("ar", "query"), required=True)
+    p.add_argument("--arch", choices=("ar", "query", "mot"), required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--steps", type=int, default=None, help="default: 1400 (train.py DEFAULTS)")
-    p.add_argument("--seed", type=int, default=None, help="default: the shipped checkpoint's (ar 0, query 2)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="default: ar/query 1400 (train.py DEFAULTS), mot 3000"
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="default: the shipped checkpoint's (ar 0, query 2, mot 0)"
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="mot only: the understanding checkpoint to warm-start from (default sandbox-query)",
+    )
     p.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds (schedule follows time)"
     )
@@ -50,7 +63,7 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
         "seeds",
         help="train one model per seed; gap table, best probe layer and patching peak as mean and range",
     )
-    s.add_argument("--arch", choices=("ar", "query"), required=True)
+    s.add_argument("--arch", choices=("ar", "query", "mot"), required=True)
     s.add_argument("--seeds", type=int, nargs="+", required=True, help="e.g. --seeds 0 1 2")
     s.add_argument("--out", required=True, help="folder for seed-*/ (checkpoint, maps), seeds.json, seeds.md")
     s.add_argument("--steps", type=int, default=None, help="default: 1400 (train.py DEFAULTS)")
@@ -80,16 +93,19 @@ def run_sandbox_seeds(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from uniprobe.experiments.sandbox.train import train_sandbox
+    from uniprobe.experiments.sandbox.train import train_any
 
+    if args.source is not None and args.arch != "mot":
+        raise UsageError("--source is for --arch mot (the understanding checkpoint it starts from): drop it")
     t0 = time.time()
-    train_sandbox(
+    train_any(
         args.arch,
         args.out,
         steps=args.steps,
         seed=args.seed,
         time_budget_s=args.time_budget,
         threads=args.threads,
+        source=args.source,
     )
     print(f"trained {args.arch} in {time.time() - t0:.0f}s → {args.out}")
     return 0

@@ -30,7 +30,9 @@ RECIPE: dict = {
     "micro_batch": 32,
     "data": {"gen_fraction": 1.0, "prefix_p": 0.12, "direct_heldout": False, "mix": "count_heavier"},
     # two cosine schedules; stage k re-seeds torch with seed + k and draws its own example stream
-    "stages": [{"steps": 300, "lr": 2e-3, "warmup": 30}, {"steps": 300, "lr": 1e-3, "warmup": 10}],
+    # 2 x 300 steps drew portraits 70%; 2 x 1500 draws every direct test item (portraits 100%),
+    # ~5 min on one core of this project's machine (training.json)
+    "stages": [{"steps": 1500, "lr": 2e-3, "warmup": 30}, {"steps": 1500, "lr": 1e-3, "warmup": 10}],
 }
 
 _TWINS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,6 +68,19 @@ def warm_start(model: SandboxMoT, source: str | Path = "sandbox-query") -> Sandb
     return model
 
 
+def scaled_stages(stages: list[dict], steps: int) -> list[dict]:
+    """``stages`` with their steps (and warmups) rescaled to ``steps`` in all, in the same proportions."""
+    if steps < len(stages):
+        raise ValueError(f"steps={steps}: sandbox-mot's recipe has {len(stages)} stages of at least 1 step")
+    total = sum(st["steps"] for st in stages)
+    out, left = [], steps
+    for k, st in enumerate(stages):
+        n = left if k == len(stages) - 1 else max(1, round(steps * st["steps"] / total))
+        left -= n
+        out.append({**st, "steps": n, "warmup": min(n, round(st["warmup"] * n / st["steps"]))})
+    return out
+
+
 def _is_generation_param(name: str) -> bool:
     return "_moe_gen" in name or not name.startswith(("language_model.", "vit_model."))
 
@@ -77,11 +92,30 @@ def train_mot(
     progress: bool = True,
     model: SandboxMoT | None = None,
     first_stage: int = 0,
+    seed: int | None = None,
+    steps: int | None = None,
+    source: str | Path | None = None,
+    data: dict | None = None,
+    time_budget_s: float | None = None,
 ) -> SandboxMoT:
     """Warm-start and train ``sandbox-mot`` with :data:`RECIPE` (``stages`` overrides its stages);
     save it to ``out`` (``train_log.jsonl`` per stage, the recipe in ``training.json``) if given.
-    ``model`` / ``first_stage`` continue a model that already ran the stages before ``first_stage``."""
+    ``model`` / ``first_stage`` continue a model that already ran the stages before ``first_stage``.
+    ``seed`` (torch init of the trained path and the drawing stream), ``steps`` (the total, shared by
+    the stages in the recipe's proportions), ``source`` (the understanding checkpoint to start
+    from) and ``data`` (keys of the drawing stream, ``Suite.training_examples``) override the
+    recipe's; ``time_budget_s`` is shared by the stages in proportion to their steps (as
+    :func:`~uniprobe.experiments.sandbox.train.fit` spends a budget)."""
     r = {**RECIPE, "stages": stages or RECIPE["stages"]}
+    if seed is not None:
+        r["seed"] = seed
+    if source is not None:
+        r["source"] = str(source)
+    if steps is not None:
+        r["stages"] = scaled_stages(r["stages"], steps)
+    if data:
+        r["data"] = {**r["data"], **data}
+    total_steps = sum(st["steps"] for st in r["stages"])
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(r["seed"])
@@ -103,6 +137,7 @@ def train_mot(
             model, stream, stage["steps"], stage["lr"], r["batch_size"], warmup=stage["warmup"],
             log_path=log_path, log_every=10, progress=progress, micro_batch=r["micro_batch"],
             desc=f"train mot (stage {k})",
+            time_budget_s=None if time_budget_s is None else time_budget_s * stage["steps"] / total_steps,
         )  # fmt: skip
     for p in model.parameters():
         p.requires_grad = True
@@ -111,5 +146,7 @@ def train_mot(
         # are held out of training), "generation_data": the drawing stream of the stages
         source_data = (load_sandbox(r["source"]).training_recipe or {}).get("data", {})
         recipe = {**r, "arch": "mot", "data": source_data, "generation_data": r["data"]}
+        if time_budget_s is not None:
+            recipe["time_budget_s"] = time_budget_s
         save_sandbox(model, out, training={**recipe, "seconds": round(time.time() - t0, 1)})
     return model

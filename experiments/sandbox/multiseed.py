@@ -32,7 +32,7 @@ def seed_run(
 ) -> dict:
     """Train ``arch`` with ``seed`` into ``out/seed-{seed}`` and analyse it there.
 
-    ``train_kw`` go to :func:`~uniprobe.experiments.sandbox.train.train_sandbox` (``steps``,
+    ``train_kw`` go to :func:`~uniprobe.experiments.sandbox.train.train_any` (``steps``,
     ``time_budget_s``, ``threads``, ``data``, ``backbone``...). ``items`` default to ``Suite(0)``'s.
     Returns ``{"seed", "dir", "gap": gap rows, "probe_best": {role: best probe row}, "patch_peak":
     {"effect", "layer", "column"}}`` (the largest normalised effect of the patching map).
@@ -40,12 +40,12 @@ def seed_run(
     from uniprobe.experiments import demo_sections as sections
     from uniprobe.experiments.demo_text import best_probe
     from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table
-    from uniprobe.experiments.sandbox.train import train_sandbox
+    from uniprobe.experiments.sandbox.train import train_any
     from uniprobe.experiments.tasks.suite import Suite
 
     d = Path(out) / f"seed-{seed}"
     d.mkdir(parents=True, exist_ok=True)
-    model = train_sandbox(arch, d / "checkpoint", seed=seed, **{"progress": False, **train_kw})
+    model = train_any(arch, d / "checkpoint", seed=seed, **{"progress": False, **train_kw})
     suite = Suite(0)
     items = list(items) if items is not None else suite.items
     rows = gap_table(model, suite=suite, results=evaluate_items(model, items, progress=False))

@@ -12,12 +12,14 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from uniprobe.experiments.progress import bar
 from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.sandbox.checkpoint import build_model, save_sandbox
 from uniprobe.experiments.tasks.suite import Suite, TrainExample
+from uniprobe.hooks.errors import UsageError
 
 DEFAULTS: dict[str, dict] = {
     "ar": {
@@ -184,6 +186,39 @@ def train_sandbox(
     if out is not None:
         save_sandbox(model, out, training=model.training_recipe)
     return model
+
+
+def train_any(
+    arch: str,
+    out: str | Path | None,
+    steps: int | None = None,
+    seed: int | None = None,
+    time_budget_s: float | None = None,
+    threads: int | None = None,
+    source: str | Path | None = None,
+    progress: bool = True,
+    **kw: Any,
+) -> SandboxModel:
+    """Each architecture's shipped recipe: :func:`train_sandbox` for ``ar`` / ``query``; for ``mot``
+    :func:`~uniprobe.experiments.sandbox.mot_train.train_mot` (warm start from ``source``, default
+    ``sandbox-query``, then the generation path). ``kw``: ``train_sandbox``'s other keywords (``mot``
+    takes only ``data``, its drawing stream's keys)."""
+    if arch == "mot":
+        from uniprobe.experiments.sandbox.mot_train import train_mot
+
+        extra = sorted(set(kw) - {"data"})
+        if extra:
+            raise UsageError(f"sandbox-mot's recipe (mot_train.RECIPE) does not take {extra}; drop them")
+        return train_mot(
+            out, threads=threads, progress=progress, seed=seed, steps=steps, source=source,
+            data=kw.get("data"), time_budget_s=time_budget_s,
+        )  # fmt: skip
+    if source is not None:
+        raise UsageError(f"source= is sandbox-mot's warm start; sandbox-{arch} trains from scratch: drop it")
+    return train_sandbox(
+        arch, out, steps=steps, seed=seed, time_budget_s=time_budget_s, threads=threads,
+        progress=progress, **kw,
+    )  # fmt: skip
 
 
 def fit(
