@@ -12,6 +12,7 @@ from uniprobe.experiments.sandbox import build_model, load_sandbox, save_sandbox
 from uniprobe.experiments.sandbox.checkpoint import SHIPPED
 from uniprobe.experiments.sandbox.evaluate import evaluate_items, format_gap_table, gap_table
 from uniprobe.experiments.tasks import Suite
+from uniprobe.experiments.tasks.generators import evaluate_expression as gen_value
 from uniprobe.experiments.tasks.suite import held_out_categories, rule_set
 
 TINY = {
@@ -71,6 +72,17 @@ def test_untaught_stream_never_shows_a_held_out_expression_or_rule_set(suite: Su
     # the taught recipe does show them (so the extraction above finds them when present)
     taught = {reasoning_parts(t)[0] for t in stream_texts(suite, 3000, taught_reasoning=0.3)}
     assert taught & exprs
+
+
+def test_wide_level_1_questions_add_digit_values_never_a_test_expression(suite: Suite) -> None:
+    exprs, _ = held_out_sets(suite)
+    texts = stream_texts(suite, 6000, taught_reasoning=0, mix="reasoning_wide", wide_level1=True)
+    level1 = {e for e in (reasoning_parts(t)[0] for t in texts) if e is not None and len(e.split()) == 3}
+    assert not level1 & exprs, sorted(level1 & exprs)[:5]
+    values = {int(gen_value(e)) for e in level1}
+    assert values == set(range(10))  # values 0 and 6-9 too, only as questions
+    assert len(level1) > 100  # more facts per operator than the 68 drawable training expressions
+    assert {e for e, _ in suite.arith_train[1]} <= {e for e, _ in suite.arith_wide1}
 
 
 def test_rule_sets_are_held_out_in_either_chain_order(suite: Suite) -> None:

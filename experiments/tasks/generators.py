@@ -26,8 +26,9 @@ def evaluate_expression(expr: str) -> float:
     return float(eval(" ".join(tokens), {"__builtins__": {}}, {}))  # noqa: S307 - digits and + - * / only
 
 
-def expressions(level: int) -> list[tuple[str, int]]:
-    """All expressions with ``level`` operations whose value is in :data:`ANSWERS`, sorted.
+def expressions(level: int, answers: tuple[int, ...] = ANSWERS) -> list[tuple[str, int]]:
+    """All expressions with ``level`` operations whose value is in ``answers`` (the drawable counts
+    :data:`ANSWERS` unless given, e.g. ``tuple(range(10))`` for every digit), sorted.
 
     Returns:
         ``[(expr, value)]``, e.g. ``("7 - 3", 4)``; division must be exact at every step.
@@ -40,7 +41,7 @@ def expressions(level: int) -> list[tuple[str, int]]:
                 continue
             expr = " ".join(str(x) for pair in zip(nums, opseq + ("",), strict=True) for x in pair).strip()
             value = evaluate_expression(expr)
-            if value.is_integer() and int(value) in ANSWERS:
+            if value.is_integer() and int(value) in answers:
                 out.append((expr, int(value)))
     return sorted(out)
 

@@ -52,6 +52,16 @@ QA_MIXES: dict[str, tuple[tuple[str, float], ...]] = {
         ("inverse", 0.73),
         ("count", 0.92),
     ),
+    # issue 18: a third of QA binds symbols (mapping), level 1 weighted up (with ``wide_level1``)
+    "reasoning_wide": (
+        ("arith1", 0.14),
+        ("arith2", 0.28),
+        ("arith3", 0.42),
+        ("mapping", 0.74),
+        ("fact", 0.82),
+        ("inverse", 0.85),
+        ("count", 0.96),
+    ),
     # used with ``taught_reasoning`` (the test reasoning questions come on top of this mix)
     "taught": (("arith", 0.15), ("mapping", 0.25), ("fact", 0.45), ("inverse", 0.55), ("count", 0.85)),
     "count_heavy": (("arith", 0.05), ("mapping", 0.1), ("fact", 0.3), ("inverse", 0.38), ("count", 0.85)),
@@ -153,6 +163,10 @@ class Suite:
             rng.shuffle(exprs)
             n_test = min(self.sizes.arithmetic_per_level, len(exprs) // 5)
             self.arith_test[level], self.arith_train[level] = exprs[:n_test], exprs[n_test:]
+        # level 1 over every digit value (0-9), the test expressions removed: more facts per operator
+        # for ``training_examples(wide_level1=True)``; values 0 and 6-9 are asked, never drawn
+        held = set(self.arith_test[1])
+        self.arith_wide1 = [e for e in gen.expressions(1, tuple(range(10))) if e not in held]
 
     def _split_direct(self, rng: random.Random) -> None:
         combos = [(n, t) for n in gen.ANSWERS for t in gen.countable_tiles()]
@@ -292,7 +306,11 @@ class Suite:
 
     # -- training stream ------------------------------------------------------------------
     def _qa(
-        self, rng: random.Random, mix: str = "balanced", taught_reasoning: float = 0.0
+        self,
+        rng: random.Random,
+        mix: str = "balanced",
+        taught_reasoning: float = 0.0,
+        wide_level1: bool = False,
     ) -> tuple[Prompt, str]:
         if taught_reasoning and rng.random() < taught_reasoning:
             return rng.choice(self.reasoning_questions)
@@ -304,7 +322,8 @@ class Suite:
         if kind == "arith":  # level drawn uniformly
             kind = f"arith{1 + int(rng.random() * 3)}"
         if kind.startswith("arith"):
-            expr, v = rng.choice(self.arith_train[int(kind[-1])])
+            pool = self.arith_wide1 if wide_level1 and kind == "arith1" else self.arith_train[int(kind[-1])]
+            expr, v = rng.choice(pool)
             return Prompt(f"what is {expr} ?"), str(v)
         if kind == "mapping":
             while True:
@@ -366,6 +385,7 @@ class Suite:
         mix: str = "balanced",
         taught_reasoning: float = 0.0,
         reasoning_draw: float = 0.0,
+        wide_level1: bool = False,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -382,6 +402,8 @@ class Suite:
             reasoning_draw: share of drawing examples that draw a *level-1* arithmetic expression of the
                 training split ("draw as many red cup as 7 - 3"), never levels 2-3 nor a test
                 expression: UniSandbox's latent-CoT variant (does drawing at levels 2-3 follow?).
+            wide_level1: level-1 questions draw from every expression with a digit value (0-9), not only
+                the drawable ones (1-5): more facts per operator; the test expressions stay out.
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
@@ -392,7 +414,7 @@ class Suite:
             held |= {(p.text, p.images) for p, _ in self.reasoning_questions}
         while True:
             prefix = (
-                [self._qa(rng, mix, taught_reasoning) for _ in range(1 + int(rng.random() * 2))]
+                [self._qa(rng, mix, taught_reasoning, wide_level1) for _ in range(1 + int(rng.random() * 2))]
                 if rng.random() < prefix_p
                 else []
             )
@@ -404,7 +426,7 @@ class Suite:
                     prompt, target = self._direct(rng, direct_heldout)
                 ex = TrainExample(prompt, target=target, prefix=prefix)
             else:
-                prompt, answer = self._qa(rng, mix, taught_reasoning)
+                prompt, answer = self._qa(rng, mix, taught_reasoning, wide_level1)
                 ex = TrainExample(prompt, answer=answer, prefix=prefix)
             keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
             if any(k in held and k not in allowed for k in keys):
