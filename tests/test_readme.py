@@ -43,6 +43,7 @@ SLOW: dict[str, str] = {
     "uniprobe gap     --model sandbox-ar --out artifacts/gap-ar": "~1 min",
     "uniprobe seeds gapeval --model sandbox-ar --out artifacts/gapeval-ar": "~1.5 min",
     "uniprobe seeds r3      --model sandbox-ar --out artifacts/r3-ar": "~1.2 min",
+    "uniprobe sweep unisandbox": "~30 s (three models; a fresh folder: nothing of the fast run's)",
 }
 # commands of several minutes each: together they would more than double `make test` (goal: well
 # under 15 min on 2 cores), so they carry the `heavy` marker and run with `make test-heavy`; each is
@@ -50,7 +51,6 @@ SLOW: dict[str, str] = {
 HEAVY: dict[str, str] = {
     "uniprobe train-sandbox --arch ar --out artifacts/sandbox-ar": "~5.5 min (tests/test_sandbox.py)",
     "uniprobe demo": "~1-3 min idle (tests/test_demo.py, slow, small settings)",
-    "uniprobe sweep unisandbox": "~4 min (tests/test_sweep.py)",
     "uniprobe seeds inject  --model sandbox-ar --out artifacts/inject-ar": "~2+ min (tests/test_seeds.py)",
     "uniprobe seeds stars   --model sandbox-ar --out artifacts/stars-ar": "~1.5+ min (tests/test_seeds.py)",
 }

@@ -213,7 +213,7 @@ def test_plan_lists_runs_without_running(tmp_path, capsys):
 def test_a_shipped_config_is_found_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no experiments/configs here: the name resolves to the installed file
     cfg = load_config("unisandbox")
-    assert cfg.source.name == "unisandbox.yaml" and cfg.source.is_file() and len(cfg.runs) == 6
+    assert cfg.source.name == "unisandbox.yaml" and cfg.source.is_file() and len(cfg.runs) == 9
     assert load_config("real/janus_pro_1b.yaml").name == "janus-pro-1b"
     with pytest.raises(FileNotFoundError, match="nor is it a shipped config: gapeval, r3, real/chameleon_7b"):
         load_config("unisandbx")

@@ -93,8 +93,9 @@ PROTOCOL_OVERRIDES = {  # one model; fewer items where no probe needs them
 }
 
 
+@pytest.mark.parametrize("model", ["sandbox-ar", "sandbox-mot"])
 @pytest.mark.parametrize("protocol", sorted(PROTOCOL_OVERRIDES))
-def test_protocol_config_runs_on_a_sandbox_model(protocol, tmp_path):
-    overrides = ["models=[{path: sandbox-ar}]", *PROTOCOL_OVERRIDES[protocol]]
+def test_protocol_config_runs_on_a_sandbox_model(protocol, model, tmp_path):
+    overrides = [f"models=[{{path: {model}}}]", *PROTOCOL_OVERRIDES[protocol]]
     cfg = load_config(CONFIGS / f"{protocol}.yaml", overrides, out=str(tmp_path / "o"))
     check_sweep(run_sweep(cfg), tmp_path / "o")
