@@ -85,6 +85,19 @@ def test_wide_level_1_questions_add_digit_values_never_a_test_expression(suite: 
     assert {e for e, _ in suite.arith_train[1]} <= {e for e, _ in suite.arith_wide1}
 
 
+def test_mapping_warmup_opens_the_stream_with_mapping_questions_of_growing_hops(suite: Suite) -> None:
+    _, rules = held_out_sets(suite)
+    first = list(itertools.islice(suite.training_examples(0, taught_reasoning=0, mapping_warmup=300), 300))
+    hops = [len(rule_set(ex.prompt.text.split(" ; ")[0])) // 2 for ex in first]
+    assert all(ex.answer is not None and not ex.prefix for ex in first)
+    assert max(hops[:100]) == 1 and max(hops[100:200]) == 2 and max(hops[200:]) == 3
+    assert not {reasoning_parts(ex.prompt.text)[1] for ex in first} & rules
+    stream = suite.training_examples(0, taught_reasoning=0, mapping_warmup=300)
+    after = list(itertools.islice(stream, 300, 500))  # then the mix resumes: drawings and other questions
+    assert any(ex.target is not None for ex in after)
+    assert any(ex.answer is not None and " ; what is " not in ex.prompt.text for ex in after)
+
+
 def test_rule_sets_are_held_out_in_either_chain_order(suite: Suite) -> None:
     statements = next(iter(suite.mapping_test_statements))
     parts = statements.split(" , ")

@@ -326,17 +326,7 @@ class Suite:
             expr, v = rng.choice(pool)
             return Prompt(f"what is {expr} ?"), str(v)
         if kind == "mapping":
-            while True:
-                m = gen.random_mapping(rng, 1 + int(rng.random() * 3))
-                # held out: also the test rule sets with their chains in the other order; when the test
-                # questions are taught anyway, only the exact strings (the shipped checkpoints' stream)
-                if m.statements in self.mapping_test_statements:
-                    continue
-                if not taught_reasoning and rule_set(m.statements) in self.mapping_test_rule_sets:
-                    continue
-                break
-            k = int(rng.random() * 2)
-            return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
+            return self._mapping_qa(rng, taught_reasoning)
         if kind == "fact":
             c = rng.choice(self.characters)
             if rng.random() < 0.2:
@@ -356,6 +346,21 @@ class Suite:
         return Prompt(
             "describe <image> ?", (tuple(world.encode(world.portrait_grid(attrs))),)
         ), portrait_words(attrs)
+
+    def _mapping_qa(
+        self, rng: random.Random, taught_reasoning: float = 0.0, max_hops: int = 3
+    ) -> tuple[Prompt, str]:
+        while True:
+            m = gen.random_mapping(rng, 1 + int(rng.random() * max_hops))
+            # held out: also the test rule sets with their chains in the other order; when the test
+            # questions are taught anyway, only the exact strings (the shipped checkpoints' stream)
+            if m.statements in self.mapping_test_statements:
+                continue
+            if not taught_reasoning and rule_set(m.statements) in self.mapping_test_rule_sets:
+                continue
+            break
+        k = int(rng.random() * 2)
+        return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
 
     def _direct(self, rng: random.Random, direct_heldout: bool = True) -> tuple[Prompt, tuple[int, ...]]:
         if rng.random() < 0.75:
@@ -386,6 +391,7 @@ class Suite:
         taught_reasoning: float = 0.0,
         reasoning_draw: float = 0.0,
         wide_level1: bool = False,
+        mapping_warmup: int = 0,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -404,6 +410,8 @@ class Suite:
                 expression: UniSandbox's latent-CoT variant (does drawing at levels 2-3 follow?).
             wide_level1: level-1 questions draw from every expression with a digit value (0-9), not only
                 the drawable ones (1-5): more facts per operator; the test expressions stay out.
+            mapping_warmup: a curriculum: the stream opens with this many mapping questions alone (one
+                hop in the first third, up to two in the second, up to three after), then the mix.
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
@@ -412,6 +420,10 @@ class Suite:
         held = set(self.test_prompts)
         if not taught_reasoning:
             held |= {(p.text, p.images) for p, _ in self.reasoning_questions}
+        for i in range(mapping_warmup):
+            prompt, answer = self._mapping_qa(rng, taught_reasoning, max_hops=1 + 3 * i // mapping_warmup)
+            if (prompt.text, prompt.images) not in held:
+                yield TrainExample(prompt, answer=answer)
         while True:
             prefix = (
                 [self._qa(rng, mix, taught_reasoning, wide_level1) for _ in range(1 + int(rng.random() * 2))]
