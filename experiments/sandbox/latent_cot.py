@@ -1,0 +1,146 @@
+"""UniSandbox's latent-CoT experiment: drawing level-1 expressions is trained, are levels 2-3 drawn?
+
+The training variant (``Suite.training_examples(reasoning_draw=p)``) teaches a share ``p`` of drawing
+examples as *level-1* arithmetic drawings of training-split expressions ("draw as many red cup as
+7 - 3"), never levels 2-3, never a test expression. Drawing without CoT is then judged per level on
+the held-out test expressions, next to understanding of the same expressions, over seeds and against
+a control trained without the variant. Per level, the maps ask where (if anywhere) the answer is
+computed inside the drawing run:
+
+- probe: is the answer linearly readable at ``<boi>`` (the last prompt position) and at the drawing
+  positions (mean over them), best layer, grouped cross-validation over the drawn object;
+- logit lens: at which layer, if any, does the answer word become the top token at ``<boi>``;
+- patching (pooled levels, from :func:`uniprobe.experiments.demo_sections.run_patching`, in each seed's
+  ``seed.json``): how much of the drawing the understanding run's states restore.
+
+``level_maps`` computes the per-level maps of one checkpoint; ``latent_cot_table`` pools seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from uniprobe.experiments.tasks.prompts import Item
+
+LEVELS = (1, 2, 3)
+PROBES = ("probe_boi", "probe_drawing")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of ``k`` successes in ``n`` trials (what a rate over few items can say)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def level_maps(model: Any, items: Sequence[Item], out: str | Path) -> dict[str, dict]:
+    """Per arithmetic level of ``items``: the best probe layer/accuracy of the answer in the drawing run
+    at ``<boi>`` and at the drawing positions, and the logit lens's first layer where the answer word is
+    the top token at ``<boi>`` (share of items). Returns ``{"L1": {...}, ...}``; writes ``maps.json``."""
+    from uniprobe.experiments import demo_sections as sections
+    from uniprobe.experiments.demo_text import best_probe
+    from uniprobe.hooks.adapters import adapter_for
+    from uniprobe.probes.lens import logit_lens
+    from uniprobe.probes.linear import probe_store
+    from uniprobe.probes.splits import ProbeInputError
+
+    out = Path(out)
+    arch, tok = model.arch, model.tokenizer
+    gen_role = sections.GEN_ROLE[arch]
+    arith = [it for it in items if it.category == "arithmetic"]
+    store = sections.capture_stores(model, arith, out, arch)["gen"]
+    adapter = adapter_for(model)
+    result: dict[str, dict] = {}
+    for level in LEVELS:
+        chosen = [it for it in arith if it.level == level]
+        if not chosen:
+            continue
+        view = store.subset(i for i, ex in enumerate(store.examples) if ex["labels"]["level"] == level)
+        rec: dict[str, Any] = {"n": len(chosen)}
+        for role, reduce, name in (("text", "last", "probe_boi"), (gen_role, "mean", "probe_drawing")):
+            try:
+                res = probe_store(
+                    view, "answer", roles=[role], reduce=reduce, group_by="entity", folds=3, n_boot=200
+                )
+            except ProbeInputError as err:  # too few items of some answer at this level (level 1: 16)
+                rec[name] = {"layer": None, "accuracy": None, "readable": False, "skipped": str(err)}
+                continue
+            top, ok = best_probe(res.rows)
+            rec[name] = {"layer": top["layer"], "accuracy": top["accuracy"], "readable": ok}
+        inputs = adapter.prepare(model, sections.examples_of(chosen, "gen"), mode="generation")
+        lens = logit_lens(
+            model, inputs, [[tok[it.answer]] for it in chosen], adapter=adapter, roles=["text"], generate=True
+        )
+        last: dict[int, int] = {}  # each example's last prompt position: <boi>, where drawing begins
+        for r in lens.rows:
+            last[r["example"]] = max(last.get(r["example"], -1), r["pos"])
+        top1 = [r for r in lens.rows if r["lens"] == "logit" and r["pos"] == last[r["example"]]]
+        by_layer = {
+            layer: float(np.mean([r["rank"] == 1 for r in top1 if r["layer"] == layer]))
+            for layer in sorted({r["layer"] for r in top1})
+        }
+        rec["lens_boi_top1"] = by_layer
+        result[f"L{level}"] = rec
+    (out / "maps.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    return result
+
+
+def drawing_rates(gap_rows: Sequence[dict]) -> dict[str, dict]:
+    """``{"L1": {"n", "understanding", "drawing"}, ...}`` from a gap table's arithmetic rows."""
+    out = {}
+    for r in gap_rows:
+        if r["category"] == "arithmetic":
+            rate = {"n": r["n"], "understanding": r["understanding"], "drawing": r["generation"]}
+            out[f"L{r['level']}"] = rate
+    return out
+
+
+def latent_cot_table(groups: dict[str, Sequence[dict]]) -> str:
+    """Markdown: per group of runs (e.g. ``{"latent-CoT": [...], "control": [...]}``, each run
+    ``{"seed", "rates": drawing_rates(...), "maps": level_maps(...)}``) and level: drawing without CoT
+    pooled over seeds with its 95% Wilson interval, each seed's value, understanding, and the maps."""
+    lines = [
+        "| recipe | level | seeds | drawing without CoT, pooled [95% CI] | per seed | understanding "
+        "| probe at <boi> (best layer) | probe at drawing positions "
+        "| lens: answer top-1 at <boi> (best layer) |",
+        "| --- | ---: | --- | ---: | --- | ---: | --- | --- | --- |",
+    ]
+    for name, runs in groups.items():
+        for level in (f"L{k}" for k in LEVELS):
+            rates = [r["rates"][level] for r in runs if level in r["rates"]]
+            if not rates:
+                continue
+            k = sum(round(x["drawing"] * x["n"]) for x in rates)
+            n = sum(x["n"] for x in rates)
+            lo, hi = wilson(k, n)
+            per_seed = " / ".join(f"{100 * x['drawing']:.0f}%" for x in rates)
+            und = " / ".join(f"{100 * x['understanding']:.0f}%" for x in rates)
+            maps = [r["maps"][level] for r in runs if level in r.get("maps", {})]
+
+            probe = {key: " / ".join(_probe_cell(m[key]) for m in maps) or "—" for key in PROBES}
+            lens = " / ".join(_lens_cell(m["lens_boi_top1"]) for m in maps) or "—"
+            lines.append(
+                f"| {name} | {level[1:]} | {', '.join(str(r['seed']) for r in runs)} | "
+                f"{100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%] | {per_seed} | {und} | "
+                f"{probe['probe_boi']} | {probe['probe_drawing']} | {lens} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _probe_cell(p: dict) -> str:
+    if p["accuracy"] is None:
+        return "too few items"
+    return f"{100 * p['accuracy']:.0f}% (L{p['layer']}{'' if p['readable'] else ', not above control'})"
+
+
+def _lens_cell(top1: dict) -> str:
+    layer, share = max(top1.items(), key=lambda kv: (kv[1], -int(kv[0])))  # ties: the earlier layer
+    return f"{100 * share:.0f}% (L{layer})"

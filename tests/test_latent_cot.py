@@ -1,0 +1,65 @@
+"""The latent-CoT experiment's analysis: Wilson intervals, per-level rates and maps, the pooled table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from uniprobe.experiments.sandbox import build_model
+from uniprobe.experiments.sandbox.latent_cot import drawing_rates, latent_cot_table, level_maps, wilson
+from uniprobe.experiments.tasks import Suite
+
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+
+def test_wilson_interval_matches_the_formula() -> None:
+    lo, hi = wilson(8, 40)
+    assert lo == pytest.approx(0.1050, abs=1e-3) and hi == pytest.approx(0.3466, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def _run(seed: int, draw: tuple[float, float, float]) -> dict:
+    gap = [
+        {"category": "arithmetic", "level": k + 1, "n": n, "understanding": 1.0, "generation": d}
+        for k, (n, d) in enumerate(zip((16, 40, 40), draw, strict=True))
+    ] + [{"category": "direct", "level": 1, "n": 60, "understanding": 0.95, "generation": 1.0}]
+    probe = {"layer": 2, "accuracy": 0.5, "readable": True}
+    maps = {
+        f"L{k}": {"probe_boi": probe, "probe_drawing": probe, "lens_boi_top1": {0: 0.1, 3: 0.4}}
+        for k in (2, 3)
+    }
+    maps["L1"] = {
+        "probe_boi": {"layer": None, "accuracy": None, "readable": False},
+        "probe_drawing": {"layer": None, "accuracy": None, "readable": False},
+        "lens_boi_top1": {0: 0.0},
+    }
+    return {"seed": seed, "rates": drawing_rates(gap), "maps": maps}
+
+
+def test_table_pools_seeds_with_intervals_and_shows_each_seed() -> None:
+    md = latent_cot_table({"latent-CoT": [_run(0, (0.5, 0.25, 0.1)), _run(1, (0.75, 0.35, 0.0))]})
+    lines = md.splitlines()
+    assert len(lines) == 2 + 3
+    level2 = next(line for line in lines if line.startswith("| latent-CoT | 2 |"))
+    # 10 + 14 of 80 drawings right: 30% [21-41%]
+    assert "| 30% [21–41%] | 25% / 35% |" in level2
+    assert "50% (L2) / 50% (L2)" in level2 and "40% (L3) / 40% (L3)" in level2
+    assert "too few items" in next(line for line in lines if line.startswith("| latent-CoT | 1 |"))
+
+
+def test_level_maps_on_a_tiny_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_model("ar", backbone=TINY).eval()
+    res = level_maps(model, Suite(0).items, tmp_path)
+    assert set(res) == {"L1", "L2", "L3"} and res["L2"]["n"] == 40
+    for level in ("L2", "L3"):  # enough items per answer for a grouped 3-fold probe
+        assert 0.0 <= res[level]["probe_boi"]["accuracy"] <= 1.0
+        assert set(res[level]["lens_boi_top1"]) == {0, 1}
+    assert json.loads((tmp_path / "maps.json").read_text())["L2"]["n"] == 40
