@@ -74,7 +74,10 @@ def level_maps(model: Any, items: Sequence[Item], out: str | Path) -> dict[str, 
                 rec[name] = {"layer": None, "accuracy": None, "readable": False, "skipped": str(err)}
                 continue
             top, ok = best_probe(res.rows)
-            rec[name] = {"layer": top["layer"], "accuracy": top["accuracy"], "readable": ok}
+            rec[name] = {
+                "layer": top["layer"], "accuracy": top["accuracy"], "readable": ok,
+                "ci": [top.get("ci_low"), top.get("ci_high")], "chance": top.get("chance"),
+            }  # fmt: skip
         inputs = adapter.prepare(model, sections.examples_of(chosen, "gen"), mode="generation")
         lens = logit_lens(
             model, inputs, [[tok[it.answer]] for it in chosen], adapter=adapter, roles=["text"], generate=True
@@ -138,7 +141,9 @@ def latent_cot_table(groups: dict[str, Sequence[dict]]) -> str:
 def _probe_cell(p: dict) -> str:
     if p["accuracy"] is None:
         return "too few items"
-    return f"{100 * p['accuracy']:.0f}% (L{p['layer']}{'' if p['readable'] else ', not above control'})"
+    ci = p.get("ci") or [None, None]
+    span = "" if ci[0] is None else f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]"
+    return f"{100 * p['accuracy']:.0f}%{span} (L{p['layer']}{'' if p['readable'] else ', not above control'})"
 
 
 def _lens_cell(top1: dict) -> str:
