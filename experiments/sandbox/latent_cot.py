@@ -149,3 +149,78 @@ def _probe_cell(p: dict) -> str:
 def _lens_cell(top1: dict) -> str:
     layer, share = max(top1.items(), key=lambda kv: (kv[1], -int(kv[0])))  # ties: the earlier layer
     return f"{100 * share:.0f}% (L{layer})"
+
+
+def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = None) -> dict:
+    """One trained checkpoint: arithmetic understanding and drawing without CoT per level (the gap
+    table's rows), :func:`level_maps`, and the demo's attention knockout of drawing → expression in the
+    run without CoT (:func:`uniprobe.experiments.demo_attention.run_attention`, level-2 items)."""
+    from uniprobe.experiments.demo_attention import run_attention
+    from uniprobe.experiments.sandbox.checkpoint import load_sandbox
+    from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table
+    from uniprobe.experiments.tasks.suite import Suite
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_sandbox(path, verify=False)  # a trial's checkpoint: its SHA256SUMS is its own
+    suite = Suite(0)
+    arith = [it for it in suite.items if it.category == "arithmetic"]
+    rows = gap_table(model, suite=suite, results=evaluate_items(model, arith, cot=False, progress=False))
+    recipe = model.training_recipe or {}
+    run = {
+        "checkpoint": str(path),
+        "seed": recipe.get("seed", seed),
+        "arch": model.arch,
+        "data": recipe.get("data"),
+        "rates": drawing_rates(rows),
+        "maps": level_maps(model, suite.items, out),
+    }
+    attn = run_attention(model, suite.items, model.arch, out)["direct_knockout"]
+    run["attention"] = {
+        "clean": attn["clean"],
+        "expression": attn["expression"],
+        "prompt": attn["whole prompt"],
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=1, default=float) + "\n")
+    return run
+
+
+def attention_lines(groups: dict[str, Sequence[dict]]) -> str:
+    """One line per run: the drawing's mean log p of the right tiles, clean and with the drawing →
+    expression edges knocked out at every layer at once (the last entry of the per-layer list)."""
+    lines = []
+    for name, runs in groups.items():
+        for r in runs:
+            a = r["attention"]
+            lines.append(
+                f"- {name}, seed {r['seed']}: log p of the right drawing {a['clean']:.2f}; drawing → "
+                f"expression knocked out at every layer {a['expression'][-1]:.2f}, the whole prompt "
+                f"{a['prompt'][-1]:.2f}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--group", nargs="+", action="append", required=True, metavar=("NAME", "CHECKPOINT"),
+        help="a recipe's name then its checkpoints (one per seed); repeat for the control",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", required=True, help="folder for latent-cot.json / latent-cot.md and each run's maps"
+    )
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    groups: dict[str, list[dict]] = {}
+    for name, *dirs in a.group:
+        groups[name] = [analyse_checkpoint(d, out / name / f"run-{k}") for k, d in enumerate(dirs)]
+    md = latent_cot_table(groups) + "\n" + attention_lines(groups)
+    (out / "latent-cot.json").write_text(json.dumps(groups, indent=1, default=float) + "\n")
+    (out / "latent-cot.md").write_text(md)
+    print(md, end="")
+
+
+if __name__ == "__main__":
+    main()
