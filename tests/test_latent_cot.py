@@ -63,3 +63,38 @@ def test_level_maps_on_a_tiny_model(tmp_path) -> None:
         assert 0.0 <= res[level]["probe_boi"]["accuracy"] <= 1.0
         assert set(res[level]["lens_boi_top1"]) == {0, 1}
     assert json.loads((tmp_path / "maps.json").read_text())["L2"]["n"] == 40
+
+
+@pytest.mark.slow  # two 2-step trainings, each analysed (gap rows, captures, probes, lens)
+def test_latent_cot_command_pools_recipes(tmp_path, capsys) -> None:
+    from uniprobe.experiments.sandbox.latent_cot import main
+    from uniprobe.experiments.sandbox.train import train_sandbox
+
+    dirs = []
+    for name, draw in (("lcot", 0.5), ("control", 0.0)):
+        d = tmp_path / name
+        data = {"taught_reasoning": 0, "reasoning_draw": draw}
+        train_sandbox("ar", d, steps=2, warmup=1, backbone=TINY, data=data, progress=False, threads=1)
+        dirs.append(d)
+    main(
+        [
+            "--group",
+            "latent-CoT",
+            str(dirs[0]),
+            "--group",
+            "control",
+            str(dirs[1]),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    md = (tmp_path / "o" / "latent-cot.md").read_text()
+    assert "| latent-CoT | 2 | 0 |" in md and "| control | 3 | 0 |" in md
+    assert "attention not traced" in md  # an untrained model understands no level-2 item
+    runs = json.loads((tmp_path / "o" / "latent-cot.json").read_text())
+    assert runs["latent-CoT"][0]["data"]["reasoning_draw"] == 0.5 and set(runs["control"][0]["rates"]) == {
+        "L1",
+        "L2",
+        "L3",
+    }
+    assert md in capsys.readouterr().out

@@ -175,12 +175,15 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
         "rates": drawing_rates(rows),
         "maps": level_maps(model, suite.items, out),
     }
-    attn = run_attention(model, suite.items, model.arch, out)["direct_knockout"]
-    run["attention"] = {
-        "clean": attn["clean"],
-        "expression": attn["expression"],
-        "prompt": attn["whole prompt"],
-    }
+    try:
+        attn = run_attention(model, suite.items, model.arch, out)["direct_knockout"]
+        run["attention"] = {
+            "clean": attn["clean"],
+            "expression": attn["expression"],
+            "prompt": attn["whole prompt"],
+        }
+    except ValueError as err:  # no level-2 item understood: nothing to trace
+        run["attention"] = {"skipped": str(err)}
     (out / "run.json").write_text(json.dumps(run, indent=1, default=float) + "\n")
     return run
 
@@ -192,6 +195,9 @@ def attention_lines(groups: dict[str, Sequence[dict]]) -> str:
     for name, runs in groups.items():
         for r in runs:
             a = r["attention"]
+            if "skipped" in a:
+                lines.append(f"- {name}, seed {r['seed']}: attention not traced ({a['skipped']})")
+                continue
             lines.append(
                 f"- {name}, seed {r['seed']}: log p of the right drawing {a['clean']:.2f}; drawing → "
                 f"expression knocked out at every layer {a['expression'][-1]:.2f}, the whole prompt "
