@@ -49,9 +49,20 @@ def test_table_pools_seeds_with_intervals_and_shows_each_seed() -> None:
     assert len(lines) == 2 + 3
     level2 = next(line for line in lines if line.startswith("| latent-CoT | 2 |"))
     # 10 + 14 of 80 drawings right: 30% [21-41%]
-    assert "| 30% [21–41%] | 25% / 35% |" in level2
+    assert "| 30% [21–41%] | 25% / 35% | — / — |" in level2
     assert "50% (L2) / 50% (L2)" in level2 and "40% (L3) / 40% (L3)" in level2
     assert "too few items" in next(line for line in lines if line.startswith("| latent-CoT | 1 |"))
+
+
+def test_chance_at_the_models_own_counts() -> None:
+    from uniprobe.experiments.tasks import Suite, world
+
+    items = [it for it in Suite(0).items if it.category == "arithmetic" and it.level == 2][:4]
+    grid = world.count_grid(2, world.TILE_ID["red_cup"])  # every drawing has 2 objects
+    results = [{"id": it.id, "category": "arithmetic", "level": 2, "grid": grid} for it in items]
+    gap = [{"category": "arithmetic", "level": 2, "n": 4, "understanding": 1.0, "generation": 0.0}]
+    share_of_2 = sum(it.answer == "2" for it in items) / 4  # a constant drawer of 2 scores this
+    assert drawing_rates(gap, results, items)["L2"]["chance"] == pytest.approx(share_of_2)
 
 
 def test_level_maps_on_a_tiny_model(tmp_path) -> None:

@@ -96,13 +96,30 @@ def level_maps(model: Any, items: Sequence[Item], out: str | Path) -> dict[str, 
     return result
 
 
-def drawing_rates(gap_rows: Sequence[dict]) -> dict[str, dict]:
-    """``{"L1": {"n", "understanding", "drawing"}, ...}`` from a gap table's arithmetic rows."""
+def drawing_rates(gap_rows: Sequence[dict], results: Sequence[dict] = (), items: Sequence[Item] = ()) -> dict:
+    """``{"L1": {"n", "understanding", "drawing", "chance"}, ...}`` from a gap table's arithmetic rows.
+
+    ``chance`` (given the per-item ``results`` of
+    :func:`~uniprobe.experiments.sandbox.evaluate.evaluate_items` and their ``items``): the rate a
+    drawer with the same distribution of drawn counts would reach if its counts were unrelated to
+    the expressions, ``Σ_k P(drawn = k) · P(answer = k)``: the baseline a model that draws varied
+    counts without computing them must beat (a blind uniform guess: 20%).
+    """
+    from uniprobe.experiments.tasks import world
+
     out = {}
     for r in gap_rows:
         if r["category"] == "arithmetic":
             rate = {"n": r["n"], "understanding": r["understanding"], "drawing": r["generation"]}
             out[f"L{r['level']}"] = rate
+    answer = {it.id: int(it.answer) for it in items}
+    for level, rate in out.items():
+        rows = [x for x in results if x["category"] == "arithmetic" and f"L{x['level']}" == level]
+        if rows and all(x["id"] in answer for x in rows):
+            drawn = np.array([int((np.asarray(x["grid"]) != world.EMPTY).sum()) for x in rows])
+            truth = np.array([answer[x["id"]] for x in rows])
+            counts = set(drawn) | set(truth)
+            rate["chance"] = float(sum(np.mean(drawn == k) * np.mean(truth == k) for k in counts))
     return out
 
 
@@ -111,10 +128,11 @@ def latent_cot_table(groups: dict[str, Sequence[dict]]) -> str:
     ``{"seed", "rates": drawing_rates(...), "maps": level_maps(...)}``) and level: drawing without CoT
     pooled over seeds with its 95% Wilson interval, each seed's value, understanding, and the maps."""
     lines = [
-        "| recipe | level | seeds | drawing without CoT, pooled [95% CI] | per seed | understanding "
+        "| recipe | level | seeds | drawing without CoT, pooled [95% CI] | per seed "
+        "| chance at its own counts | understanding "
         "| probe at <boi> (best layer) | probe at drawing positions "
         "| lens: answer top-1 at <boi> (best layer) |",
-        "| --- | ---: | --- | ---: | --- | ---: | --- | --- | --- |",
+        "| --- | ---: | --- | ---: | --- | --- | ---: | --- | --- | --- |",
     ]
     for name, runs in groups.items():
         for level in (f"L{k}" for k in LEVELS):
@@ -126,13 +144,14 @@ def latent_cot_table(groups: dict[str, Sequence[dict]]) -> str:
             lo, hi = wilson(k, n)
             per_seed = " / ".join(f"{100 * x['drawing']:.0f}%" for x in rates)
             und = " / ".join(f"{100 * x['understanding']:.0f}%" for x in rates)
+            chance = " / ".join(f"{100 * x['chance']:.0f}%" if "chance" in x else "—" for x in rates)
             maps = [r["maps"][level] for r in runs if level in r.get("maps", {})]
 
             probe = {key: " / ".join(_probe_cell(m[key]) for m in maps) or "—" for key in PROBES}
             lens = " / ".join(_lens_cell(m["lens_boi_top1"]) for m in maps) or "—"
             lines.append(
                 f"| {name} | {level[1:]} | {', '.join(str(r['seed']) for r in runs)} | "
-                f"{100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%] | {per_seed} | {und} | "
+                f"{100 * k / n:.0f}% [{100 * lo:.0f}–{100 * hi:.0f}%] | {per_seed} | {chance} | {und} | "
                 f"{probe['probe_boi']} | {probe['probe_drawing']} | {lens} |"
             )
     return "\n".join(lines) + "\n"
@@ -165,14 +184,15 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
     model = load_sandbox(path, verify=False)  # a trial's checkpoint: its SHA256SUMS is its own
     suite = Suite(0)
     arith = [it for it in suite.items if it.category == "arithmetic"]
-    rows = gap_table(model, suite=suite, results=evaluate_items(model, arith, cot=False, progress=False))
+    results = evaluate_items(model, arith, cot=False, progress=False)
+    rows = gap_table(model, suite=suite, results=results)
     recipe = model.training_recipe or {}
     run = {
         "checkpoint": str(path),
         "seed": recipe.get("seed", seed),
         "arch": model.arch,
         "data": recipe.get("data"),
-        "rates": drawing_rates(rows),
+        "rates": drawing_rates(rows, results, arith),
         "maps": level_maps(model, suite.items, out),
     }
     try:
