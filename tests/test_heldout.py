@@ -153,7 +153,12 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0
     row = format_trials(log).splitlines()[2]
-    assert row.startswith("| tiny | arith_heavy | 1 | ") and row.count("%") == 11
+    assert row.startswith("| tiny | arith_heavy | 1 | ") and row.count("%") == 12
+    from uniprobe.experiments.sandbox.trials import mix_cell
+
+    data = {"mix": "reasoning_wide", "wide_level1": True, "mapping_warmup": 100, "reasoning_draw": 0.15}
+    want = "reasoning_wide + level 1 over 0-9 + 100 mapping questions first + 15% level-1 drawings"
+    assert mix_cell(data) == want
 
 
 def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite) -> None:

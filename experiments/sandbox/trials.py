@@ -108,6 +108,7 @@ def format_trials(log: str | Path) -> str:
         "draw arith L3",
         "draw count",
         "draw portrait",
+        "und count",
     ]
     lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
     for line in Path(log).read_text().splitlines():
@@ -115,7 +116,7 @@ def format_trials(log: str | Path) -> str:
         sc = r["scores"]
         cells = [
             r["name"],
-            r["data"]["mix"],
+            mix_cell(r["data"]),
             str(r.get("steps_done", r["steps"])),
             f"{r['train_s'] / 60:.0f}",
         ]
@@ -123,6 +124,19 @@ def format_trials(log: str | Path) -> str:
         cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in head[4 + len(levels) :]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def mix_cell(data: dict) -> str:
+    """The QA mix and the options a trial added to it (``wide_level1``, ``mapping_warmup``,
+    ``reasoning_draw``), as the trials table shows them."""
+    parts = [data["mix"]]
+    if data.get("wide_level1"):
+        parts.append("level 1 over 0-9")
+    if data.get("mapping_warmup"):
+        parts.append(f"{data['mapping_warmup']} mapping questions first")
+    if data.get("reasoning_draw"):
+        parts.append(f"{100 * data['reasoning_draw']:.0f}% level-1 drawings")
+    return " + ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
