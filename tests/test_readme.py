@@ -146,7 +146,7 @@ def test_readme_runs_verbatim_from_outside_the_repository(tmp_path: Path) -> Non
     assert "torch.Size([1, 8, 128]) 3" in printed  # the quickstart: shape and the model's answer to 2 + 1
     assert "'role': 'text'" in printed and "'control':" in printed  # the probes example's best probe
     assert "torch.Size([1, 4, 8])" in printed  # its patching grid: [kind, layer, position]
-    assert "sweep 'unisandbox'" in printed and "6 runs" in printed
+    assert "sweep 'unisandbox'" in printed and "9 runs" in printed
     missing = [f for f in EXPECT_FILES if not (tmp_path / f).exists()]
     assert not missing, f"README steps did not write {missing}"
 
