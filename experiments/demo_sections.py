@@ -257,7 +257,8 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
     ``resid_pre`` of every layer at the positions ``align_fn(model, source, target, src)`` pairs up.
 
     Returns:
-        ``grid`` ``[layers][columns]`` mean normalised effect (0: the target run, 1: the clean run),
+        ``grid`` ``[layers][columns]`` normalised effect of the pairs' mean metric (0: the mean target
+        run, 1: the mean clean run; a ratio of means, robust to a pair whose runs nearly agree),
         ``columns`` (what each position is), ``tokens`` (the first pair's tokens there, for the
         figure), ``source_prompt`` (the first pair's), ``layers``, mean ``clean`` / ``corrupted``
         metric values, the pair ids, the metric.
@@ -285,18 +286,22 @@ def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: A
             metric = GridLogProb(src.target)
         sites = align.sites(adapter.n_layers(model), kinds=("resid_pre",))
         res = patch_across(model, source, target, sites, metric, clean_target=clean, adapter=adapter)
-        grids.append(res.as_grid()[0].numpy())
+        grids.append(res.as_grid(normalised=False)[0].numpy())
         clean_v.append(res.clean)
         corrupted_v.append(res.corrupted)
-    mean = np.nanmean(np.stack(grids), axis=0)
+    # a ratio of means: the pairs' mean patched metric against their mean clean and corrupted values.
+    # (A mean of per-pair normalised effects is ill-conditioned: one pair whose clean and corrupted
+    # runs nearly agree divides by ~0 and swamps the rest — seen on a sandbox-mot seed, 25186.)
+    clean_mean, corrupted_mean = float(np.mean(clean_v)), float(np.mean(corrupted_v))
+    mean = (np.nanmean(np.stack(grids), axis=0) - corrupted_mean) / (clean_mean - corrupted_mean)
     return {
         "grid": mean.tolist(),
         "columns": labels,
         "tokens": tokens,
         "source_prompt": str(getattr(pairs[0][0].und_prompt, "text", pairs[0][0].und_prompt)),
         "layers": list(range(mean.shape[0])),
-        "clean": float(np.mean(clean_v)),
-        "corrupted": float(np.mean(corrupted_v)),
+        "clean": clean_mean,
+        "corrupted": corrupted_mean,
         "pairs": [(s.id, d.id) for s, d in pairs],
         "metric": "mean log p of drawing the understood answer",
     }
