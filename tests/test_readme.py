@@ -40,9 +40,9 @@ SKIP: dict[str, str] = {
 
 # commands over a minute (measured on the project's 2-core machine, idle-ish) -> the slow test
 SLOW: dict[str, str] = {
-    "uniprobe gap     --model sandbox-ar --out artifacts/gap-ar": "~1 min",
-    "uniprobe seeds gapeval --model sandbox-ar --out artifacts/gapeval-ar": "~1.5 min",
-    "uniprobe seeds r3      --model sandbox-ar --out artifacts/r3-ar": "~1.2 min",
+    "uniprobe gap     --model sandbox-ar --out artifacts/gap-ar": "~30 s idle, ~1 min under load",
+    "uniprobe seeds gapeval --model sandbox-ar --out artifacts/gapeval-ar": "~10 s idle, ~1.5 min under load",
+    "uniprobe seeds r3      --model sandbox-ar --out artifacts/r3-ar": "~10 s idle, ~1.2 min under load",
     "uniprobe sweep unisandbox": "~30 s (three models; a fresh folder: nothing of the fast run's)",
 }
 # commands of several minutes each: together they would more than double `make test` (goal: well
