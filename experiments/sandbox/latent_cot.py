@@ -18,7 +18,6 @@ computed inside the drawing run:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from uniprobe.experiments.tasks.prompts import Item
+from uniprobe.hooks.jsonio import write_json
 
 LEVELS = (1, 2, 3)
 PROBES = ("probe_boi", "probe_drawing")
@@ -43,8 +43,8 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def level_maps(model: Any, items: Sequence[Item], out: str | Path) -> dict[str, dict]:
     """Per arithmetic level of ``items``: the best probe layer/accuracy of the answer in the drawing run
-    at ``<boi>`` and at the drawing positions, and the logit lens's first layer where the answer word is
-    the top token at ``<boi>`` (share of items). Returns ``{"L1": {...}, ...}``; writes ``maps.json``."""
+    at ``<boi>`` and at the drawing positions, and per layer the share of items whose answer word is the
+    logit lens's top token at ``<boi>``. Returns ``{"L1": {...}, ...}``; writes ``maps.json``."""
     from uniprobe.experiments import demo_sections as sections
     from uniprobe.experiments.demo_text import best_probe
     from uniprobe.hooks.adapters import adapter_for
@@ -82,9 +82,7 @@ def level_maps(model: Any, items: Sequence[Item], out: str | Path) -> dict[str, 
         lens = logit_lens(
             model, inputs, [[tok[it.answer]] for it in chosen], adapter=adapter, roles=["text"], generate=True
         )
-        last: dict[int, int] = {}  # each example's last prompt position: <boi>, where drawing begins
-        for r in lens.rows:
-            last[r["example"]] = max(last.get(r["example"], -1), r["pos"])
+        last = sections._last_text_positions(lens.rows)  # each example's <boi>, where drawing begins
         top1 = [r for r in lens.rows if r["lens"] == "logit" and r["pos"] == last[r["example"]]]
         by_layer = {
             layer: float(np.mean([r["rank"] == 1 for r in top1 if r["layer"] == layer]))
@@ -92,7 +90,7 @@ def level_maps(model: Any, items: Sequence[Item], out: str | Path) -> dict[str, 
         }
         rec["lens_boi_top1"] = by_layer
         result[f"L{level}"] = rec
-    (out / "maps.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    write_json(out / "maps.json", result)
     return result
 
 
@@ -204,7 +202,7 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
         }
     except ValueError as err:  # no level-2 item understood: nothing to trace
         run["attention"] = {"skipped": str(err)}
-    (out / "run.json").write_text(json.dumps(run, indent=1, default=float) + "\n")
+    write_json(out / "run.json", run)
     return run
 
 
@@ -243,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, *dirs in a.group:
         groups[name] = [analyse_checkpoint(d, out / name / f"run-{k}") for k, d in enumerate(dirs)]
     md = latent_cot_table(groups) + "\n" + attention_lines(groups)
-    (out / "latent-cot.json").write_text(json.dumps(groups, indent=1, default=float) + "\n")
+    write_json(out / "latent-cot.json", groups)
     (out / "latent-cot.md").write_text(md)
     print(md, end="")
 

@@ -11,13 +11,13 @@ generation patching map) and ``summarize_seeds`` reports every number as mean an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from uniprobe.experiments.tasks.prompts import Item
+from uniprobe.hooks.jsonio import write_json
 
 GAP_METRICS: tuple[str, ...] = ("understanding", "generation", "generation_cot")
 
@@ -60,7 +60,7 @@ def seed_run(
     layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
     peak = {"effect": float(grid[layer, col]), "layer": int(layer), "column": patch["columns"][col]}
     rec = {"seed": seed, "dir": str(d), "gap": rows, "probe_best": best, "patch_peak": peak}
-    (d / "seed.json").write_text(json.dumps(rec, indent=1, default=float) + "\n")
+    write_json(d / "seed.json", rec)
     return rec
 
 
@@ -153,6 +153,6 @@ def seeds_report(arch: str, seeds: Sequence[int], out: str | Path, **kw: Any) ->
     summary = summarize_seeds(runs)
     summary["arch"] = arch
     summary["runs"] = runs
-    Path(out, "seeds.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    write_json(Path(out, "seeds.json"), summary)
     Path(out, "seeds.md").write_text(format_seed_table(summary, title=f"sandbox-{arch} over seeds"))
     return summary
