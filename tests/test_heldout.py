@@ -98,6 +98,22 @@ def test_mapping_warmup_opens_the_stream_with_mapping_questions_of_growing_hops(
     assert any(ex.answer is not None and " ; what is " not in ex.prompt.text for ex in after)
 
 
+def test_arith_warmup_opens_the_stream_with_held_out_safe_arithmetic_of_every_level(suite: Suite) -> None:
+    exprs, _ = held_out_sets(suite)
+    first = list(itertools.islice(suite.training_examples(0, taught_reasoning=0, arith_warmup=300), 300))
+    assert all(ex.answer is not None and not ex.prefix for ex in first)
+    parsed = [reasoning_parts(ex.prompt.text)[0] for ex in first]
+    assert None not in parsed and not set(parsed) & exprs
+    assert all(int(gen_value(e)) == int(ex.answer) for e, ex in zip(parsed, first, strict=True))
+    assert {len(e.split()) // 2 for e in parsed} == {1, 2, 3}  # levels 1-3 in turn
+    wide = [reasoning_parts(ex.prompt.text)[0] for ex in itertools.islice(
+        suite.training_examples(0, taught_reasoning=0, arith_warmup=300, wide_level1=True), 300)]  # fmt: skip
+    assert max(int(gen_value(e)) for e in wide if len(e.split()) == 3) > 5  # level 1 over 0-9
+    stream = suite.training_examples(0, taught_reasoning=0, arith_warmup=300, mapping_warmup=30)
+    after = list(itertools.islice(stream, 300, 330))  # then the mapping warm-up, then the mix
+    assert all(" ; what is " in ex.prompt.text for ex in after)
+
+
 def test_rule_sets_are_held_out_in_either_chain_order(suite: Suite) -> None:
     statements = next(iter(suite.mapping_test_statements))
     parts = statements.split(" , ")
@@ -158,6 +174,9 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
 
     data = {"mix": "reasoning_wide", "wide_level1": True, "mapping_warmup": 100, "reasoning_draw": 0.15}
     want = "reasoning_wide + level 1 over 0-9 + 100 mapping questions first + 15% level-1 drawings"
+    assert mix_cell(data) == want
+    data = {"mix": "reasoning_wide", "arith_warmup": 640}
+    want = "reasoning_wide + 640 arithmetic questions first"
     assert mix_cell(data) == want
 
 

@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,12 +236,15 @@ def fit(
     max_tokens: int | None = None,
     desc: str = "train",
     weight_decay: float = 0.01,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """The training loop shared by pre-training and the protocols' fine-tuning.
 
     AdamW (betas 0.9/0.98) with :func:`lr_at`'s warmup + cosine schedule, gradient clipping at 1,
     ``batch_size`` examples of ``stream`` per step. Returns the logged records (also appended to
     ``log_path`` as JSON lines: step, loss, text/image loss, lr, seconds). Leaves ``model`` in eval mode.
+    ``after_step(step)`` runs after each optimiser step (a learning curve's evaluations); if it puts the
+    model in eval mode, training mode is restored before the next step.
     """
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
@@ -279,6 +282,9 @@ def fit(
             if log_path is not None:
                 with Path(log_path).open("a") as f:
                     f.write(json.dumps(rec) + "\n")
+        if after_step is not None:
+            after_step(step)
+            model.train()
         if stop:
             break
     model.eval()

@@ -127,11 +127,13 @@ def format_trials(log: str | Path) -> str:
 
 
 def mix_cell(data: dict) -> str:
-    """The QA mix and the options a trial added to it (``wide_level1``, ``mapping_warmup``,
-    ``reasoning_draw``), as the trials table shows them."""
+    """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup``,
+    ``mapping_warmup``, ``reasoning_draw``), as the trials table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")
+    if data.get("arith_warmup"):
+        parts.append(f"{data['arith_warmup']} arithmetic questions first")
     if data.get("mapping_warmup"):
         parts.append(f"{data['mapping_warmup']} mapping questions first")
     if data.get("reasoning_draw"):

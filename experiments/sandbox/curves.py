@@ -1,0 +1,144 @@
+"""Learning curves of one reasoning task trained alone: is it learnable by the sandbox backbone, and how fast?
+
+Issue 18's recipe trials train arithmetic and mapping inside the full mix; when a task stays at chance
+there, this asks the simpler question first: trained *alone* (the whole stream is
+``Suite.training_examples``' warm-up of that task: ``arith_warmup`` or ``mapping_warmup``, so the
+held-out test expressions and rule sets still occur nowhere), does held-out understanding rise, and
+after how many steps? Every ``every`` steps the model answers the suite's held-out test questions
+(arithmetic per level; mapping per level as A/B pairs, right only when both variants are, and per
+prompt) and one JSON line is appended to ``curve.jsonl``::
+
+    python -m uniprobe.experiments.sandbox.curves --task mapping --steps 3200 --every 400 --out DIR
+
+One thread, no time budget: deterministic for a seed. The schedule is :func:`train.fit`'s (warm-up,
+then one cosine decay over ``steps``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from uniprobe.experiments.sandbox.checkpoint import build_model
+from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.tasks.suite import Suite
+from uniprobe.hooks.errors import UsageError
+
+TASKS = ("arith", "mapping")
+
+
+def heldout_understanding(model, suite: Suite) -> dict[str, float]:
+    """Greedy text answers to the held-out arithmetic and mapping questions of ``suite``.
+
+    Returns ``{"arith L1": acc, ..., "mapping L1": pair acc, ..., "mapping L1 prompts": acc, ...}``
+    (fractions in [0, 1]; a mapping pair counts when both its A and B questions are answered right).
+    """
+    items = [it for it in suite.items if it.category in ("arithmetic", "mapping")]
+    answers = model.understand([it.question for it in items])
+    right: dict[str, list[bool]] = defaultdict(list)
+    pairs: dict[str, list[bool]] = defaultdict(list)
+    for it, a in zip(items, answers, strict=True):
+        ok = a.strip() == it.answer
+        if it.category == "arithmetic":
+            right[f"arith L{it.level}"].append(ok)
+        else:
+            right[f"mapping L{it.level} prompts"].append(ok)
+            pairs[it.group].append(ok)
+    for group, oks in pairs.items():
+        right[f"mapping L{group.split('-')[1][1:]}"].append(all(oks))
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())}
+
+
+def learning_curve(
+    task: str,
+    steps: int,
+    every: int,
+    out: str | Path,
+    arch: str = "ar",
+    seed: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    threads: int | None = 1,
+    backbone: dict | None = None,
+    wide_level1: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Train a fresh ``arch`` model on ``task`` alone for ``steps`` steps; every ``every`` steps (and at
+    the end) append ``{"step", "loss", "seconds", **heldout_understanding}`` to ``out/curve.jsonl``.
+
+    ``task``: ``"arith"`` (levels 1-3 in turn; level 1 over every digit value with ``wide_level1``) or
+    ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after).
+    """
+    if task not in TASKS:
+        raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    if arch not in ("ar", "query"):
+        raise UsageError(f"learning curves train sandbox-ar or sandbox-query from scratch, not {arch!r}")
+    d = DEFAULTS[arch]
+    seed = d["seed"] if seed is None else seed
+    batch_size = batch_size or d["batch_size"]
+    lr = lr or d["lr"]
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    suite = Suite(0)
+    model = build_model(arch, backbone=backbone)
+    n = steps * batch_size
+    warm = {"arith_warmup": n} if task == "arith" else {"mapping_warmup": n}
+    stream = suite.training_examples(seed, taught_reasoning=0, wide_level1=wide_level1, **warm)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "curve.jsonl"
+    path.write_text("")
+    recipe = {"task": task, "arch": arch, "seed": seed, "steps": steps, "lr": lr, "batch_size": batch_size,
+              "backbone": backbone, "wide_level1": wide_level1}  # fmt: skip
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    rows: list[dict] = []
+    log_path = out / "train_log.jsonl"  # fit logs every step; an evaluation quotes the last loss
+    t0 = time.time()
+
+    def after_step(step: int) -> None:
+        if (step + 1) % every and step != steps - 1:
+            return
+        model.eval()
+        last = json.loads(log_path.read_text().splitlines()[-1])
+        row = {"step": step + 1, "loss": last["loss"], "seconds": round(time.time() - t0, 1)}
+        row.update(heldout_understanding(model, suite))
+        rows.append(row)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    fit(
+        model, stream, steps, lr, batch_size, log_path=log_path, log_every=1, progress=progress,
+        desc=f"curve {task}", after_step=after_step,
+    )  # fmt: skip
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--every", type=int, default=400, help="evaluate every this many steps")
+    p.add_argument("--out", required=True, help="folder for curve.jsonl, recipe.json and train_log.jsonl")
+    p.add_argument("--arch", default="ar", choices=("ar", "query"))
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backbone", default=None, help="JSON: backbone config overrides")
+    a = p.parse_args(argv)
+    rows = learning_curve(
+        a.task, a.steps, a.every, a.out, arch=a.arch, seed=a.seed, lr=a.lr, threads=a.threads,
+        backbone=json.loads(a.backbone) if a.backbone else None,
+    )  # fmt: skip
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

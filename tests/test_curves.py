@@ -1,0 +1,51 @@
+"""Learning curves of one reasoning task trained alone (``experiments/sandbox/curves.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from uniprobe.experiments.sandbox import build_model
+from uniprobe.experiments.sandbox.curves import heldout_understanding, learning_curve, main
+from uniprobe.experiments.tasks import Suite
+from uniprobe.hooks.errors import UsageError
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2}  # fmt: skip
+
+
+class Oracle:
+    """Answers every held-out question right except those listed (the scoring's reference)."""
+
+    def __init__(self, suite: Suite, wrong: set[str]) -> None:
+        self.answers = {it.question: it.answer for it in suite.items}
+        self.wrong = wrong
+
+    def understand(self, questions):
+        return [("9" if q in self.wrong else self.answers[q]) for q in questions]
+
+
+def test_heldout_understanding_scores_levels_and_mapping_pairs() -> None:
+    suite = Suite(0)
+    mapping = [it for it in suite.items if it.category == "mapping" and it.level == 2]
+    arith = [it for it in suite.items if it.category == "arithmetic" and it.level == 1]
+    wrong = {mapping[0].question, mapping[2].question, arith[0].question}  # one variant of two pairs
+    scores = heldout_understanding(Oracle(suite, wrong), suite)
+    assert scores["mapping L2"] == round(18 / 20, 4) and scores["mapping L2 prompts"] == round(38 / 40, 4)
+    assert scores["mapping L1"] == scores["mapping L3"] == 1.0
+    assert scores["arith L1"] == round(15 / 16, 4) and scores["arith L2"] == scores["arith L3"] == 1.0
+    m = build_model("ar", backbone=TINY).eval()  # a real model's answers go through the same scoring
+    assert set(heldout_understanding(m, suite)) == set(scores)
+
+
+def test_a_curve_logs_held_out_scores_every_few_steps(tmp_path, capsys) -> None:
+    rows = learning_curve("arith", 3, 2, tmp_path, backbone=TINY, batch_size=4, progress=False)
+    assert [r["step"] for r in rows] == [2, 3]  # every 2 steps and at the end
+    lines = [json.loads(x) for x in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    assert lines == rows and all(0.0 <= r["arith L1"] <= 1.0 and r["loss"] > 0 for r in rows)
+    assert json.loads((tmp_path / "recipe.json").read_text())["task"] == "arith"
+    main(["--task", "mapping", "--steps", "1", "--every", "1", "--out", str(tmp_path / "m"),
+          "--backbone", json.dumps(TINY)])  # fmt: skip
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 1
+    with pytest.raises(UsageError, match="unknown task"):
+        learning_curve("facts", 1, 1, tmp_path)
