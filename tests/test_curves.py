@@ -47,5 +47,7 @@ def test_a_curve_logs_held_out_scores_every_few_steps(tmp_path, capsys) -> None:
     main(["--task", "mapping", "--steps", "1", "--every", "1", "--out", str(tmp_path / "m"),
           "--backbone", json.dumps(TINY)])  # fmt: skip
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 1
+    one_hop = learning_curve("mapping1", 2, 2, tmp_path / "m1", backbone=TINY, batch_size=4, progress=False)
+    assert one_hop[-1]["step"] == 2
     with pytest.raises(UsageError, match="unknown task"):
         learning_curve("facts", 1, 1, tmp_path)

@@ -4,9 +4,9 @@ Issue 18's recipe trials train arithmetic and mapping inside the full mix; when 
 there, this asks the simpler question first: trained *alone* (the whole stream is
 ``Suite.training_examples``' warm-up of that task: ``arith_warmup`` or ``mapping_warmup``, so the
 held-out test expressions and rule sets still occur nowhere), does held-out understanding rise, and
-after how many steps? Every ``every`` steps the model answers the suite's held-out test questions
-(arithmetic per level; mapping per level as A/B pairs, right only when both variants are, and per
-prompt) and one JSON line is appended to ``curve.jsonl``::
+after how many steps? (``mapping1`` trains one-hop rule sets only.) Every ``every`` steps the model
+answers the suite's held-out test questions (arithmetic per level; mapping per level as A/B pairs,
+right only when both variants are, and per prompt) and one JSON line is appended to ``curve.jsonl``::
 
     python -m uniprobe.experiments.sandbox.curves --task mapping --steps 3200 --every 400 --out DIR
 
@@ -28,7 +28,7 @@ from uniprobe.experiments.sandbox.train import DEFAULTS, fit
 from uniprobe.experiments.tasks.suite import Suite
 from uniprobe.hooks.errors import UsageError
 
-TASKS = ("arith", "mapping")
+TASKS = ("arith", "mapping", "mapping1")
 
 
 def heldout_understanding(model, suite: Suite) -> dict[str, float]:
@@ -71,7 +71,8 @@ def learning_curve(
     the end) append ``{"step", "loss", "seconds", **heldout_understanding}`` to ``out/curve.jsonl``.
 
     ``task``: ``"arith"`` (levels 1-3 in turn; level 1 over every digit value with ``wide_level1``) or
-    ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after).
+    ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after)
+    or ``"mapping1"`` (one hop only: the first third of a warm-up three times the run's length).
     """
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
@@ -87,7 +88,11 @@ def learning_curve(
     suite = Suite(0)
     model = build_model(arch, backbone=backbone)
     n = steps * batch_size
-    warm = {"arith_warmup": n} if task == "arith" else {"mapping_warmup": n}
+    warm = {
+        "arith": {"arith_warmup": n},
+        "mapping": {"mapping_warmup": n},
+        "mapping1": {"mapping_warmup": 3 * n},
+    }[task]
     stream = suite.training_examples(seed, taught_reasoning=0, wide_level1=wide_level1, **warm)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
