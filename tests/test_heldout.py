@@ -180,6 +180,25 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert mix_cell(data) == want
 
 
+def test_level1_misses_ask_each_held_out_expression_as_is_and_with_plus_zero(suite: Suite) -> None:
+    from uniprobe.experiments.sandbox.trials import level1_misses
+
+    class Computes:  # right on every level-2 form, wrong on the level-1 form of subtractions
+        def understand(self, questions):
+            out = []
+            for q in questions:
+                expr = q[len("what is ") : -2]
+                wrong = " + 0" not in expr and " - " in expr
+                out.append("0" if wrong else str(int(gen_value(expr))) if "*" not in expr else "7")
+            return out
+
+    misses = level1_misses(Computes(), suite)
+    subtractions = [e for e, _ in suite.arith_test[1] if " - " in e and gen_value(e) != 0]
+    assert [e for e, _ in misses["as level 1"]] == [e for e, _ in suite.arith_test[1] if e in subtractions
+                                                    or "*" in e]  # fmt: skip
+    assert [e for e, _ in misses["with + 0"]] == [e for e, _ in suite.arith_test[1] if "*" in e]
+
+
 def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite) -> None:
     from uniprobe.experiments.tasks import world
 

@@ -93,6 +93,18 @@ def run_trial(
     return rec
 
 
+def level1_misses(model, suite: Suite) -> dict[str, list[list[str]]]:
+    """The held-out level-1 expressions ``model`` answers wrong, asked as they are ("what is 6 - 1 ?")
+    and in level-2 form ("what is 6 - 1 + 0 ?"): ``{"as level 1": [[expr, answer], ...],
+    "with + 0": [...]}``. Tells a level-1 fact looked up from one computed like level 2."""
+    test = suite.arith_test[1]
+    out = {}
+    for form, tail in (("as level 1", ""), ("with + 0", " + 0")):
+        answers = model.understand([f"what is {e}{tail} ?" for e, _ in test])
+        out[form] = [[e, a] for (e, v), a in zip(test, answers, strict=True) if a.strip() != str(v)]
+    return out
+
+
 def format_trials(log: str | Path) -> str:
     """Markdown table of every trial in ``log``: recipe, steps done, wall time, held-out understanding
     per level, drawing without CoT per arithmetic level (latent-CoT) and direct drawing; "—": not measured."""
@@ -147,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", default="ar")
     p.add_argument("--steps", type=int, help="training steps (required unless --table)")
     p.add_argument("--table", action="store_true", help="print the log's trials as markdown and stop")
+    p.add_argument(
+        "--level1", nargs="+", metavar="CHECKPOINT",
+        help="print each checkpoint's misses on held-out level 1, as asked and with ' + 0', and stop",
+    )  # fmt: skip
     p.add_argument("--data", default="{}", help="JSON: overrides of the arch's data mix")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -160,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.table:
         print(format_trials(a.log), end="")
+        return
+    if a.level1:
+        from uniprobe.experiments.sandbox import load_sandbox
+
+        for ck in a.level1:
+            print(json.dumps({"checkpoint": ck, **level1_misses(load_sandbox(ck), Suite(0))}))
         return
     if a.name is None or a.steps is None:
         p.error("--name and --steps are required to run a trial")
