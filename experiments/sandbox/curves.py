@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from uniprobe.experiments.sandbox.checkpoint import build_model
+from uniprobe.experiments.sandbox.evaluate import gap_table
 from uniprobe.experiments.sandbox.train import DEFAULTS, fit
 from uniprobe.experiments.tasks.suite import Suite
 from uniprobe.hooks.errors import UsageError
+from uniprobe.hooks.jsonio import write_json
 
 TASKS = ("arith", "mapping", "mapping1")
 
@@ -35,22 +36,23 @@ def heldout_understanding(model, suite: Suite) -> dict[str, float]:
     """Greedy text answers to the held-out arithmetic and mapping questions of ``suite``.
 
     Returns ``{"arith L1": acc, ..., "mapping L1": pair acc, ..., "mapping L1 prompts": acc, ...}``
-    (fractions in [0, 1]; a mapping pair counts when both its A and B questions are answered right).
+    (fractions in [0, 1]; a mapping pair counts when both its A and B questions are answered right,
+    aggregated by :func:`~uniprobe.experiments.sandbox.evaluate.gap_table` as in the gap table).
     """
     items = [it for it in suite.items if it.category in ("arithmetic", "mapping")]
-    answers = model.understand([it.question for it in items])
-    right: dict[str, list[bool]] = defaultdict(list)
-    pairs: dict[str, list[bool]] = defaultdict(list)
-    for it, a in zip(items, answers, strict=True):
-        ok = a.strip() == it.answer
-        if it.category == "arithmetic":
-            right[f"arith L{it.level}"].append(ok)
-        else:
-            right[f"mapping L{it.level} prompts"].append(ok)
-            pairs[it.group].append(ok)
-    for group, oks in pairs.items():
-        right[f"mapping L{group.split('-')[1][1:]}"].append(all(oks))
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(right.items())}
+    answers = model.understand([it.question for it in items])  # no images in these items
+    results = [
+        {"group": it.group, "category": it.category, "task": it.task, "level": it.level,
+         "understanding": a == it.answer}
+        for it, a in zip(items, answers, strict=True)
+    ]  # fmt: skip
+    out = {
+        f"{r['task']} L{r['level']}": round(r["understanding"], 4) for r in gap_table(model, results=results)
+    }
+    for level in (1, 2, 3):
+        oks = [r["understanding"] for r in results if r["category"] == "mapping" and r["level"] == level]
+        out[f"mapping L{level} prompts"] = round(sum(oks) / len(oks), 4)
+    return dict(sorted(out.items()))
 
 
 def learning_curve(
@@ -100,7 +102,7 @@ def learning_curve(
     path.write_text("")
     recipe = {"task": task, "arch": arch, "seed": seed, "steps": steps, "lr": lr, "batch_size": batch_size,
               "backbone": backbone, "wide_level1": wide_level1}  # fmt: skip
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    write_json(out / "recipe.json", recipe)
     rows: list[dict] = []
     log_path = out / "train_log.jsonl"  # fit logs every step; an evaluation quotes the last loss
     t0 = time.time()

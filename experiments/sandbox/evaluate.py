@@ -93,14 +93,16 @@ def gap_table(
     from ``training.json``, by :func:`~uniprobe.experiments.tasks.suite.held_out_categories`; the
     items are taken to be ``suite``'s, default ``Suite(0)``); a model with no recorded recipe holds
     nothing out. Pass ``results`` from :func:`evaluate_items` to aggregate without running the model
-    again; ``progress=False`` hides the evaluation's bar.
+    again (records with ``understanding`` only give rows without the drawing columns);
+    ``progress=False`` hides the evaluation's bar.
     """
     suite_seed = suite.seed if suite is not None else 0
     held = held_out_categories(getattr(model, "training_recipe", None), suite_seed)
     if results is None:
         items = items if items is not None else (suite or Suite(0)).items
         results = evaluate_items(model, items, cot=cot, batch_size=batch_size, progress=progress)
-    metrics = ["understanding", "generation"] + (["generation_cot"] if "generation_cot" in results[0] else [])
+    # the metrics the results carry: text-only results (understanding alone) aggregate the same way
+    metrics = [m for m in ("understanding", "generation", "generation_cot") if m in results[0]]
     groups: dict[tuple, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     by_group: dict[str, list[dict]] = defaultdict(list)
     for r in results:

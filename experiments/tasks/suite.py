@@ -322,9 +322,7 @@ class Suite:
         if kind == "arith":  # level drawn uniformly
             kind = f"arith{1 + int(rng.random() * 3)}"
         if kind.startswith("arith"):
-            pool = self.arith_wide1 if wide_level1 and kind == "arith1" else self.arith_train[int(kind[-1])]
-            expr, v = rng.choice(pool)
-            return Prompt(f"what is {expr} ?"), str(v)
+            return self._arith_qa(rng, int(kind[-1]), wide_level1)
         if kind == "mapping":
             return self._mapping_qa(rng, taught_reasoning)
         if kind == "fact":
@@ -346,6 +344,12 @@ class Suite:
         return Prompt(
             "describe <image> ?", (tuple(world.encode(world.portrait_grid(attrs))),)
         ), portrait_words(attrs)
+
+    def _arith_qa(self, rng: random.Random, level: int, wide_level1: bool = False) -> tuple[Prompt, str]:
+        """A training-split arithmetic question of ``level`` (level 1 over every digit value with
+        ``wide_level1``): ``(Prompt("what is 7 - 3 ?"), "4")``."""
+        expr, v = rng.choice(self.arith_wide1 if wide_level1 and level == 1 else self.arith_train[level])
+        return Prompt(f"what is {expr} ?"), str(v)
 
     def _mapping_qa(
         self, rng: random.Random, taught_reasoning: float = 0.0, max_hops: int = 3
@@ -426,10 +430,8 @@ class Suite:
         if not taught_reasoning:
             held |= {(p.text, p.images) for p, _ in self.reasoning_questions}
         for i in range(arith_warmup):
-            level = 1 + i % 3
-            pool = self.arith_wide1 if wide_level1 and level == 1 else self.arith_train[level]
-            expr, v = rng.choice(pool)
-            yield TrainExample(Prompt(f"what is {expr} ?"), answer=str(v))
+            prompt, answer = self._arith_qa(rng, 1 + i % 3, wide_level1)
+            yield TrainExample(prompt, answer=answer)
         for i in range(mapping_warmup):
             prompt, answer = self._mapping_qa(rng, taught_reasoning, max_hops=1 + 3 * i // mapping_warmup)
             if (prompt.text, prompt.images) not in held:
