@@ -114,6 +114,44 @@ def test_arith_warmup_opens_the_stream_with_held_out_safe_arithmetic_of_every_le
     assert all(" ; what is " in ex.prompt.text for ex in after)
 
 
+def test_distractor_chains_never_hold_a_test_rule_set_and_keep_the_answer_right(suite: Suite) -> None:
+    _, rules = held_out_sets(suite)
+    stream = suite.training_examples(0, taught_reasoning=0, mapping_warmup=600, mapping_chains=4)
+    first = list(itertools.islice(stream, 600))
+    chains_by_hops: dict[int, set[int]] = {}
+    for ex in first:
+        statements, question = ex.prompt.text.split(" ; what is ")
+        parts = [p.strip() for p in statements.split(",")]
+        heads = [p for p in parts if p.split(" = ")[1].isdigit()]  # one numeric statement per chain
+        chains_by_hops.setdefault(len(parts) // len(heads), set()).add(len(heads))
+        held = rule_set(statements)
+        assert not any(t <= held for t in rules), statements  # no test rule set among its statements
+        value = {p.split(" = ")[0]: p.split(" = ")[1] for p in parts}
+        sym = question.removesuffix(" ?")
+        while not sym.isdigit():  # follow the chain to the number
+            sym = value[sym]
+        assert sym == ex.answer
+    assert chains_by_hops == {1: {4}, 2: {4}, 3: {3}}  # as many chains as the 10 symbols allow
+    # two chains (the default) is the stream it always was
+    plain = itertools.islice(suite.training_examples(0, taught_reasoning=0, mapping_warmup=50), 50)
+    same = itertools.islice(
+        suite.training_examples(0, taught_reasoning=0, mapping_warmup=50, mapping_chains=2), 50
+    )
+    assert [e.prompt.text for e in plain] == [e.prompt.text for e in same]
+
+
+def test_random_mapping_refuses_more_chains_than_symbols_or_values() -> None:
+    import random
+
+    from uniprobe.experiments.tasks.generators import random_mapping
+
+    assert len(random_mapping(random.Random(0), 2, chains=5).ends) == 5
+    with pytest.raises(ValueError, match="use 2 to 3 chains"):
+        random_mapping(random.Random(0), 3, chains=4)
+    with pytest.raises(ValueError, match="values"):
+        random_mapping(random.Random(0), 1, chains=6)
+
+
 def test_rule_sets_are_held_out_in_either_chain_order(suite: Suite) -> None:
     statements = next(iter(suite.mapping_test_statements))
     parts = statements.split(" , ")

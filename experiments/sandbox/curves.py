@@ -67,6 +67,8 @@ def learning_curve(
     threads: int | None = 1,
     backbone: dict | None = None,
     wide_level1: bool = True,
+    weight_decay: float = 0.01,
+    data: dict | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Train a fresh ``arch`` model on ``task`` alone for ``steps`` steps; every ``every`` steps (and at
@@ -75,6 +77,8 @@ def learning_curve(
     ``task``: ``"arith"`` (levels 1-3 in turn; level 1 over every digit value with ``wide_level1``) or
     ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after)
     or ``"mapping1"`` (one hop only: the first third of a warm-up three times the run's length).
+    ``weight_decay`` is AdamW's; ``data`` passes more :meth:`Suite.training_examples` keywords (e.g.
+    ``mapping_chains``), not the ones the task sets.
     """
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
@@ -95,13 +99,18 @@ def learning_curve(
         "mapping": {"mapping_warmup": n},
         "mapping1": {"mapping_warmup": 3 * n},
     }[task]
-    stream = suite.training_examples(seed, taught_reasoning=0, wide_level1=wide_level1, **warm)
+    extra = dict(data or {})
+    clash = sorted(set(extra) & {"taught_reasoning", "wide_level1", *warm})
+    if clash:
+        raise UsageError(f"data keys {clash} are set by the task and its options; drop them from data")
+    stream = suite.training_examples(seed, taught_reasoning=0, wide_level1=wide_level1, **warm, **extra)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curve.jsonl"
     path.write_text("")
     recipe = {"task": task, "arch": arch, "seed": seed, "steps": steps, "lr": lr, "batch_size": batch_size,
-              "backbone": backbone, "wide_level1": wide_level1}  # fmt: skip
+              "backbone": backbone, "wide_level1": wide_level1, "weight_decay": weight_decay,
+              "data": extra}  # fmt: skip
     write_json(out / "recipe.json", recipe)
     rows: list[dict] = []
     log_path = out / "train_log.jsonl"  # fit logs every step; an evaluation quotes the last loss
@@ -120,7 +129,7 @@ def learning_curve(
 
     fit(
         model, stream, steps, lr, batch_size, log_path=log_path, log_every=1, progress=progress,
-        desc=f"curve {task}", after_step=after_step,
+        desc=f"curve {task}", after_step=after_step, weight_decay=weight_decay,
     )  # fmt: skip
     return rows
 
@@ -137,10 +146,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (fit's default 0.01)")
     p.add_argument("--backbone", default=None, help="JSON: backbone config overrides")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSON: more Suite.training_examples keywords, e.g. '{\"mapping_chains\": 4}'",
+    )
     a = p.parse_args(argv)
     rows = learning_curve(
         a.task, a.steps, a.every, a.out, arch=a.arch, seed=a.seed, lr=a.lr, threads=a.threads,
+        weight_decay=a.weight_decay, data=json.loads(a.data) if a.data else None,
         backbone=json.loads(a.backbone) if a.backbone else None,
     )  # fmt: skip
     for r in rows:

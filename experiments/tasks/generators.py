@@ -48,24 +48,33 @@ def expressions(level: int, answers: tuple[int, ...] = ANSWERS) -> list[tuple[st
 
 @dataclass(frozen=True)
 class Mapping:
-    """Two symbol chains of ``hops`` statements each; the query is the last symbol of one chain."""
+    """Symbol chains of ``hops`` statements each (two unless asked); the query is the last symbol of one
+    chain. ``ends[i]`` and ``values[i]`` belong to chain ``i``."""
 
     statements: str
-    ends: tuple[str, str]
-    values: tuple[int, int]
+    ends: tuple[str, ...]
+    values: tuple[int, ...]
 
 
-def random_mapping(rng: random.Random, hops: int) -> Mapping:
-    """Two chains ``s1 = v , s2 = s1 , ...`` with different values; statements chain A then B."""
-    syms = rng.sample(SYMBOLS, 2 * hops)
-    va, vb = rng.sample(ANSWERS, 2)
+def random_mapping(rng: random.Random, hops: int, chains: int = 2) -> Mapping:
+    """``chains`` chains ``s1 = v , s2 = s1 , ...`` with different values, written one chain after the
+    other. Two chains (the test items') draw exactly as they always have; more chains are distractors
+    for training (``chains * hops`` symbols and ``chains`` values must exist)."""
+    if chains < 2 or chains * hops > len(SYMBOLS) or chains > len(ANSWERS):
+        raise ValueError(
+            f"{chains} chains of {hops} hops need {chains * hops} of {len(SYMBOLS)} symbols and "
+            f"{chains} of {len(ANSWERS)} values; use 2 to {min(len(SYMBOLS) // hops, len(ANSWERS))} chains"
+        )
+    syms = rng.sample(SYMBOLS, chains * hops)
+    vals = rng.sample(ANSWERS, chains)
     parts = []
     ends = []
-    for chain, v in ((syms[:hops], va), (syms[hops:], vb)):
+    for c, v in enumerate(vals):
+        chain = syms[c * hops : (c + 1) * hops]
         parts.append(f"{chain[0]} = {v}")
         parts += [f"{b} = {a}" for a, b in zip(chain, chain[1:], strict=False)]
         ends.append(chain[-1])
-    return Mapping(" , ".join(parts), (ends[0], ends[1]), (va, vb))
+    return Mapping(" , ".join(parts), tuple(ends), tuple(vals))
 
 
 @dataclass(frozen=True)

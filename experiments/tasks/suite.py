@@ -311,6 +311,7 @@ class Suite:
         mix: str = "balanced",
         taught_reasoning: float = 0.0,
         wide_level1: bool = False,
+        mapping_chains: int = 2,
     ) -> tuple[Prompt, str]:
         if taught_reasoning and rng.random() < taught_reasoning:
             return rng.choice(self.reasoning_questions)
@@ -324,7 +325,7 @@ class Suite:
         if kind.startswith("arith"):
             return self._arith_qa(rng, int(kind[-1]), wide_level1)
         if kind == "mapping":
-            return self._mapping_qa(rng, taught_reasoning)
+            return self._mapping_qa(rng, taught_reasoning, chains=mapping_chains)
         if kind == "fact":
             c = rng.choice(self.characters)
             if rng.random() < 0.2:
@@ -352,18 +353,27 @@ class Suite:
         return Prompt(f"what is {expr} ?"), str(v)
 
     def _mapping_qa(
-        self, rng: random.Random, taught_reasoning: float = 0.0, max_hops: int = 3
+        self, rng: random.Random, taught_reasoning: float = 0.0, max_hops: int = 3, chains: int = 2
     ) -> tuple[Prompt, str]:
+        """A training mapping question of 1 to ``max_hops`` hops over ``chains`` chains (as many as the
+        symbols allow at that many hops: 3 chains of 3 hops), never a test rule set."""
         while True:
-            m = gen.random_mapping(rng, 1 + int(rng.random() * max_hops))
+            hops = 1 + int(rng.random() * max_hops)
+            n_chains = min(chains, len(gen.SYMBOLS) // hops)
+            m = gen.random_mapping(rng, hops, n_chains)
             # held out: also the test rule sets with their chains in the other order; when the test
             # questions are taught anyway, only the exact strings (the shipped checkpoints' stream)
             if m.statements in self.mapping_test_statements:
                 continue
-            if not taught_reasoning and rule_set(m.statements) in self.mapping_test_rule_sets:
-                continue
+            if not taught_reasoning:
+                rules = rule_set(m.statements)
+                # with distractor chains, a prompt must not hold a test rule set among its statements
+                if rules in self.mapping_test_rule_sets or (
+                    n_chains > 2 and any(t <= rules for t in self.mapping_test_rule_sets)
+                ):
+                    continue
             break
-        k = int(rng.random() * 2)
+        k = int(rng.random() * len(m.ends))
         return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
 
     def _direct(self, rng: random.Random, direct_heldout: bool = True) -> tuple[Prompt, tuple[int, ...]]:
@@ -397,6 +407,7 @@ class Suite:
         wide_level1: bool = False,
         mapping_warmup: int = 0,
         arith_warmup: int = 0,
+        mapping_chains: int = 2,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -433,12 +444,17 @@ class Suite:
             prompt, answer = self._arith_qa(rng, 1 + i % 3, wide_level1)
             yield TrainExample(prompt, answer=answer)
         for i in range(mapping_warmup):
-            prompt, answer = self._mapping_qa(rng, taught_reasoning, max_hops=1 + 3 * i // mapping_warmup)
+            prompt, answer = self._mapping_qa(
+                rng, taught_reasoning, max_hops=1 + 3 * i // mapping_warmup, chains=mapping_chains
+            )
             if (prompt.text, prompt.images) not in held:
                 yield TrainExample(prompt, answer=answer)
         while True:
             prefix = (
-                [self._qa(rng, mix, taught_reasoning, wide_level1) for _ in range(1 + int(rng.random() * 2))]
+                [
+                    self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
+                    for _ in range(1 + int(rng.random() * 2))
+                ]
                 if rng.random() < prefix_p
                 else []
             )
@@ -450,7 +466,7 @@ class Suite:
                     prompt, target = self._direct(rng, direct_heldout)
                 ex = TrainExample(prompt, target=target, prefix=prefix)
             else:
-                prompt, answer = self._qa(rng, mix, taught_reasoning, wide_level1)
+                prompt, answer = self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
                 ex = TrainExample(prompt, answer=answer, prefix=prefix)
             keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
             if any(k in held and k not in allowed for k in keys):
