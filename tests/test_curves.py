@@ -45,11 +45,12 @@ def test_a_curve_logs_held_out_scores_every_few_steps(tmp_path, capsys) -> None:
     assert lines == rows and all(0.0 <= r["arith L1"] <= 1.0 and r["loss"] > 0 for r in rows)
     assert json.loads((tmp_path / "recipe.json").read_text())["task"] == "arith"
     main(["--task", "mapping", "--steps", "1", "--every", "1", "--out", str(tmp_path / "m"),
-          "--backbone", json.dumps(TINY), "--weight-decay", "0.1",
+          "--backbone", json.dumps(TINY), "--weight-decay", "0.1", "--batch-size", "4",
           "--data", '{"mapping_chains": 4}'])  # fmt: skip
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 1
     recipe = json.loads((tmp_path / "m" / "recipe.json").read_text())
-    assert recipe["weight_decay"] == 0.1 and recipe["data"] == {"mapping_chains": 4}
+    assert recipe["weight_decay"] == 0.1 and recipe["batch_size"] == 4
+    assert recipe["data"] == {"mapping_chains": 4}
     one_hop = learning_curve("mapping1", 2, 2, tmp_path / "m1", backbone=TINY, batch_size=4, progress=False)
     assert one_hop[-1]["step"] == 2
     with pytest.raises(UsageError, match="unknown task"):

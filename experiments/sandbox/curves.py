@@ -145,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--arch", default="ar", choices=("ar", "query"))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (the arch's default: 64)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (fit's default 0.01)")
     p.add_argument("--backbone", default=None, help="JSON: backbone config overrides")
@@ -155,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     a = p.parse_args(argv)
     rows = learning_curve(
-        a.task, a.steps, a.every, a.out, arch=a.arch, seed=a.seed, lr=a.lr, threads=a.threads,
+        a.task, a.steps, a.every, a.out, arch=a.arch, seed=a.seed, lr=a.lr, batch_size=a.batch_size,
+        threads=a.threads,
         weight_decay=a.weight_decay, data=json.loads(a.data) if a.data else None,
         backbone=json.loads(a.backbone) if a.backbone else None,
     )  # fmt: skip
