@@ -98,6 +98,17 @@ def test_mapping_warmup_opens_the_stream_with_mapping_questions_of_growing_hops(
     assert any(ex.answer is not None and " ; what is " not in ex.prompt.text for ex in after)
 
 
+def test_mapping_warmup_can_give_one_hop_a_longer_share(suite: Suite) -> None:
+    from uniprobe.experiments.tasks.suite import warmup_hops
+
+    stream = suite.training_examples(0, taught_reasoning=0, mapping_warmup=300, mapping_one_hop=0.5)
+    hops = [len(rule_set(ex.prompt.text.split(" ; ")[0])) // 2 for ex in itertools.islice(stream, 300)]
+    assert max(hops[:150]) == 1 and max(hops[150:225]) == 2 and max(hops[225:]) == 3
+    assert [warmup_hops(i, 300) for i in range(300)] == [1 + 3 * i // 300 for i in range(300)]  # thirds
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        warmup_hops(0, 10, 1.5)
+
+
 def test_arith_warmup_opens_the_stream_with_held_out_safe_arithmetic_of_every_level(suite: Suite) -> None:
     exprs, _ = held_out_sets(suite)
     first = list(itertools.islice(suite.training_examples(0, taught_reasoning=0, arith_warmup=300), 300))
@@ -207,7 +218,7 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert all(0.0 <= v <= 1.0 for v in rec["scores"].values())
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0
     row = format_trials(log).splitlines()[2]
-    assert row.startswith("| tiny | arith_heavy | 1 | ") and row.count("%") == 12
+    assert row.startswith("| tiny | arith_heavy | 1 | 64 | ") and row.count("%") == 12
     from uniprobe.experiments.sandbox.trials import mix_cell
 
     data = {"mix": "reasoning_wide", "wide_level1": True, "mapping_warmup": 100, "reasoning_draw": 0.15}
@@ -215,6 +226,9 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert mix_cell(data) == want
     data = {"mix": "reasoning_wide", "arith_warmup": 640}
     want = "reasoning_wide + 640 arithmetic questions first"
+    assert mix_cell(data) == want
+    data = {"mix": "reasoning_wide", "mapping_warmup": 90, "mapping_one_hop": 0.5, "mapping_chains": 4}
+    want = "reasoning_wide + 90 mapping questions first (50% one hop) + 4 chains per mapping question"
     assert mix_cell(data) == want
 
 

@@ -113,6 +113,7 @@ def format_trials(log: str | Path) -> str:
         "trial",
         "mix",
         "steps done",
+        "batch",
         "train min",
         *levels,
         "draw arith L1",
@@ -130,24 +131,30 @@ def format_trials(log: str | Path) -> str:
             r["name"],
             mix_cell(r["data"]),
             str(r.get("steps_done", r["steps"])),
+            str(r["batch_size"]),
             f"{r['train_s'] / 60:.0f}",
         ]
         cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in levels]
-        cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in head[4 + len(levels) :]]
+        cells += [f"{100 * sc[k]:.0f}%" if k in sc else "—" for k in head[5 + len(levels) :]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def mix_cell(data: dict) -> str:
     """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup``,
-    ``mapping_warmup``, ``reasoning_draw``), as the trials table shows them."""
+    ``mapping_warmup`` and its ``mapping_one_hop`` share, ``mapping_chains``, ``reasoning_draw``), as the
+    trials table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")
     if data.get("arith_warmup"):
         parts.append(f"{data['arith_warmup']} arithmetic questions first")
     if data.get("mapping_warmup"):
-        parts.append(f"{data['mapping_warmup']} mapping questions first")
+        one_hop = data.get("mapping_one_hop")
+        share = f" ({100 * one_hop:.0f}% one hop)" if one_hop is not None else ""
+        parts.append(f"{data['mapping_warmup']} mapping questions first{share}")
+    if data.get("mapping_chains", 2) != 2:
+        parts.append(f"{data['mapping_chains']} chains per mapping question")
     if data.get("reasoning_draw"):
         parts.append(f"{100 * data['reasoning_draw']:.0f}% level-1 drawings")
     return " + ".join(parts)

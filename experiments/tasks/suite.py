@@ -408,6 +408,7 @@ class Suite:
         mapping_warmup: int = 0,
         arith_warmup: int = 0,
         mapping_chains: int = 2,
+        mapping_one_hop: float | None = None,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -445,7 +446,10 @@ class Suite:
             yield TrainExample(prompt, answer=answer)
         for i in range(mapping_warmup):
             prompt, answer = self._mapping_qa(
-                rng, taught_reasoning, max_hops=1 + 3 * i // mapping_warmup, chains=mapping_chains
+                rng,
+                taught_reasoning,
+                max_hops=warmup_hops(i, mapping_warmup, mapping_one_hop),
+                chains=mapping_chains,
             )
             if (prompt.text, prompt.images) not in held:
                 yield TrainExample(prompt, answer=answer)
@@ -472,6 +476,19 @@ class Suite:
             if any(k in held and k not in allowed for k in keys):
                 continue
             yield ex
+
+
+def warmup_hops(i: int, n: int, one_hop: float | None = None) -> int:
+    """The most hops of the ``i``-th of ``n`` mapping warm-up questions: 1 in the first ``one_hop`` share
+    (a third by default), then 2 and 3 in two equal parts."""
+    if one_hop is None:
+        return 1 + 3 * i // n
+    if not 0.0 <= one_hop <= 1.0:
+        raise ValueError(f"mapping_one_hop must be a share between 0 and 1, not {one_hop}")
+    first = one_hop * n
+    if i < first:
+        return 1
+    return 2 if i < first + (n - first) / 2 else 3
 
 
 def knowledge_items(characters: Sequence[gen.Character], prefix: str = "") -> list[Item]:
