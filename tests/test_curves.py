@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from uniprobe.experiments.sandbox import build_model
 from uniprobe.experiments.sandbox.curves import heldout_understanding, learning_curve, main
 from uniprobe.experiments.tasks import Suite
@@ -57,3 +58,25 @@ def test_a_curve_logs_held_out_scores_every_few_steps(tmp_path, capsys) -> None:
         learning_curve("facts", 1, 1, tmp_path)
     with pytest.raises(UsageError, match="set by the task"):  # the task's own stream keys stay the task's
         learning_curve("arith", 1, 1, tmp_path, data={"arith_warmup": 5})
+
+
+def test_a_curve_saves_its_model_and_another_continues_from_it(tmp_path) -> None:
+    from uniprobe.experiments.sandbox import load_sandbox
+    from uniprobe.experiments.tasks.suite import held_out_categories
+
+    learning_curve("mapping1", 2, 2, tmp_path / "one", backbone=TINY, batch_size=4, progress=False, save=True)
+    ck = tmp_path / "one" / "checkpoint"
+    first = load_sandbox(ck)
+    assert held_out_categories(first.training_recipe) >= {"arithmetic", "mapping"}
+    assert first.training_recipe["curve"]["task"] == "mapping1"
+    rows = learning_curve("mapping", 1, 1, tmp_path / "two", init=ck, batch_size=4, progress=False, save=True)
+    assert rows[-1]["step"] == 1
+    second = load_sandbox(tmp_path / "two" / "checkpoint")
+    assert second.training_recipe["curve"]["init"]["training"]["curve"]["task"] == "mapping1"
+    a, b = first.state_dict(), second.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on ...
+    assert all((a[k] - b[k]).abs().max() < 1e-3 for k in a)  # ... from the saved weights (one warm-up step)
+    with pytest.raises(UsageError, match="holds the test questions out"):  # the shipped AR is taught them
+        learning_curve("mapping", 1, 1, tmp_path / "three", init="sandbox-ar", progress=False)
+    with pytest.raises(UsageError, match="drop backbone"):
+        learning_curve("mapping", 1, 1, tmp_path / "four", init=ck, backbone=TINY, progress=False)

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from uniprobe.experiments.sandbox.checkpoint import build_model
+from uniprobe.experiments.sandbox.checkpoint import build_model, load_sandbox, save_sandbox
 from uniprobe.experiments.sandbox.evaluate import gap_table
 from uniprobe.experiments.sandbox.train import DEFAULTS, fit
-from uniprobe.experiments.tasks.suite import Suite
+from uniprobe.experiments.tasks.suite import Suite, held_out_categories
 from uniprobe.hooks.errors import UsageError
 from uniprobe.hooks.jsonio import write_json
 
@@ -69,6 +69,8 @@ def learning_curve(
     wide_level1: bool = True,
     weight_decay: float = 0.01,
     data: dict | None = None,
+    init: str | Path | None = None,
+    save: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Train a fresh ``arch`` model on ``task`` alone for ``steps`` steps; every ``every`` steps (and at
@@ -78,7 +80,10 @@ def learning_curve(
     ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after)
     or ``"mapping1"`` (one hop only: the first third of a warm-up three times the run's length).
     ``weight_decay`` is AdamW's; ``data`` passes more :meth:`Suite.training_examples` keywords (e.g.
-    ``mapping_chains``), not the ones the task sets.
+    ``mapping_chains``), not the ones the task sets. ``init``: continue from this checkpoint (e.g. a
+    saved one-hop curve's) instead of a fresh model; it must hold out the test questions too.
+    ``save``: also write the final model to ``out/checkpoint`` (its ``training.json`` records the
+    curve's recipe and, with ``init``, the recipe it started from).
     """
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
@@ -92,7 +97,19 @@ def learning_curve(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     suite = Suite(0)
-    model = build_model(arch, backbone=backbone)
+    start = None
+    if init is not None:
+        if backbone is not None:
+            raise UsageError("init= continues a checkpoint with its own backbone: drop backbone=")
+        model = load_sandbox(init)
+        start = model.training_recipe
+        if model.arch != arch or start is None or "arithmetic" not in held_out_categories(start):
+            raise UsageError(
+                f"init={str(init)!r} is not a sandbox-{arch} checkpoint whose training.json holds the test "
+                "questions out (taught_reasoning 0): its held-out scores would not be held out"
+            )
+    else:
+        model = build_model(arch, backbone=backbone)
     n = steps * batch_size
     warm = {
         "arith": {"arith_warmup": n},
@@ -110,7 +127,8 @@ def learning_curve(
     path.write_text("")
     recipe = {"task": task, "arch": arch, "seed": seed, "steps": steps, "lr": lr, "batch_size": batch_size,
               "backbone": backbone, "wide_level1": wide_level1, "weight_decay": weight_decay,
-              "data": extra}  # fmt: skip
+              "data": extra,
+              "init": None if init is None else {"path": str(init), "training": start}}  # fmt: skip
     write_json(out / "recipe.json", recipe)
     rows: list[dict] = []
     log_path = out / "train_log.jsonl"  # fit logs every step; an evaluation quotes the last loss
@@ -131,6 +149,11 @@ def learning_curve(
         model, stream, steps, lr, batch_size, log_path=log_path, log_every=1, progress=progress,
         desc=f"curve {task}", after_step=after_step, weight_decay=weight_decay,
     )  # fmt: skip
+    if save:  # the stream's keywords as training.json records them (held_out_categories reads data)
+        training = {"arch": arch, "seed": seed, "suite_seed": 0, "steps": steps, "lr": lr,
+                    "batch_size": batch_size, "data": {"taught_reasoning": 0, "wide_level1": wide_level1,
+                    **warm, **extra}, "curve": recipe}  # fmt: skip
+        save_sandbox(model, out / "checkpoint", training=training)
     return rows
 
 
@@ -149,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (fit's default 0.01)")
     p.add_argument("--backbone", default=None, help="JSON: backbone config overrides")
+    p.add_argument("--init", default=None, help="continue from this checkpoint (see --save)")
+    p.add_argument("--save", action="store_true", help="also write the final model to OUT/checkpoint")
     p.add_argument(
         "--data",
         default=None,
@@ -158,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = learning_curve(
         a.task, a.steps, a.every, a.out, arch=a.arch, seed=a.seed, lr=a.lr, batch_size=a.batch_size,
         threads=a.threads,
-        weight_decay=a.weight_decay, data=json.loads(a.data) if a.data else None,
+        weight_decay=a.weight_decay, data=json.loads(a.data) if a.data else None, init=a.init, save=a.save,
         backbone=json.loads(a.backbone) if a.backbone else None,
     )  # fmt: skip
     for r in rows:
