@@ -230,6 +230,24 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     data = {"mix": "reasoning_wide", "mapping_warmup": 90, "mapping_one_hop": 0.5, "mapping_chains": 4}
     want = "reasoning_wide + 90 mapping questions first (50% one hop) + 4 chains per mapping question"
     assert mix_cell(data) == want
+    data = {"mix": "reasoning_wide", "arith_warmup": 640, "arith_levels": [0, 1, 1]}
+    assert mix_cell(data) == "reasoning_wide + 640 arithmetic questions first (levels 1-3 at 0:1:1)"
+
+
+def test_arith_levels_weight_the_levels_of_the_arithmetic_warmup(suite: Suite) -> None:
+    def levels(**kw) -> list[int]:
+        stream = suite.training_examples(0, taught_reasoning=0, arith_warmup=600, wide_level1=True, **kw)
+        return [len(reasoning_parts(ex.prompt.text)[0].split()) // 2 for ex in itertools.islice(stream, 600)]
+
+    assert levels() == [1 + i % 3 for i in range(600)]  # the default: in turn, as before
+    none = levels(arith_levels=(0, 1, 1))
+    assert 1 not in none and 250 < none.count(2) < 350  # no level-1 question at all
+    rare = levels(arith_levels=[1, 4, 4])
+    assert 40 < rare.count(1) < 100 and set(rare) == {1, 2, 3}
+    assert levels(arith_levels=(0, 1, 1)) == none  # deterministic
+    for bad in ((1, 1), (-1, 1, 1), (0, 0, 0)):
+        with pytest.raises(ValueError, match="arith_levels takes three non-negative weights"):
+            levels(arith_levels=bad)
 
 
 def test_level1_misses_ask_each_held_out_expression_as_is_and_with_plus_zero(suite: Suite) -> None:

@@ -141,14 +141,16 @@ def format_trials(log: str | Path) -> str:
 
 
 def mix_cell(data: dict) -> str:
-    """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup``,
-    ``mapping_warmup`` and its ``mapping_one_hop`` share, ``mapping_chains``, ``reasoning_draw``), as the
-    trials table shows them."""
+    """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup`` and its
+    ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share, ``mapping_chains``,
+    ``reasoning_draw``), as the trials table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")
     if data.get("arith_warmup"):
-        parts.append(f"{data['arith_warmup']} arithmetic questions first")
+        levels = data.get("arith_levels")
+        share = f" (levels 1-3 at {':'.join(f'{w:g}' for w in levels)})" if levels is not None else ""
+        parts.append(f"{data['arith_warmup']} arithmetic questions first{share}")
     if data.get("mapping_warmup"):
         one_hop = data.get("mapping_one_hop")
         share = f" ({100 * one_hop:.0f}% one hop)" if one_hop is not None else ""

@@ -409,6 +409,7 @@ class Suite:
         arith_warmup: int = 0,
         mapping_chains: int = 2,
         mapping_one_hop: float | None = None,
+        arith_levels: Sequence[float] | None = None,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -433,6 +434,9 @@ class Suite:
                 (levels 1-3 in turn; level 1 over ``wide_level1``'s pool when set), before any
                 mapping warm-up and the mix. Issue 18 measured that level 1 generalises to held-out
                 expressions when arithmetic is learnt alone, not inside the mix.
+            arith_levels: the weights of levels 1-3 in the arithmetic warm-up (e.g. ``(0, 1, 1)``: no
+                level-1 question, so its held-out answers can only come from what levels 2-3 teach);
+                by default the levels take turns, a third each.
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
@@ -441,8 +445,10 @@ class Suite:
         held = set(self.test_prompts)
         if not taught_reasoning:
             held |= {(p.text, p.images) for p, _ in self.reasoning_questions}
+        weights = _level_weights(arith_levels)
         for i in range(arith_warmup):
-            prompt, answer = self._arith_qa(rng, 1 + i % 3, wide_level1)
+            level = 1 + i % 3 if weights is None else rng.choices((1, 2, 3), weights)[0]
+            prompt, answer = self._arith_qa(rng, level, wide_level1)
             yield TrainExample(prompt, answer=answer)
         for i in range(mapping_warmup):
             prompt, answer = self._mapping_qa(
@@ -476,6 +482,15 @@ class Suite:
             if any(k in held and k not in allowed for k in keys):
                 continue
             yield ex
+
+
+def _level_weights(levels: Sequence[float] | None) -> list[float] | None:
+    if levels is None:
+        return None
+    w = [float(x) for x in levels]
+    if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"arith_levels takes three non-negative weights of levels 1-3, not {levels!r}")
+    return w
 
 
 def warmup_hops(i: int, n: int, one_hop: float | None = None) -> int:
