@@ -73,6 +73,8 @@ def test_a_curve_saves_its_model_and_another_continues_from_it(tmp_path) -> None
     assert rows[-1]["step"] == 1
     second = load_sandbox(tmp_path / "two" / "checkpoint")
     assert second.training_recipe["curve"]["init"]["training"]["curve"]["task"] == "mapping1"
+    assert second.training_recipe["init"]["training"]["curve"]["task"] == "mapping1"  # where held_out looks
+    assert held_out_categories(second.training_recipe) >= {"arithmetic", "mapping"}
     a, b = first.state_dict(), second.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on ...
     assert all((a[k] - b[k]).abs().max() < 1e-3 for k in a)  # ... from the saved weights (one warm-up step)

@@ -14,6 +14,7 @@ from uniprobe.experiments.sandbox.evaluate import evaluate_items, format_gap_tab
 from uniprobe.experiments.tasks import Suite
 from uniprobe.experiments.tasks.generators import evaluate_expression as gen_value
 from uniprobe.experiments.tasks.suite import held_out_categories, rule_set
+from uniprobe.hooks.errors import UsageError
 
 TINY = {
     "hidden_size": 32,
@@ -176,6 +177,13 @@ def test_held_out_categories_follow_the_recipe() -> None:
     assert held_out_categories(taught) == set()
     assert held_out_categories(None) == set()  # unknown recipe: nothing claimed
     assert held_out_categories(untaught, suite_seed=1) == set()  # another suite's splits
+    # a continued checkpoint holds out only what every stage held out
+    again = {**untaught, "init": {"path": "x", "training": untaught}}
+    assert held_out_categories(again) == held_out_categories(untaught)
+    assert held_out_categories({**untaught, "init": {"path": "x", "training": taught}}) == set()
+    assert held_out_categories({**untaught, "init": {"path": "x", "training": None}}) == set()
+    stages = {**untaught, "init": {"path": "y", "training": {**untaught, "init": {"training": taught}}}}
+    assert held_out_categories(stages) == set()
 
 
 def test_gap_rows_say_held_out_and_training_json_round_trips(suite: Suite, tmp_path) -> None:
@@ -219,6 +227,23 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert json.loads((tmp_path / "ck" / "training.json").read_text())["data"]["taught_reasoning"] == 0
     row = format_trials(log).splitlines()[2]
     assert row.startswith("| tiny | arith_heavy | 1 | 64 | ") and row.count("%") == 12
+    # a staged recipe: a second trial continues the first one's checkpoint
+    more = run_trial(
+        "tiny-more", "ar", 1, {"taught_reasoning": 0}, log, out=tmp_path / "ck2", threads=1,
+        init=tmp_path / "ck",
+    )  # fmt: skip
+    assert more["init"] == str(tmp_path / "ck")
+    continued = load_sandbox(tmp_path / "ck2")
+    assert continued.training_recipe["init"]["training"]["data"]["mix"] == "arith_heavy"
+    assert held_out_categories(continued.training_recipe) >= {"arithmetic", "mapping"}
+    a, b = load_sandbox(tmp_path / "ck").state_dict(), continued.state_dict()
+    assert all((a[k] - b[k]).abs().max() < 1e-3 for k in a)  # from the saved weights (one warm-up step)
+    row = format_trials(log).splitlines()[3]
+    assert row.startswith(f"| tiny-more | count_heavier, continuing `{tmp_path / 'ck'}` |")
+    with pytest.raises(UsageError, match="holds the test questions out"):  # the shipped AR is taught them
+        run_trial("x", "ar", 1, {}, log, init="sandbox-ar", threads=1)
+    with pytest.raises(UsageError, match="not sandbox-query"):
+        run_trial("x", "query", 1, {}, log, init=tmp_path / "ck", threads=1)
     from uniprobe.experiments.sandbox.trials import mix_cell
 
     data = {"mix": "reasoning_wide", "wide_level1": True, "mapping_warmup": 100, "reasoning_draw": 0.15}

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from uniprobe.experiments.sandbox.checkpoint import build_model, load_sandbox, save_sandbox
+from uniprobe.experiments.sandbox.checkpoint import save_sandbox
 from uniprobe.experiments.sandbox.evaluate import gap_table
-from uniprobe.experiments.sandbox.train import DEFAULTS, fit
-from uniprobe.experiments.tasks.suite import Suite, held_out_categories
+from uniprobe.experiments.sandbox.train import DEFAULTS, fit, start_model
+from uniprobe.experiments.tasks.suite import Suite
 from uniprobe.hooks.errors import UsageError
 from uniprobe.hooks.jsonio import write_json
 
@@ -97,19 +97,7 @@ def learning_curve(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     suite = Suite(0)
-    start = None
-    if init is not None:
-        if backbone is not None:
-            raise UsageError("init= continues a checkpoint with its own backbone: drop backbone=")
-        model = load_sandbox(init)
-        start = model.training_recipe
-        if model.arch != arch or start is None or "arithmetic" not in held_out_categories(start):
-            raise UsageError(
-                f"init={str(init)!r} is not a sandbox-{arch} checkpoint whose training.json holds the test "
-                "questions out (taught_reasoning 0): its held-out scores would not be held out"
-            )
-    else:
-        model = build_model(arch, backbone=backbone)
+    model, start = start_model(arch, backbone, init, suite_seed=0)
     n = steps * batch_size
     warm = {
         "arith": {"arith_warmup": n},
@@ -153,6 +141,8 @@ def learning_curve(
         training = {"arch": arch, "seed": seed, "suite_seed": 0, "steps": steps, "lr": lr,
                     "batch_size": batch_size, "data": {"taught_reasoning": 0, "wide_level1": wide_level1,
                     **warm, **extra}, "curve": recipe}  # fmt: skip
+        if init is not None:  # held_out_categories reads it: held out only if the start held it out
+            training["init"] = recipe["init"]
         save_sandbox(model, out / "checkpoint", training=training)
     return rows
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from uniprobe.experiments.progress import bar
 from uniprobe.experiments.sandbox.base import SandboxModel
-from uniprobe.experiments.sandbox.checkpoint import build_model, save_sandbox
-from uniprobe.experiments.tasks.suite import Suite, TrainExample
+from uniprobe.experiments.sandbox.checkpoint import build_model, load_sandbox, save_sandbox
+from uniprobe.experiments.tasks.suite import Suite, TrainExample, held_out_categories
 from uniprobe.hooks.errors import UsageError
 
 DEFAULTS: dict[str, dict] = {
@@ -125,6 +125,26 @@ def accumulate_step(
     return torch.tensor(total / max(1, sums["n_text"] + sums["n_image"])), parts
 
 
+def start_model(
+    arch: str, backbone: dict | None, init: str | Path | None, suite_seed: int
+) -> tuple[SandboxModel, dict | None]:
+    """A fresh ``arch`` model, or the ``init`` checkpoint and its training record."""
+    if init is None:
+        return build_model(arch, backbone=backbone), None
+    if backbone is not None:
+        raise UsageError("init= continues a checkpoint with its own backbone: drop backbone=")
+    model = load_sandbox(init)
+    if model.arch != arch:
+        raise UsageError(f"init={str(init)!r} is a sandbox-{model.arch} checkpoint, not sandbox-{arch}")
+    start = model.training_recipe
+    if start is None or "arithmetic" not in held_out_categories(start, suite_seed):
+        raise UsageError(
+            f"init={str(init)!r} has no training.json that holds the test questions out (taught_reasoning 0, "
+            f"suite seed {suite_seed}): what it was taught would be scored as held out"
+        )
+    return model, start
+
+
 def train_sandbox(
     arch: str,
     out: str | Path | None,
@@ -142,8 +162,13 @@ def train_sandbox(
     micro_batch: int = 16,
     max_tokens: int | None = None,
     data: dict | None = None,
+    init: str | Path | None = None,
 ) -> SandboxModel:
     """Train a fresh ``arch`` model (``"ar"`` | ``"query"`` | ``"mot"``) and save it to ``out`` (if not None).
+
+    ``init``: continue this checkpoint (e.g. one a learning curve saved) instead of a fresh model; its
+    training record goes into the new one's under ``"init"``, so a test category counts as held out
+    only when both stages held it out (:func:`~uniprobe.experiments.tasks.suite.held_out_categories`).
 
     ``seed`` (data stream and init) defaults to the arch's (``DEFAULTS``: the shipped checkpoint's).
     Deterministic for a given seed and thread count when ``time_budget_s`` is None. With a
@@ -167,7 +192,7 @@ def train_sandbox(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     suite = Suite(suite_seed)
-    model = build_model(arch, backbone=backbone)
+    model, start = start_model(arch, backbone, init, suite_seed)
     stream = suite.training_examples(seed, **{**d["data"], **(data or {})})
     log_path = None
     if out is not None:
@@ -183,6 +208,8 @@ def train_sandbox(
         "arch": arch, "seed": seed, "suite_seed": suite_seed, "steps": steps, "lr": lr,
         "batch_size": batch_size, "time_budget_s": time_budget_s, "data": {**d["data"], **(data or {})},
     }  # fmt: skip
+    if init is not None:
+        model.training_recipe["init"] = {"path": str(init), "training": start}
     if out is not None:
         save_sandbox(model, out, training=model.training_recipe)
     return model

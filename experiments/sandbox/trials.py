@@ -54,13 +54,16 @@ def run_trial(
     threads: int | None = None,
     backbone: dict | None = None,
     warmup: int = 200,
+    init: str | Path | None = None,
 ) -> dict:
     """Train ``arch`` with the default recipe updated by ``data`` (keys of
-    ``Suite.training_examples``), score it with :func:`heldout_scores`, append the record to ``log``."""
+    ``Suite.training_examples``), score it with :func:`heldout_scores`, append the record to ``log``.
+    ``init``: continue this checkpoint instead of a fresh model (a staged recipe, e.g. from a saved
+    learning curve's; the record keeps its path)."""
     t0 = time.time()
     model = train_sandbox(
         arch, out, steps=steps, seed=seed, time_budget_s=time_budget_s, lr=lr, batch_size=batch_size,
-        data=data, threads=threads, progress=False, backbone=backbone, warmup=warmup,
+        data=data, threads=threads, progress=False, backbone=backbone, warmup=warmup, init=init,
     )  # fmt: skip
     train_s = time.time() - t0
     d = DEFAULTS[arch]
@@ -78,6 +81,8 @@ def run_trial(
         "threads": torch.get_num_threads(),
         "train_s": round(train_s, 1),
     }
+    if init is not None:
+        rec["init"] = str(init)
     log_file = Path(out) / "train_log.jsonl" if out is not None else None
     if log_file is not None and log_file.exists():  # a time budget may stop training early
         last = json.loads(log_file.read_text().splitlines()[-1])
@@ -129,7 +134,7 @@ def format_trials(log: str | Path) -> str:
         sc = r["scores"]
         cells = [
             r["name"],
-            mix_cell(r["data"]),
+            mix_cell(r["data"]) + (f", continuing `{r['init']}`" if r.get("init") else ""),
             str(r.get("steps_done", r["steps"])),
             str(r["batch_size"]),
             f"{r['train_s'] / 60:.0f}",
@@ -181,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="also save the checkpoint here")
+    p.add_argument("--init", default=None, help="continue this checkpoint (e.g. a learning curve's --save)")
     p.add_argument("--log", default="artifacts/sandbox/heldout-trials.jsonl")
     a = p.parse_args(argv)
     if a.table:
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     rec = run_trial(
         a.name, a.arch, a.steps, json.loads(a.data), a.log, seed=a.seed, lr=a.lr, batch_size=a.batch_size,
         time_budget_s=a.time_budget, out=a.out, threads=a.threads,
-        backbone=json.loads(a.backbone) if a.backbone else None, warmup=a.warmup,
+        backbone=json.loads(a.backbone) if a.backbone else None, warmup=a.warmup, init=a.init,
     )  # fmt: skip
     print(json.dumps(rec))
 

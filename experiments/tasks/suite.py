@@ -82,7 +82,8 @@ def held_out_categories(recipe: dict | None, suite_seed: int = 0) -> frozenset[s
     nothing out. Reasoning (arithmetic, mapping) is held out when ``taught_reasoning`` is 0, direct
     items when ``direct_heldout`` is true (their drawing prompts, (count, object) pairs and counting
     images). Knowledge never is: forward questions are the taught facts, and an inverse test pair
-    (A, B) may be trained as (B, A).
+    (A, B) may be trained as (B, A). A recipe with ``init`` (training continued from a checkpoint)
+    holds out only what its starting checkpoint's recipe held out too.
     """
     if recipe is None or recipe.get("suite_seed", 0) != suite_seed:
         return frozenset()
@@ -92,6 +93,8 @@ def held_out_categories(recipe: dict | None, suite_seed: int = 0) -> frozenset[s
         held |= {"arithmetic", "mapping"}
     if data.get("direct_heldout", True):
         held.add("direct")
+    if recipe.get("init") is not None:  # a continued checkpoint: held out only if every stage held it out
+        held &= held_out_categories(recipe["init"].get("training"), suite_seed)
     return frozenset(held)
 
 
