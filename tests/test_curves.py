@@ -82,3 +82,26 @@ def test_a_curve_saves_its_model_and_another_continues_from_it(tmp_path) -> None
         learning_curve("mapping", 1, 1, tmp_path / "three", init="sandbox-ar", progress=False)
     with pytest.raises(UsageError, match="drop backbone"):
         learning_curve("mapping", 1, 1, tmp_path / "four", init=ck, backbone=TINY, progress=False)
+
+
+def test_the_mix_task_trains_the_arch_recipe_updated_by_data(tmp_path, monkeypatch) -> None:
+    from uniprobe.experiments.sandbox.train import DEFAULTS
+    from uniprobe.experiments.tasks.suite import held_out_categories
+
+    seen: list[dict] = []
+    real = Suite.training_examples
+
+    def spy(self, seed=0, **kw):
+        seen.append(kw)
+        return real(self, seed, **kw)
+
+    monkeypatch.setattr(Suite, "training_examples", spy)
+    learning_curve("mix", 1, 1, tmp_path, backbone=TINY, batch_size=4, progress=False, save=True,
+                   data={"mix": "reasoning_wide", "gen_fraction": 0.5})  # fmt: skip
+    expected = {**DEFAULTS["ar"]["data"], "mix": "reasoning_wide", "gen_fraction": 0.5, "taught_reasoning": 0}
+    assert seen == [{**expected, "wide_level1": True}]  # no warm-up unless data asks for one
+    from uniprobe.experiments.sandbox import load_sandbox
+
+    recipe = load_sandbox(tmp_path / "checkpoint").training_recipe
+    assert recipe["data"] == {**expected, "wide_level1": True}
+    assert held_out_categories(recipe) >= {"arithmetic", "mapping"}

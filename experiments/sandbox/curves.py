@@ -4,7 +4,8 @@ Issue 18's recipe trials train arithmetic and mapping inside the full mix; when 
 there, this asks the simpler question first: trained *alone* (the whole stream is
 ``Suite.training_examples``' warm-up of that task: ``arith_warmup`` or ``mapping_warmup``, so the
 held-out test expressions and rule sets still occur nowhere), does held-out understanding rise, and
-after how many steps? (``mapping1`` trains one-hop rule sets only.) Every ``every`` steps the model
+after how many steps? (``mapping1`` trains one-hop rule sets only; ``mix`` trains the arch's whole
+training stream, updated by ``data``, e.g. the last stage of a staged recipe.) Every ``every`` steps the model
 answers the suite's held-out test questions (arithmetic per level; mapping per level as A/B pairs,
 right only when both variants are, and per prompt) and one JSON line is appended to ``curve.jsonl``::
 
@@ -29,7 +30,7 @@ from uniprobe.experiments.tasks.suite import Suite
 from uniprobe.hooks.errors import UsageError
 from uniprobe.hooks.jsonio import write_json
 
-TASKS = ("arith", "mapping", "mapping1")
+TASKS = ("arith", "mapping", "mapping1", "mix")
 
 
 def heldout_understanding(model, suite: Suite) -> dict[str, float]:
@@ -78,7 +79,9 @@ def learning_curve(
 
     ``task``: ``"arith"`` (levels 1-3 in turn; level 1 over every digit value with ``wide_level1``) or
     ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after)
-    or ``"mapping1"`` (one hop only: the first third of a warm-up three times the run's length).
+    or ``"mapping1"`` (one hop only: the first third of a warm-up three times the run's length), or
+    ``"mix"`` (the arch's training stream of ``DEFAULTS`` with ``taught_reasoning=0``, updated by
+    ``data``: e.g. ``{"mix": "reasoning_wide"}``; its warm-ups only if ``data`` sets them).
     ``weight_decay`` is AdamW's; ``data`` passes more :meth:`Suite.training_examples` keywords (e.g.
     ``mapping_chains``), not the ones the task sets. ``init``: continue from this checkpoint (e.g. a
     saved one-hop curve's) instead of a fresh model; it must hold out the test questions too.
@@ -103,8 +106,11 @@ def learning_curve(
         "arith": {"arith_warmup": n},
         "mapping": {"mapping_warmup": n},
         "mapping1": {"mapping_warmup": 3 * n},
+        "mix": {},
     }[task]
     extra = dict(data or {})
+    if task == "mix":  # the arch's recipe under the user's keys (taught_reasoning is pinned to 0 below)
+        extra = {k: v for k, v in d["data"].items() if k != "taught_reasoning"} | extra
     clash = sorted(set(extra) & {"taught_reasoning", "wide_level1", *warm})
     if clash:
         raise UsageError(f"data keys {clash} are set by the task and its options; drop them from data")
