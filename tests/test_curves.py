@@ -105,3 +105,12 @@ def test_the_mix_task_trains_the_arch_recipe_updated_by_data(tmp_path, monkeypat
     recipe = load_sandbox(tmp_path / "checkpoint").training_recipe
     assert recipe["data"] == {**expected, "wide_level1": True}
     assert held_out_categories(recipe) >= {"arithmetic", "mapping"}
+
+
+def test_a_mapping_curve_rehearsing_arithmetic_keeps_the_whole_curriculum_in_the_run(tmp_path) -> None:
+    from uniprobe.experiments.sandbox import load_sandbox
+
+    learning_curve("mapping", 2, 2, tmp_path, backbone=TINY, batch_size=4, progress=False, save=True,
+                   data={"mapping_rehearse_arith": 0.25})  # fmt: skip
+    data = load_sandbox(tmp_path / "checkpoint").training_recipe["data"]
+    assert data["mapping_warmup"] == 6 and data["mapping_rehearse_arith"] == 0.25  # 8 examples, 3/4 mapping

@@ -257,6 +257,9 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert mix_cell(data) == want
     data = {"mix": "reasoning_wide", "arith_warmup": 640, "arith_levels": [0, 1, 1]}
     assert mix_cell(data) == "reasoning_wide + 640 arithmetic questions first (levels 1-3 at 0:1:1)"
+    data = {"mix": "reasoning_wide", "mapping_warmup": 90, "mapping_rehearse_arith": 0.25}
+    want = "reasoning_wide + 90 mapping questions first (25% more as arithmetic)"
+    assert mix_cell(data) == want
 
 
 def test_arith_levels_weight_the_levels_of_the_arithmetic_warmup(suite: Suite) -> None:
@@ -311,3 +314,27 @@ def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite
     plain = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0), 300)]
     zero = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0, reasoning_draw=0.0), 300)]
     assert plain == zero and not any("draw as many" in t for t in plain)
+
+
+def test_mapping_warmup_can_rehearse_arithmetic(suite: Suite) -> None:
+    exprs, rules = held_out_sets(suite)
+    stream = suite.training_examples(0, taught_reasoning=0, mapping_warmup=400, mapping_rehearse_arith=0.3)
+    mixed = list(itertools.islice(stream, 2000))
+    is_map = [" ; what is " in ex.prompt.text for ex in mixed]
+    end = [i for i, m in enumerate(is_map) if m][399]  # the warm-up's 400th mapping question
+    warm = mixed[: end + 1]
+    assert all(ex.answer is not None and not ex.prefix for ex in warm)  # questions alone, as in any warm-up
+    maps = [ex for ex in warm if " ; what is " in ex.prompt.text]
+    arith = [reasoning_parts(ex.prompt.text)[0] for ex in warm if " ; what is " not in ex.prompt.text]
+    assert 0.24 < len(arith) / len(warm) < 0.36
+    assert None not in arith and not set(arith) & exprs and {len(e.split()) // 2 for e in arith} == {1, 2, 3}
+    assert not {reasoning_parts(ex.prompt.text)[1] for ex in maps} & rules
+    hops = [len(rule_set(ex.prompt.text.split(" ; ")[0])) // 2 for ex in maps]
+    assert max(hops[:133]) == 1 and max(hops[134:266]) == 2 and max(hops[267:]) == 3  # the same curriculum
+    levels = suite.training_examples(0, taught_reasoning=0, mapping_warmup=400, mapping_rehearse_arith=0.3,
+                                     arith_levels=(0, 1, 1))  # fmt: skip
+    lv = {len(reasoning_parts(ex.prompt.text)[0].split()) // 2
+          for ex in itertools.islice(levels, 500) if " ; what is " not in ex.prompt.text}  # fmt: skip
+    assert lv == {2, 3}
+    with pytest.raises(ValueError, match="mapping_rehearse_arith is a share"):
+        next(suite.training_examples(0, taught_reasoning=0, mapping_warmup=4, mapping_rehearse_arith=1.0))

@@ -102,13 +102,15 @@ def learning_curve(
     suite = Suite(0)
     model, start = start_model(arch, backbone, init, suite_seed=0)
     n = steps * batch_size
+    extra = dict(data or {})
+    # with arithmetic rehearsed inside the mapping warm-up, the run holds fewer mapping questions
+    n_mapping = round(n * (1.0 - extra.get("mapping_rehearse_arith", 0.0)))
     warm = {
         "arith": {"arith_warmup": n},
-        "mapping": {"mapping_warmup": n},
+        "mapping": {"mapping_warmup": n_mapping},
         "mapping1": {"mapping_warmup": 3 * n},
         "mix": {},
     }[task]
-    extra = dict(data or {})
     if task == "mix":  # the arch's recipe under the user's keys (taught_reasoning is pinned to 0 below)
         extra = {k: v for k, v in d["data"].items() if k != "taught_reasoning"} | extra
     clash = sorted(set(extra) & {"taught_reasoning", "wide_level1", *warm})

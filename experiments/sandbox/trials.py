@@ -147,8 +147,8 @@ def format_trials(log: str | Path) -> str:
 
 def mix_cell(data: dict) -> str:
     """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup`` and its
-    ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share, ``mapping_chains``,
-    ``reasoning_draw``), as the trials table shows them."""
+    ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share and arithmetic
+    rehearsal, ``mapping_chains``, ``reasoning_draw``), as the trials table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")
@@ -160,6 +160,8 @@ def mix_cell(data: dict) -> str:
         one_hop = data.get("mapping_one_hop")
         share = f" ({100 * one_hop:.0f}% one hop)" if one_hop is not None else ""
         parts.append(f"{data['mapping_warmup']} mapping questions first{share}")
+        if data.get("mapping_rehearse_arith"):
+            parts[-1] += f" ({100 * data['mapping_rehearse_arith']:.0f}% more as arithmetic)"
     if data.get("mapping_chains", 2) != 2:
         parts.append(f"{data['mapping_chains']} chains per mapping question")
     if data.get("reasoning_draw"):

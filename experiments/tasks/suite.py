@@ -413,6 +413,7 @@ class Suite:
         mapping_chains: int = 2,
         mapping_one_hop: float | None = None,
         arith_levels: Sequence[float] | None = None,
+        mapping_rehearse_arith: float = 0.0,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -440,6 +441,11 @@ class Suite:
             arith_levels: the weights of levels 1-3 in the arithmetic warm-up (e.g. ``(0, 1, 1)``: no
                 level-1 question, so its held-out answers can only come from what levels 2-3 teach);
                 by default the levels take turns, a third each.
+            mapping_rehearse_arith: share of the mapping warm-up's examples that are arithmetic
+                questions instead (levels drawn by ``arith_levels``' weights, evenly by default):
+                rehearsal, so arithmetic learnt before (e.g. a continued checkpoint's) is not forgotten
+                while mapping is learnt alone. The warm-up still holds ``mapping_warmup`` mapping
+                questions.
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
@@ -453,7 +459,14 @@ class Suite:
             level = 1 + i % 3 if weights is None else rng.choices((1, 2, 3), weights)[0]
             prompt, answer = self._arith_qa(rng, level, wide_level1)
             yield TrainExample(prompt, answer=answer)
+        if not 0.0 <= mapping_rehearse_arith < 1.0:
+            raise ValueError(f"mapping_rehearse_arith is a share in [0, 1), not {mapping_rehearse_arith}")
         for i in range(mapping_warmup):
+            # the extra draw only when asked, so streams without rehearsal stay as they were
+            while mapping_rehearse_arith and rng.random() < mapping_rehearse_arith:
+                level = rng.choices((1, 2, 3), weights or (1, 1, 1))[0]
+                prompt, answer = self._arith_qa(rng, level, wide_level1)
+                yield TrainExample(prompt, answer=answer)
             prompt, answer = self._mapping_qa(
                 rng,
                 taught_reasoning,
