@@ -105,6 +105,8 @@ def test_the_mix_task_trains_the_arch_recipe_updated_by_data(tmp_path, monkeypat
     recipe = load_sandbox(tmp_path / "checkpoint").training_recipe
     assert recipe["data"] == {**expected, "wide_level1": True}
     assert held_out_categories(recipe) >= {"arithmetic", "mapping"}
+    row = json.loads((tmp_path / "curve.jsonl").read_text())  # the mix draws: its curve scores drawing too
+    assert {"arith L1", "mapping L3", "draw count", "und count", "draw arith L2"} <= set(row)
 
 
 def test_a_mapping_curve_rehearsing_arithmetic_keeps_the_whole_curriculum_in_the_run(tmp_path) -> None:

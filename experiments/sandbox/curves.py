@@ -26,6 +26,7 @@ import torch
 from uniprobe.experiments.sandbox.checkpoint import save_sandbox
 from uniprobe.experiments.sandbox.evaluate import gap_table
 from uniprobe.experiments.sandbox.train import DEFAULTS, fit, start_model
+from uniprobe.experiments.sandbox.trials import heldout_scores
 from uniprobe.experiments.tasks.suite import Suite
 from uniprobe.hooks.errors import UsageError
 from uniprobe.hooks.jsonio import write_json
@@ -75,7 +76,8 @@ def learning_curve(
     progress: bool = True,
 ) -> list[dict]:
     """Train a fresh ``arch`` model on ``task`` alone for ``steps`` steps; every ``every`` steps (and at
-    the end) append ``{"step", "loss", "seconds", **heldout_understanding}`` to ``out/curve.jsonl``.
+    the end) append ``{"step", "loss", "seconds", **heldout_understanding}`` to ``out/curve.jsonl``
+    (for ``"mix"``, which draws too, the trials' :func:`heldout_scores`: drawing and counting as well).
 
     ``task``: ``"arith"`` (levels 1-3 in turn; level 1 over every digit value with ``wide_level1``) or
     ``"mapping"`` (one hop in the first third of the run, up to two in the second, up to three after)
@@ -136,7 +138,7 @@ def learning_curve(
         model.eval()
         last = json.loads(log_path.read_text().splitlines()[-1])
         row = {"step": step + 1, "loss": last["loss"], "seconds": round(time.time() - t0, 1)}
-        row.update(heldout_understanding(model, suite))
+        row.update(heldout_scores(model, suite) if task == "mix" else heldout_understanding(model, suite))
         rows.append(row)
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
