@@ -260,6 +260,8 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     data = {"mix": "reasoning_wide", "mapping_warmup": 90, "mapping_rehearse_arith": 0.25}
     want = "reasoning_wide + 90 mapping questions first (25% more as arithmetic)"
     assert mix_cell(data) == want
+    data["mapping_rehearse_mix"] = 0.3
+    assert mix_cell(data).endswith("(25% more as arithmetic) (30% more as the mix)")
 
 
 def test_arith_levels_weight_the_levels_of_the_arithmetic_warmup(suite: Suite) -> None:
@@ -336,5 +338,29 @@ def test_mapping_warmup_can_rehearse_arithmetic(suite: Suite) -> None:
     lv = {len(reasoning_parts(ex.prompt.text)[0].split()) // 2
           for ex in itertools.islice(levels, 500) if " ; what is " not in ex.prompt.text}  # fmt: skip
     assert lv == {2, 3}
-    with pytest.raises(ValueError, match="mapping_rehearse_arith is a share"):
-        next(suite.training_examples(0, taught_reasoning=0, mapping_warmup=4, mapping_rehearse_arith=1.0))
+    for bad in ({"mapping_rehearse_arith": 1.0}, {"mapping_rehearse_mix": -0.1},
+                {"mapping_rehearse_arith": 0.5, "mapping_rehearse_mix": 0.5}):  # fmt: skip
+        with pytest.raises(ValueError, match="shares >= 0 summing below 1"):
+            next(suite.training_examples(0, taught_reasoning=0, mapping_warmup=4, **bad))
+
+
+def test_mapping_warmup_can_rehearse_the_whole_mix(suite: Suite) -> None:
+    exprs, rules = held_out_sets(suite)
+    stream = suite.training_examples(0, taught_reasoning=0, mix="reasoning_wide", mapping_warmup=600,
+                                     mapping_rehearse_mix=0.3, mapping_rehearse_arith=0.1)  # fmt: skip
+    examples = list(itertools.islice(stream, 3000))
+    ends = [
+        i for i, ex in enumerate(examples) if not ex.prefix and ex.answer and " ; what is " in ex.prompt.text
+    ]
+    warm = examples[: ends[599] + 1]  # up to the 600th bare mapping question (the mix's may come earlier)
+    drawings = [ex for ex in warm if ex.target is not None]
+    assert 0.3 < (len(warm) - 600) / len(warm) < 0.5 and drawings and any(ex.prefix for ex in warm)
+    test = set(suite.test_prompts)
+    for ex in warm:  # nothing held out, in the prompt or its context pairs
+        assert (ex.prompt.text, ex.prompt.images) not in test
+        for p, _ in ex.prefix:
+            assert (p.text, p.images) not in test
+            expr, statements = reasoning_parts(p.text)
+            assert expr not in exprs and statements not in rules
+        expr, statements = reasoning_parts(ex.prompt.text)
+        assert expr not in exprs and statements not in rules

@@ -105,8 +105,9 @@ def learning_curve(
     model, start = start_model(arch, backbone, init, suite_seed=0)
     n = steps * batch_size
     extra = dict(data or {})
-    # with arithmetic rehearsed inside the mapping warm-up, the run holds fewer mapping questions
-    n_mapping = round(n * (1.0 - extra.get("mapping_rehearse_arith", 0.0)))
+    # with other examples rehearsed inside the mapping warm-up, the run holds fewer mapping questions
+    rehearsed = extra.get("mapping_rehearse_arith", 0.0) + extra.get("mapping_rehearse_mix", 0.0)
+    n_mapping = round(n * (1.0 - rehearsed))
     warm = {
         "arith": {"arith_warmup": n},
         "mapping": {"mapping_warmup": n_mapping},

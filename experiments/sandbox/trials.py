@@ -160,8 +160,9 @@ def mix_cell(data: dict) -> str:
         one_hop = data.get("mapping_one_hop")
         share = f" ({100 * one_hop:.0f}% one hop)" if one_hop is not None else ""
         parts.append(f"{data['mapping_warmup']} mapping questions first{share}")
-        if data.get("mapping_rehearse_arith"):
-            parts[-1] += f" ({100 * data['mapping_rehearse_arith']:.0f}% more as arithmetic)"
+        for key, what in (("mapping_rehearse_arith", "arithmetic"), ("mapping_rehearse_mix", "the mix")):
+            if data.get(key):
+                parts[-1] += f" ({100 * data[key]:.0f}% more as {what})"
     if data.get("mapping_chains", 2) != 2:
         parts.append(f"{data['mapping_chains']} chains per mapping question")
     if data.get("reasoning_draw"):

@@ -414,6 +414,7 @@ class Suite:
         mapping_one_hop: float | None = None,
         arith_levels: Sequence[float] | None = None,
         mapping_rehearse_arith: float = 0.0,
+        mapping_rehearse_mix: float = 0.0,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -446,6 +447,9 @@ class Suite:
                 rehearsal, so arithmetic learnt before (e.g. a continued checkpoint's) is not forgotten
                 while mapping is learnt alone. The warm-up still holds ``mapping_warmup`` mapping
                 questions.
+            mapping_rehearse_mix: share of the mapping warm-up's examples drawn from the mix instead
+                (drawings and every kind of question, as after the warm-ups): rehearsal of a continued
+                checkpoint's whole recipe. With ``mapping_rehearse_arith`` the shares add up (below 1).
         """
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
@@ -459,14 +463,23 @@ class Suite:
             level = 1 + i % 3 if weights is None else rng.choices((1, 2, 3), weights)[0]
             prompt, answer = self._arith_qa(rng, level, wide_level1)
             yield TrainExample(prompt, answer=answer)
-        if not 0.0 <= mapping_rehearse_arith < 1.0:
-            raise ValueError(f"mapping_rehearse_arith is a share in [0, 1), not {mapping_rehearse_arith}")
+        mix_args = (mix, taught_reasoning, wide_level1, mapping_chains, gen_fraction, prefix_p,
+                    reasoning_draw, direct_heldout, held, allowed)  # fmt: skip
+        rehearse = mapping_rehearse_arith + mapping_rehearse_mix
+        if min(mapping_rehearse_arith, mapping_rehearse_mix) < 0.0 or rehearse >= 1.0:
+            raise ValueError(
+                "mapping_rehearse_arith and mapping_rehearse_mix are shares >= 0 summing below 1, not "
+                f"{mapping_rehearse_arith} and {mapping_rehearse_mix}"
+            )
         for i in range(mapping_warmup):
             # the extra draw only when asked, so streams without rehearsal stay as they were
-            while mapping_rehearse_arith and rng.random() < mapping_rehearse_arith:
-                level = rng.choices((1, 2, 3), weights or (1, 1, 1))[0]
-                prompt, answer = self._arith_qa(rng, level, wide_level1)
-                yield TrainExample(prompt, answer=answer)
+            while rehearse and (r := rng.random()) < rehearse:
+                if r < mapping_rehearse_arith:
+                    level = rng.choices((1, 2, 3), weights or (1, 1, 1))[0]
+                    prompt, answer = self._arith_qa(rng, level, wide_level1)
+                    yield TrainExample(prompt, answer=answer)
+                elif (ex := self._mix_example(rng, *mix_args)) is not None:
+                    yield ex
             prompt, answer = self._mapping_qa(
                 rng,
                 taught_reasoning,
@@ -476,28 +489,39 @@ class Suite:
             if (prompt.text, prompt.images) not in held:
                 yield TrainExample(prompt, answer=answer)
         while True:
-            prefix = (
-                [
-                    self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
-                    for _ in range(1 + int(rng.random() * 2))
-                ]
-                if rng.random() < prefix_p
-                else []
-            )
-            if rng.random() < gen_fraction:
-                # the extra draw only when asked, so streams without reasoning drawing stay as they were
-                if reasoning_draw and rng.random() < reasoning_draw:
-                    prompt, target = self._level1_draw(rng)
-                else:
-                    prompt, target = self._direct(rng, direct_heldout)
-                ex = TrainExample(prompt, target=target, prefix=prefix)
+            ex = self._mix_example(rng, *mix_args)
+            if ex is not None:
+                yield ex
+
+    def _mix_example(
+        self, rng: random.Random, mix: str, taught_reasoning: float, wide_level1: bool, mapping_chains: int,
+        gen_fraction: float, prefix_p: float, reasoning_draw: float, direct_heldout: bool,
+        held: set, allowed: set,
+    ) -> TrainExample | None:  # fmt: skip
+        """One example of the mix (a drawing or a question, maybe after context pairs), or None when it
+        touches a held-out prompt (the caller draws again)."""
+        prefix = (
+            [
+                self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
+                for _ in range(1 + int(rng.random() * 2))
+            ]
+            if rng.random() < prefix_p
+            else []
+        )
+        if rng.random() < gen_fraction:
+            # the extra draw only when asked, so streams without reasoning drawing stay as they were
+            if reasoning_draw and rng.random() < reasoning_draw:
+                prompt, target = self._level1_draw(rng)
             else:
-                prompt, answer = self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
-                ex = TrainExample(prompt, answer=answer, prefix=prefix)
-            keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
-            if any(k in held and k not in allowed for k in keys):
-                continue
-            yield ex
+                prompt, target = self._direct(rng, direct_heldout)
+            ex = TrainExample(prompt, target=target, prefix=prefix)
+        else:
+            prompt, answer = self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
+            ex = TrainExample(prompt, answer=answer, prefix=prefix)
+        keys = [(ex.prompt.text, ex.prompt.images)] + [(p.text, p.images) for p, _ in prefix]
+        if any(k in held and k not in allowed for k in keys):
+            return None
+        return ex
 
 
 def _level_weights(levels: Sequence[float] | None) -> list[float] | None:
