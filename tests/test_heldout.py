@@ -364,3 +364,12 @@ def test_mapping_warmup_can_rehearse_the_whole_mix(suite: Suite) -> None:
             assert expr not in exprs and statements not in rules
         expr, statements = reasoning_parts(ex.prompt.text)
         assert expr not in exprs and statements not in rules
+
+
+def test_arith_heavy_144_asks_levels_1_3_at_1_4_4_never_a_test_expression(suite: Suite) -> None:
+    exprs, _ = held_out_sets(suite)
+    texts = stream_texts(suite, 8000, taught_reasoning=0, mix="arith_heavy_144", wide_level1=True)
+    asked = [e for e in (reasoning_parts(t)[0] for t in texts) if e is not None and " as " not in e]
+    assert not set(asked) & exprs
+    per_level = [sum(len(e.split()) // 2 == k for e in asked) for k in (1, 2, 3)]
+    assert 3.2 < per_level[1] / per_level[0] < 4.8 and 3.2 < per_level[2] / per_level[0] < 4.8
