@@ -1,0 +1,62 @@
+"""Staged recipes: a chain of learning curves (``experiments/sandbox/staged.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from uniprobe.experiments.sandbox import load_sandbox
+from uniprobe.experiments.sandbox.staged import STAGED_AR, main, run_staged
+from uniprobe.experiments.tasks.suite import held_out_categories
+from uniprobe.hooks.errors import UsageError
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2}  # fmt: skip
+STAGES = [
+    {"name": "a", "task": "mapping1", "steps": 2, "every": 2, "batch_size": 4},
+    {"name": "b", "task": "mix", "steps": 1, "every": 1, "batch_size": 4, "data": {"mix": "arith_heavy_144"}},
+]
+
+
+def test_a_chain_continues_each_stage_from_the_last_and_resumes(tmp_path) -> None:
+    rows = run_staged(tmp_path / "run", seed=3, stages=STAGES, backbone=TINY, progress=False)
+    assert [r["stage"] for r in rows] == ["a", "b"] and [r["step"] for r in rows] == [2, 1]
+    final = load_sandbox(tmp_path / "run" / "b" / "checkpoint")
+    recipe = final.training_recipe
+    assert recipe["seed"] == 4 and recipe["data"]["mix"] == "arith_heavy_144"  # stage k: seed + k
+    assert recipe["init"]["path"] == str(tmp_path / "run" / "a" / "checkpoint")
+    assert (
+        recipe["init"]["training"]["seed"] == 3 and recipe["init"]["training"]["curve"]["task"] == "mapping1"
+    )
+    assert held_out_categories(recipe) >= {"arithmetic", "mapping"}
+    assert (
+        json.loads((tmp_path / "run" / "b" / "checkpoint" / "config.json").read_text())["backbone"][
+            "hidden_size"
+        ]
+        == 32
+    )
+    # an interrupted chain resumes: the finished stage is kept as it is, the missing one runs again
+    first = (tmp_path / "run" / "a" / "checkpoint" / "model.safetensors").read_bytes()
+    (tmp_path / "run" / "b" / "checkpoint" / "model.safetensors").unlink()
+    again = run_staged(tmp_path / "run", seed=3, stages=STAGES, backbone=TINY, progress=False)
+    assert again == [{**r, "seconds": a["seconds"]} for r, a in zip(rows, again, strict=True)]
+    assert (tmp_path / "run" / "a" / "checkpoint" / "model.safetensors").read_bytes() == first
+    assert (tmp_path / "run" / "b" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> None:
+    run_staged(tmp_path / "run", seed=3, stages=STAGES[:1], backbone=TINY, progress=False)
+    with pytest.raises(UsageError, match="another plan"):
+        run_staged(tmp_path / "run", seed=4, stages=STAGES[:1], backbone=TINY, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit) as err:
+        main(["--out", str(tmp_path / "mine")])
+    assert err.value.code == 2 and "holds no staged run" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and len(
+        list((tmp_path / "mine").iterdir())
+    ) == 1
+    with pytest.raises(UsageError, match="distinct"):
+        run_staged(tmp_path / "x", stages=[STAGES[0], STAGES[0]])
+    assert [s["task"] for s in STAGED_AR] == ["mapping1", "mapping", "mix", "mix"]
+    assert json.loads((tmp_path / "run" / "staged.json").read_text())["seed"] == 3
