@@ -6,7 +6,7 @@ import json
 
 import pytest
 from uniprobe.experiments.sandbox import load_sandbox
-from uniprobe.experiments.sandbox.staged import STAGED_AR, main, run_staged
+from uniprobe.experiments.sandbox.staged import CHAINS, STAGED_AR, main, run_staged
 from uniprobe.experiments.tasks.suite import held_out_categories
 from uniprobe.hooks.errors import UsageError
 
@@ -58,5 +58,41 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     ) == 1
     with pytest.raises(UsageError, match="distinct"):
         run_staged(tmp_path / "x", stages=[STAGES[0], STAGES[0]])
-    assert [s["task"] for s in STAGED_AR] == ["mapping1", "mapping", "mix", "mix"]
+    assert [s["task"] for s in STAGED_AR] == ["mix", "mapping1", "mapping"]
+    assert CHAINS["mix-first"] == (STAGED_AR, 0) and CHAINS["mapping-first"][1] == 1
     assert json.loads((tmp_path / "run" / "staged.json").read_text())["seed"] == 3
+
+
+def test_the_mix_first_candidate_answers_held_out_reasoning_at_the_bar() -> None:
+    """The chain's seed-0 model (``artifacts/sandbox/candidates/ar-mix-first-seed0``): issue 18's bar,
+    scored as the trials score it; its recipe holds arithmetic and mapping out in every stage."""
+    from pathlib import Path
+
+    import torch
+    from uniprobe.experiments.sandbox.trials import heldout_scores
+    from uniprobe.experiments.tasks import Suite
+
+    path = Path(__file__).resolve().parents[1] / "artifacts" / "sandbox" / "candidates" / "ar-mix-first-seed0"
+    model = load_sandbox(path).eval()
+    assert held_out_categories(model.training_recipe) >= {"arithmetic", "mapping"}
+    assert model.training_recipe["curve"]["task"] == "mapping"  # stage 3 of STAGED_AR, continuing 2 and 1
+    assert (
+        model.training_recipe["init"]["training"]["init"]["training"]["curve"]["data"]["mix"]
+        == "arith_heavy_144"
+    )
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        scores = heldout_scores(model, Suite(0))
+    recorded = json.loads(path.with_name("ar-mix-first-seed0.scores.json").read_text())
+    assert scores == recorded
+    bar = [
+        "arith L1",
+        "arith L2",
+        "arith L3",
+        "mapping L1",
+        "mapping L2",
+        "mapping L3",
+        "draw count",
+        "draw portrait",
+    ]
+    assert min(scores[k] for k in bar) >= 0.9
