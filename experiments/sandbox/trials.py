@@ -147,8 +147,8 @@ def format_trials(log: str | Path) -> str:
 
 def mix_cell(data: dict) -> str:
     """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup`` and its
-    ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share and arithmetic
-    rehearsal, ``mapping_chains``, ``reasoning_draw``), as the trials table shows them."""
+    ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share and rehearsal
+    shares, ``mapping_chains``, ``reasoning_draw``), as the trials table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")

@@ -21,6 +21,7 @@ categories a recipe holds out).
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -470,18 +471,21 @@ class Suite:
         if not taught_reasoning:
             held |= {(p.text, p.images) for p, _ in self.reasoning_questions}
         weights = _level_weights(arith_levels)
-        for i in range(arith_warmup):
-            level = 1 + i % 3 if weights is None else rng.choices((1, 2, 3), weights)[0]
-            prompt, answer = self._arith_qa(rng, level, wide_level1)
-            yield TrainExample(prompt, answer=answer)
-        mix_args = (mix, taught_reasoning, wide_level1, mapping_chains, gen_fraction, prefix_p,
-                    reasoning_draw, direct_heldout, held, allowed)  # fmt: skip
         rehearse = mapping_rehearse_arith + mapping_rehearse_mix
         if min(mapping_rehearse_arith, mapping_rehearse_mix) < 0.0 or rehearse >= 1.0:
             raise ValueError(
                 "mapping_rehearse_arith and mapping_rehearse_mix are shares >= 0 summing below 1, not "
                 f"{mapping_rehearse_arith} and {mapping_rehearse_mix}"
             )
+        for i in range(arith_warmup):
+            level = 1 + i % 3 if weights is None else rng.choices((1, 2, 3), weights)[0]
+            prompt, answer = self._arith_qa(rng, level, wide_level1)
+            yield TrainExample(prompt, answer=answer)
+        mix_example = functools.partial(
+            self._mix_example, rng, mix=mix, taught_reasoning=taught_reasoning, wide_level1=wide_level1,
+            mapping_chains=mapping_chains, gen_fraction=gen_fraction, prefix_p=prefix_p,
+            reasoning_draw=reasoning_draw, direct_heldout=direct_heldout, held=held, allowed=allowed,
+        )  # fmt: skip
         for i in range(mapping_warmup):
             # the extra draw only when asked, so streams without rehearsal stay as they were
             while rehearse and (r := rng.random()) < rehearse:
@@ -489,7 +493,7 @@ class Suite:
                     level = rng.choices((1, 2, 3), weights or (1, 1, 1))[0]
                     prompt, answer = self._arith_qa(rng, level, wide_level1)
                     yield TrainExample(prompt, answer=answer)
-                elif (ex := self._mix_example(rng, *mix_args)) is not None:
+                elif (ex := mix_example()) is not None:
                     yield ex
             prompt, answer = self._mapping_qa(
                 rng,
@@ -500,7 +504,7 @@ class Suite:
             if (prompt.text, prompt.images) not in held:
                 yield TrainExample(prompt, answer=answer)
         while True:
-            ex = self._mix_example(rng, *mix_args)
+            ex = mix_example()
             if ex is not None:
                 yield ex
 
