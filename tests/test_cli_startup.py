@@ -55,7 +55,9 @@ def test_help_of_every_command_imports_no_heavy_library():
 
 
 def test_choices_agree_with_the_library():
+    from uniprobe.experiments.cli._choices import SANDBOX_CHAINS
     from uniprobe.experiments.patching import ALIGNS, DIRECTIONS, METHODS
+    from uniprobe.experiments.sandbox.staged import CHAINS
     from uniprobe.hooks.dtypes import DTYPES
     from uniprobe.hooks.layout import ROLES as LAYOUT_ROLES
     from uniprobe.probes.patching.sites import HEAD_KINDS, KINDS
@@ -63,6 +65,7 @@ def test_choices_agree_with_the_library():
     assert ROLES == LAYOUT_ROLES and DTYPE_NAMES == tuple(DTYPES)
     assert (PATCH_KINDS, PATCH_METHODS) == (KINDS + HEAD_KINDS, METHODS)
     assert (PATCH_DIRECTIONS, PATCH_ALIGNS) == (DIRECTIONS, ALIGNS)
+    assert SANDBOX_CHAINS == tuple(sorted(CHAINS))
     store_dtype = build_parser()._subparsers._group_actions[0].choices["capture"]._option_string_actions
     assert tuple(store_dtype["--dtype"].choices) == tuple(DTYPES)
 

@@ -185,3 +185,21 @@ def test_sandbox_seeds_command_parses_to_the_library_call(tmp_path, monkeypatch)
     ]
     assert main(argv) == 0
     assert calls == [("query", [3, 4], {"steps": 5, "time_budget_s": None, "threads": None})]
+    calls.clear()
+    argv = [
+        "sandbox",
+        "seeds",
+        "--arch",
+        "ar",
+        "--seeds",
+        "0",
+        "10",
+        "--out",
+        str(tmp_path),
+        "--chain",
+        "mix-first",
+    ]
+    assert main(argv) == 0
+    assert calls == [
+        ("ar", [0, 10], {"steps": None, "time_budget_s": None, "threads": None, "chain": "mix-first"})
+    ]

@@ -96,3 +96,32 @@ def test_the_mix_first_candidate_answers_held_out_reasoning_at_the_bar() -> None
         "draw portrait",
     ]
     assert min(scores[k] for k in bar) >= 0.9
+
+
+def test_train_any_runs_a_chain_beside_its_checkpoint_and_the_cli_passes_it(tmp_path, monkeypatch) -> None:
+    """``train_any(chain=)`` (``train-sandbox --chain``, ``sandbox seeds --chain``): the stages in
+    ``<out>-stages/`` (resumable), the last stage's checkpoint copied to ``out`` unchanged."""
+    from uniprobe.experiments.cli import build_parser
+    from uniprobe.experiments.sandbox import staged
+    from uniprobe.experiments.sandbox.train import train_any
+
+    monkeypatch.setitem(staged.CHAINS, "mix-first", (tuple(STAGES), 5))
+    model = train_any("ar", tmp_path / "ckpt", chain="mix-first", backbone=TINY, progress=False, threads=1)
+    last = tmp_path / "ckpt-stages" / "b" / "checkpoint"
+    for name in ("model.safetensors", "training.json", "SHA256SUMS"):
+        assert (tmp_path / "ckpt" / name).read_bytes() == (last / name).read_bytes()
+    assert model.training_recipe["seed"] == 6 and model.training_recipe["init"]["training"]["seed"] == 5
+    assert json.loads((tmp_path / "ckpt-stages" / "staged.json").read_text())["seed"] == 5
+    with pytest.raises(UsageError, match="drop \\['data', 'steps'\\]"):
+        train_any("ar", tmp_path / "x", chain="mix-first", steps=3, data={})
+    with pytest.raises(UsageError, match="unknown chain"):
+        train_any("ar", tmp_path / "x", chain="nope")
+    with pytest.raises(UsageError, match="not sandbox-mot"):
+        train_any("mot", tmp_path / "x", chain="mix-first")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x-stages").exists()
+    args = build_parser().parse_args(["train-sandbox", "--arch", "ar", "--chain", "mix-first", "--out", "d"])
+    assert args.chain == "mix-first"
+    args = build_parser().parse_args(
+        ["sandbox", "seeds", "--arch", "ar", "--seeds", "0", "--chain", "mapping-first", "--out", "d"]
+    )
+    assert args.chain == "mapping-first"

@@ -1,10 +1,12 @@
 """``uniprobe train-sandbox`` and ``uniprobe gap``: train a sandbox model, its gap table.
 
 uniprobe train-sandbox --arch ar|query|mot --out DIR [--steps N] [--seed S] [--time-budget SECONDS]
+uniprobe train-sandbox --arch ar|query --chain mix-first --out DIR [--seed S]   (staged.CHAINS)
     (mot: warm start from ``--source`` (default sandbox-query), then the generation path;
     ``mot_train.RECIPE``)
 uniprobe gap --model sandbox-ar|sandbox-query|DIR [--out DIR] [--no-verify]
 uniprobe sandbox seeds --arch ar|query|mot --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
+    [--chain mix-first]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from uniprobe.experiments.cli._choices import SANDBOX_CHAINS
 from uniprobe.hooks.errors import UsageError
 
 
@@ -36,6 +39,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds (schedule follows time)"
+    )
+    p.add_argument(
+        "--chain",
+        choices=SANDBOX_CHAINS,
+        default=None,
+        help="ar/query: train the staged chain instead (staged.CHAINS; mix-first: issue 18's recipe, "
+        "~30 min on one core), its stages in OUT-stages/",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=run_train)
@@ -70,6 +80,13 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--time-budget", type=float, default=None, help="per seed, seconds (schedule follows time)"
     )
+    s.add_argument(
+        "--chain",
+        choices=SANDBOX_CHAINS,
+        default=None,
+        help="ar/query: train the staged chain instead (staged.CHAINS; mix-first: issue 18's recipe, "
+        "~30 min on one core), its stages in OUT/seed-*/checkpoint-stages/",
+    )
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     s.set_defaults(func=run_sandbox_seeds)
     return p
@@ -86,6 +103,7 @@ def run_sandbox_seeds(args: argparse.Namespace) -> int:
         steps=args.steps,
         time_budget_s=args.time_budget,
         threads=args.threads,
+        **({"chain": args.chain} if args.chain else {}),
     )
     print(format_seed_table(summary, title=f"sandbox-{args.arch} over seeds"))
     print(f"({time.time() - t0:.0f}s) → {args.out}/seeds.json, seeds.md")
@@ -106,6 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
         time_budget_s=args.time_budget,
         threads=args.threads,
         source=args.source,
+        chain=args.chain,
     )
     print(f"trained {args.arch} in {time.time() - t0:.0f}s → {args.out}")
     return 0

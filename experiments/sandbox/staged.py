@@ -6,6 +6,7 @@ and arithmetic, counting and drawing best in the full mix with batch 64; a chain
 
     python -m uniprobe.experiments.sandbox.staged --out DIR                          # mix first (seed 0)
     python -m uniprobe.experiments.sandbox.staged --chain mapping-first --out DIR    # (seed 1)
+    python -m uniprobe.experiments.sandbox.staged --arch query --out DIR             # the query model
 
 Each stage is :func:`~uniprobe.experiments.sandbox.curves.learning_curve` with ``save=True`` in
 ``DIR/<stage name>``, started from the stage before (``init``); stage ``k`` (from 0) uses seed
@@ -119,12 +120,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="seed of the first stage (stage k: seed + k); default: as measured",
     )
+    p.add_argument(
+        "--arch", default="ar", choices=("ar", "query"), help="the model the first stage builds fresh"
+    )
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     stages, measured = CHAINS[a.chain]
     try:
         rows = run_staged(
-            a.out, seed=measured if a.seed is None else a.seed, stages=stages, threads=a.threads
+            a.out, seed=measured if a.seed is None else a.seed, stages=stages, arch=a.arch, threads=a.threads
         )
     except UsageError as err:  # status 2, as the uniprobe CLI: bad settings, not a crash
         print(f"error: {err}", file=sys.stderr)

@@ -224,12 +224,22 @@ def train_any(
     threads: int | None = None,
     source: str | Path | None = None,
     progress: bool = True,
+    chain: str | None = None,
     **kw: Any,
 ) -> SandboxModel:
     """Each architecture's shipped recipe: :func:`train_sandbox` for ``ar`` / ``query``; for ``mot``
     :func:`~uniprobe.experiments.sandbox.mot_train.train_mot` (warm start from ``source``, default
     ``sandbox-query``, then the generation path). ``kw``: ``train_sandbox``'s other keywords (``mot``
-    takes only ``data``, its drawing stream's keys)."""
+    takes only ``data``, its drawing stream's keys).
+
+    ``chain`` (``ar`` / ``query``): instead, a staged chain of
+    :data:`~uniprobe.experiments.sandbox.staged.CHAINS` (e.g. ``"mix-first"``, issue 18's recipe whose
+    understanding generalises), run by :func:`~uniprobe.experiments.sandbox.staged.run_staged` in
+    ``<out>-stages/`` (an interrupted chain resumes there) and its last checkpoint copied to ``out``;
+    ``seed`` is the first stage's (default: the chain's as measured); only ``backbone`` may be added.
+    """
+    if chain is not None:
+        return _train_chain(arch, out, chain, seed, threads, progress, steps, time_budget_s, source, kw)
     if arch == "mot":
         from uniprobe.experiments.sandbox.mot_train import train_mot
 
@@ -246,6 +256,49 @@ def train_any(
         arch, out, steps=steps, seed=seed, time_budget_s=time_budget_s, threads=threads,
         progress=progress, **kw,
     )  # fmt: skip
+
+
+def _train_chain(
+    arch: str,
+    out: str | Path | None,
+    chain: str,
+    seed: int | None,
+    threads: int | None,
+    progress: bool,
+    steps: int | None,
+    time_budget_s: float | None,
+    source: str | Path | None,
+    kw: dict,
+) -> SandboxModel:
+    """:func:`train_any` with ``chain``: run the chain's stages, copy the last checkpoint to ``out``."""
+    import shutil
+
+    from uniprobe.experiments.sandbox.staged import CHAINS, run_staged
+
+    if chain not in CHAINS:
+        raise UsageError(f"unknown chain {chain!r}: use one of {', '.join(sorted(CHAINS))}")
+    if arch not in ("ar", "query"):
+        raise UsageError(f"staged chains train sandbox-ar or sandbox-query from scratch, not sandbox-{arch}")
+    extra = sorted(set(kw) - {"backbone"}) + [
+        name for name, v in (("steps", steps), ("time_budget_s", time_budget_s), ("source", source)) if v
+    ]
+    if out is None or extra:
+        raise UsageError(
+            f"a chain sets each stage's steps and data itself and writes its stages beside out: "
+            f"{'give out' if out is None else f'drop {extra}'} (or change the stages in staged.CHAINS)"
+        )
+    stages, measured = CHAINS[chain]
+    out = Path(out)
+    stages_dir = out.with_name(out.name + "-stages")
+    run_staged(
+        stages_dir, seed=measured if seed is None else seed, stages=stages, arch=arch,
+        backbone=kw.get("backbone"), threads=threads, progress=progress,
+    )  # fmt: skip
+    last = stages_dir / stages[-1]["name"] / "checkpoint"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(last.iterdir()):  # the checkpoint's files, SHA256SUMS and training.json included
+        shutil.copy2(f, out / f.name)
+    return load_sandbox(out)
 
 
 def fit(
