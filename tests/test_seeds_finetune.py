@@ -178,3 +178,40 @@ def test_report_html_renders_tables_and_figures(tmp_path) -> None:
     page = write_html(md, tmp_path / "r.html", title="t & u").read_text()
     assert "<table>" in page and "<td>1</td>" in page and 'src="x.png"' in page
     assert "<title>t &amp; u</title>" in page
+
+
+def test_replay_draws_the_models_own_mix_and_never_teaches_what_it_held_out(suite: Suite) -> None:
+    """STARS and injection replay ``replay_data``: the shipped recipes' mixes unchanged; a staged
+    model's last-stage mix without its warm-ups, so its held-out test questions stay out of the replay."""
+    import json
+    from pathlib import Path
+
+    from uniprobe.experiments.sandbox.checkpoint import SHIPPED
+    from uniprobe.experiments.sandbox.train import DEFAULTS, WARMUP_KEYS, replay_data
+    from uniprobe.experiments.tasks.suite import held_out_categories
+
+    for name, path in SHIPPED.items():
+        arch = name.removeprefix("sandbox-")
+        recipe = json.loads((path / "training.json").read_text())
+        assert replay_data(arch, recipe) == DEFAULTS[arch]["data"] == replay_data(arch, None)
+    staged = (
+        Path(__file__).resolve().parents[1] / "artifacts/sandbox/candidates/ar-mix-first-seed0/training.json"
+    )
+    recipe = json.loads(staged.read_text())
+    data = replay_data("ar", recipe)
+    assert (
+        data["taught_reasoning"] == 0
+        and data["mix"] == "arith_heavy_144"
+        and not set(data) & set(WARMUP_KEYS)
+    )
+    assert held_out_categories({"suite_seed": 0, "data": data}) >= held_out_categories(recipe)
+    settings = InjectSettings(n_characters=6, n_inverse_test=8)
+    inj = make_injection(suite, settings)
+    reasoning = {it.question for it in suite.items if it.category in ("arithmetic", "mapping")}
+    for make in (understanding_stream, generation_stream):
+        for ex in itertools.islice(make(suite, inj, "ar", settings, recipe), 1500):
+            assert (ex.prompt.text, tuple(ex.prompt.images)) not in suite.test_prompts
+            assert ex.prompt.text not in reasoning
+    # the control: the shipped AR's recipe teaches the test reasoning questions, and its replay shows them
+    taught = itertools.islice(understanding_stream(suite, inj, "ar", settings, None), 1500)
+    assert any(ex.prompt.text in reasoning for ex in taught)

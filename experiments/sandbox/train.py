@@ -70,6 +70,25 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+# Suite.training_examples keywords that shape a warm-up curriculum, not the mix a replay draws from
+WARMUP_KEYS: tuple[str, ...] = (
+    "arith_warmup", "mapping_warmup", "arith_levels", "mapping_rehearse_arith", "mapping_rehearse_mix",
+)  # fmt: skip
+
+
+def replay_data(arch: str, recipe: dict | None) -> dict:
+    """The :meth:`Suite.training_examples` keywords that replay a model's pre-training mix while it is
+    fine-tuned (STARS, knowledge injection): ``DEFAULTS[arch]["data"]`` updated by the model's own
+    recipe (``training.json``'s ``data``, the last stage's for a chain) without its warm-ups. So a
+    replay never teaches what the model's training held out: a staged model trained with
+    ``taught_reasoning=0`` is not shown the test reasoning questions by its replay. For the recipes
+    of ``DEFAULTS`` (the shipped query and MoT models) it is ``DEFAULTS[arch]["data"]`` itself."""
+    data = dict(DEFAULTS[arch]["data"])
+    if recipe is not None:
+        data.update({k: v for k, v in recipe.get("data", {}).items() if k not in WARMUP_KEYS})
+    return data
+
+
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``lr / 20``."""
     if step < warmup:

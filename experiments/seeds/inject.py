@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table, summarize
-from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.sandbox.train import fit, replay_data
 from uniprobe.experiments.seeds.results import InjectResult
 from uniprobe.experiments.tasks import generators as gen
 from uniprobe.experiments.tasks import world
@@ -90,18 +90,22 @@ def make_injection(suite: Suite, settings: InjectSettings) -> Injection:
     return Injection(chars, items, pairs[k:])
 
 
-def _replay(suite: Suite, arch: str, seed: int, drawing: bool) -> Iterator[TrainExample]:
-    """Pre-training examples: text-only QA (no image in the prompt or context) or direct drawing."""
-    data = {**DEFAULTS[arch]["data"], "gen_fraction": 1.0 if drawing else 0.0}
+def _replay(suite: Suite, arch: str, seed: int, drawing: bool, recipe: dict | None) -> Iterator[TrainExample]:
+    """Pre-training examples: text-only QA (no image in the prompt or context) or direct drawing, from
+    the model's own mix (``recipe``: its ``training.json``; :func:`replay_data`)."""
+    data = {**replay_data(arch, recipe), "gen_fraction": 1.0 if drawing else 0.0}
     for ex in suite.training_examples(seed + 1000, **data):
         if drawing or not (ex.prompt.images or any(p.images for p, _ in ex.prefix)):
             yield ex
 
 
-def understanding_stream(suite: Suite, inj: Injection, arch: str, settings: InjectSettings) -> Iterator:
-    """Text QA on the new characters (attributes, descriptions, inverse training pairs) + replay."""
+def understanding_stream(
+    suite: Suite, inj: Injection, arch: str, settings: InjectSettings, recipe: dict | None = None
+) -> Iterator:
+    """Text QA on the new characters (attributes, descriptions, inverse training pairs) + replay of the
+    model's mix (``recipe``: its ``training.json``, None: ``DEFAULTS[arch]``'s)."""
     rng = random.Random(settings.seed + 1)
-    replay = _replay(suite, arch, settings.seed, drawing=False)
+    replay = _replay(suite, arch, settings.seed, drawing=False, recipe=recipe)
     by_name = {c.name: c for c in inj.characters}
     while True:
         if rng.random() < settings.replay:
@@ -120,10 +124,13 @@ def understanding_stream(suite: Suite, inj: Injection, arch: str, settings: Inje
             yield TrainExample(Prompt(inverse_question(a, b, attr, one.attrs[attr])), answer=one.name)
 
 
-def generation_stream(suite: Suite, inj: Injection, arch: str, settings: InjectSettings) -> Iterator:
-    """Drawing on the new characters (favourite fruit / flower, portrait) + replayed direct drawing."""
+def generation_stream(
+    suite: Suite, inj: Injection, arch: str, settings: InjectSettings, recipe: dict | None = None
+) -> Iterator:
+    """Drawing on the new characters (favourite fruit / flower, portrait) + replayed direct drawing
+    (``recipe`` as in :func:`understanding_stream`)."""
     rng = random.Random(settings.seed + 2)
-    replay = _replay(suite, arch, settings.seed, drawing=True)
+    replay = _replay(suite, arch, settings.seed, drawing=True, recipe=recipe)
     while True:
         if rng.random() < settings.replay:
             yield next(replay)
@@ -195,7 +202,8 @@ def run_inject(
     for direction in DIRECTIONS:
         tuned = copy.deepcopy(model)
         log = fit(
-            tuned, streams[direction](suite, inj, arch, settings), settings.steps, settings.lr,
+            tuned, streams[direction](suite, inj, arch, settings, getattr(model, "training_recipe", None)),
+            settings.steps, settings.lr,
             settings.batch_size, warmup=settings.warmup, progress=progress, desc=f"inject ({direction})",
         )  # fmt: skip
         result[direction] = {"after": measure(tuned, inj, suite, progress), "final_loss": log[-1]["loss"]}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from uniprobe.experiments.progress import bar, chunks
 from uniprobe.experiments.sandbox.evaluate import evaluate_items
-from uniprobe.experiments.sandbox.train import DEFAULTS, fit
+from uniprobe.experiments.sandbox.train import fit, replay_data
 from uniprobe.experiments.seeds.results import StarsResult
 from uniprobe.experiments.tasks import generators as gen
 from uniprobe.experiments.tasks import world
@@ -183,7 +183,9 @@ def run_stars(
     result["before"] = per_level(model, test, progress, desc="STARS test, before")
     tuned = copy.deepcopy(model)
     rng = random.Random(settings.seed + 3)
-    replay = suite.training_examples(settings.seed + 2000, **DEFAULTS[model.arch]["data"])
+    replay = suite.training_examples(
+        settings.seed + 2000, **replay_data(model.arch, getattr(model, "training_recipe", None))
+    )
 
     def stream():
         while True:
