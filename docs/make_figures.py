@@ -4,7 +4,7 @@
 
 Small settings (about 1 minute on 2 CPU cores): the arithmetic questions of ``Suite(seed=0)`` for
 capture, probes and the lens, one prompt pair for patching, six items per category for the gap
-table. The PNGs are committed; ``tests/test_docs_figures.py`` (slow) runs this script into a scratch
+table. The PNGs are committed; ``tests/test_docs_pages.py`` (slow) runs this script into a scratch
 folder, so it keeps working as the toolkit changes. Each page says which command its figure comes from.
 """
 

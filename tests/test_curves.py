@@ -78,8 +78,10 @@ def test_a_curve_saves_its_model_and_another_continues_from_it(tmp_path) -> None
     a, b = first.state_dict(), second.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on ...
     assert all((a[k] - b[k]).abs().max() < 1e-3 for k in a)  # ... from the saved weights (one warm-up step)
-    with pytest.raises(UsageError, match="holds the test questions out"):  # the shipped AR is taught them
-        learning_curve("mapping", 1, 1, tmp_path / "three", init="sandbox-ar", progress=False)
+    with pytest.raises(UsageError, match="holds the test questions out"):  # the shipped query is taught them
+        learning_curve(
+            "mapping", 1, 1, tmp_path / "three", arch="query", init="sandbox-query", progress=False
+        )
     with pytest.raises(UsageError, match="drop backbone"):
         learning_curve("mapping", 1, 1, tmp_path / "four", init=ck, backbone=TINY, progress=False)
 

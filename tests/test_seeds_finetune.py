@@ -181,23 +181,19 @@ def test_report_html_renders_tables_and_figures(tmp_path) -> None:
 
 
 def test_replay_draws_the_models_own_mix_and_never_teaches_what_it_held_out(suite: Suite) -> None:
-    """STARS and injection replay ``replay_data``: the shipped recipes' mixes unchanged; a staged
+    """STARS and injection replay ``replay_data``: DEFAULTS' recipes' mixes unchanged; a staged
     model's last-stage mix without its warm-ups, so its held-out test questions stay out of the replay."""
     import json
-    from pathlib import Path
 
     from uniprobe.experiments.sandbox.checkpoint import SHIPPED
     from uniprobe.experiments.sandbox.train import DEFAULTS, WARMUP_KEYS, replay_data
     from uniprobe.experiments.tasks.suite import held_out_categories
 
-    for name, path in SHIPPED.items():
+    for name in ("sandbox-query", "sandbox-mot"):  # trained with DEFAULTS' recipes
         arch = name.removeprefix("sandbox-")
-        recipe = json.loads((path / "training.json").read_text())
+        recipe = json.loads((SHIPPED[name] / "training.json").read_text())
         assert replay_data(arch, recipe) == DEFAULTS[arch]["data"] == replay_data(arch, None)
-    staged = (
-        Path(__file__).resolve().parents[1] / "artifacts/sandbox/candidates/ar-mix-first-seed0/training.json"
-    )
-    recipe = json.loads(staged.read_text())
+    recipe = json.loads((SHIPPED["sandbox-ar"] / "training.json").read_text())  # the staged chain's
     data = replay_data("ar", recipe)
     assert (
         data["taught_reasoning"] == 0
@@ -212,6 +208,7 @@ def test_replay_draws_the_models_own_mix_and_never_teaches_what_it_held_out(suit
         for ex in itertools.islice(make(suite, inj, "ar", settings, recipe), 1500):
             assert (ex.prompt.text, tuple(ex.prompt.images)) not in suite.test_prompts
             assert ex.prompt.text not in reasoning
-    # the control: the shipped AR's recipe teaches the test reasoning questions, and its replay shows them
+    # the control: DEFAULTS' AR recipe (sandbox-ar's before issue 18) teaches the test reasoning
+    # questions, and its replay shows them
     taught = itertools.islice(understanding_stream(suite, inj, "ar", settings, None), 1500)
     assert any(ex.prompt.text in reasoning for ex in taught)

@@ -63,28 +63,53 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     assert json.loads((tmp_path / "run" / "staged.json").read_text())["seed"] == 3
 
 
-def test_the_mix_first_candidate_answers_held_out_reasoning_at_the_bar() -> None:
-    """The chain's seed-0 model (``artifacts/sandbox/candidates/ar-mix-first-seed0``): issue 18's bar,
-    scored as the trials score it; its recipe holds arithmetic and mapping out in every stage."""
-    from pathlib import Path
+# sandbox-ar's held-out scores as measured when it shipped (the trials' heldout_scores, one thread)
+SHIPPED_AR_SCORES = {
+    "draw count": 0.95,
+    "und count": 0.95,
+    "draw portrait": 1.0,
+    "und portrait": 1.0,
+    "arith L1": 0.9375,
+    "draw arith L1": 0.0,
+    "arith L2": 1.0,
+    "draw arith L2": 0.0,
+    "arith L3": 0.925,
+    "draw arith L3": 0.0,
+    "mapping L1": 1.0,
+    "draw mapping L1": 0.0,
+    "mapping L2": 1.0,
+    "draw mapping L2": 0.0,
+    "mapping L3": 1.0,
+    "draw mapping L3": 0.0,
+}  # fmt: skip
 
+
+def test_the_shipped_ar_is_the_mix_first_chain_and_answers_held_out_reasoning_at_the_bar() -> None:
+    """sandbox-ar is the chain's seed-0 model: issue 18's bar, scored as the trials score it; its recipe
+    holds arithmetic and mapping out in every stage."""
     import torch
     from uniprobe.experiments.sandbox.trials import heldout_scores
     from uniprobe.experiments.tasks import Suite
 
-    path = Path(__file__).resolve().parents[1] / "artifacts" / "sandbox" / "candidates" / "ar-mix-first-seed0"
-    model = load_sandbox(path).eval()
+    model = load_sandbox("sandbox-ar").eval()
     assert held_out_categories(model.training_recipe) >= {"arithmetic", "mapping"}
     assert model.training_recipe["curve"]["task"] == "mapping"  # stage 3 of STAGED_AR, continuing 2 and 1
     assert (
         model.training_recipe["init"]["training"]["init"]["training"]["curve"]["data"]["mix"]
         == "arith_heavy_144"
     )
+    assert model.training_recipe["command"].startswith("uniprobe train-sandbox --arch ar --chain mix-first")
+    stages = [model.training_recipe, model.training_recipe["init"]["training"]]
+    stages.append(stages[-1]["init"]["training"])
+    for recipe, stage in zip(reversed(stages), STAGED_AR, strict=True):  # the stages of STAGED_AR
+        curve = recipe["curve"]
+        assert (curve["task"], curve["steps"], curve["batch_size"]) == (
+            stage["task"], stage["steps"], stage["batch_size"]
+        ) and all(curve["data"][k] == v for k, v in stage.get("data", {}).items())  # fmt: skip
     torch.set_num_threads(1)
     with torch.no_grad():
         scores = heldout_scores(model, Suite(0))
-    recorded = json.loads(path.with_name("ar-mix-first-seed0.scores.json").read_text())
-    assert scores == recorded
+    assert scores == SHIPPED_AR_SCORES
     bar = [
         "arith L1",
         "arith L2",

@@ -22,6 +22,9 @@ from uniprobe.experiments.tasks.suite import Suite, TrainExample, held_out_categ
 from uniprobe.hooks.errors import UsageError
 
 DEFAULTS: dict[str, dict] = {
+    # the one-stage AR recipe that trained sandbox-ar before issue 18 (20% of its questions are the test
+    # reasoning questions): the base of the trials and curves. sandbox-ar now ships from the staged chain
+    # staged.STAGED_AR (train_any(chain="mix-first"), ``train-sandbox --arch ar --chain mix-first``)
     "ar": {
         "seed": 0,
         "steps": 1400,
@@ -189,7 +192,8 @@ def train_sandbox(
     training record goes into the new one's under ``"init"``, so a test category counts as held out
     only when both stages held it out (:func:`~uniprobe.experiments.tasks.suite.held_out_categories`).
 
-    ``seed`` (data stream and init) defaults to the arch's (``DEFAULTS``: the shipped checkpoint's).
+    ``seed`` (data stream and init) defaults to the arch's (``DEFAULTS``: the shipped query checkpoint's,
+    and the one-stage AR's).
     Deterministic for a given seed and thread count when ``time_budget_s`` is None. With a
     budget, the learning-rate schedule follows ``max(step, elapsed share of the budget)`` so the
     cosine decay completes on a slow machine, and training stops when the budget is spent (noted
@@ -200,7 +204,7 @@ def train_sandbox(
     (the keyword arguments of ``Suite.training_examples``).
     Measured here, the step is matmul-bound (``aten::mm`` ~half the time at ~36 GFLOP/s on a core):
     ``micro_batch=64, max_tokens=1024`` or SDPA attention change s/step by <10%, so the defaults
-    (16 rows, no token cap) stay, which keeps the shipped checkpoints reproducible.
+    (16 rows, no token cap) stay, which keeps the checkpoints reproducible.
     """
     d = DEFAULTS[arch]
     seed = d["seed"] if seed is None else seed
@@ -246,7 +250,7 @@ def train_any(
     chain: str | None = None,
     **kw: Any,
 ) -> SandboxModel:
-    """Each architecture's shipped recipe: :func:`train_sandbox` for ``ar`` / ``query``; for ``mot``
+    """Each architecture's recipe: :func:`train_sandbox` for ``ar`` / ``query``; for ``mot``
     :func:`~uniprobe.experiments.sandbox.mot_train.train_mot` (warm start from ``source``, default
     ``sandbox-query``, then the generation path). ``kw``: ``train_sandbox``'s other keywords (``mot``
     takes only ``data``, its drawing stream's keys).
