@@ -60,6 +60,12 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
         run_staged(tmp_path / "x", stages=[STAGES[0], STAGES[0]])
     assert [s["task"] for s in STAGED_AR] == ["mix", "mapping1", "mapping"]
     assert CHAINS["mix-first"] == (STAGED_AR, 0) and CHAINS["mapping-first"][1] == 1
+    # the latent-CoT variant: STAGED_AR with 15% level-1 drawings in every stage, nothing else changed
+    latent, seed = CHAINS["mix-first-latent-cot"]
+    assert seed == 0 and [{**st, "data": {**st["data"]}} for st in latent] == [
+        {**st, "data": {**st.get("data", {}), "reasoning_draw": 0.15}} for st in STAGED_AR
+    ]
+    assert all("reasoning_draw" not in st.get("data", {}) for st in STAGED_AR)
     assert json.loads((tmp_path / "run" / "staged.json").read_text())["seed"] == 3
 
 

@@ -14,7 +14,11 @@ PATCH_KINDS: tuple[str, ...] = (*BLOCK_POINTS, "head_out", "head_out_pos")
 PATCH_METHODS: tuple[str, ...] = ("exact", "attribution")  # uniprobe.experiments.patching.METHODS
 PATCH_DIRECTIONS: tuple[str, ...] = ("denoise", "noise")  # uniprobe.experiments.patching.DIRECTIONS
 PATCH_ALIGNS: tuple[str, ...] = ("strict", "end")  # uniprobe.experiments.patching.ALIGNS
-SANDBOX_CHAINS: tuple[str, ...] = ("mapping-first", "mix-first")  # sorted(sandbox.staged.CHAINS)
+SANDBOX_CHAINS: tuple[str, ...] = (
+    "mapping-first",
+    "mix-first",
+    "mix-first-latent-cot",
+)  # sorted(sandbox.staged.CHAINS)
 
 __all__ = [
     "DTYPE_NAMES",

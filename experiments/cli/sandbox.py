@@ -27,10 +27,16 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=("ar", "query", "mot"), required=True)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument(
-        "--steps", type=int, default=None, help="default: ar/query 1400 (train.py DEFAULTS), mot 3000; a --chain sets its own"
+        "--steps",
+        type=int,
+        default=None,
+        help="default: ar/query 1400 (train.py DEFAULTS), mot 3000; a --chain sets its own",
     )
     p.add_argument(
-        "--seed", type=int, default=None, help="default: the shipped checkpoint's (query 2, mot 0, ar --chain mix-first 0; ar alone 0)"
+        "--seed",
+        type=int,
+        default=None,
+        help="default: the shipped checkpoint's (query 2, mot 0, ar --chain mix-first 0; ar alone 0)",
     )
     p.add_argument(
         "--source",

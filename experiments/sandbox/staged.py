@@ -50,9 +50,16 @@ STAGED_AR_MAPPING_FIRST: tuple[dict, ...] = (
     {"name": "4-final", "task": "mix", "steps": 3000, "every": 500, "batch_size": 64,
      "data": {"mix": "arith_heavy_144"}},
 )  # fmt: skip
+# UniSandbox's latent-CoT variant of the mix-first chain: in every stage 15% of the drawing examples draw
+# a *level-1* training-split expression ("draw as many red cup as 7 - 3"; never levels 2-3, never a
+# test expression); its control is STAGED_AR itself (python -m uniprobe.experiments.sandbox.latent_cot)
+STAGED_AR_LATENT_COT: tuple[dict, ...] = tuple(
+    {**stage, "data": {**stage.get("data", {}), "reasoning_draw": 0.15}} for stage in STAGED_AR
+)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
+    "mix-first-latent-cot": (STAGED_AR_LATENT_COT, 0),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
 
