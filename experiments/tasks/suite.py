@@ -377,7 +377,8 @@ class Suite:
             n_chains = min(chains, len(gen.SYMBOLS) // hops)
             m = gen.random_mapping(rng, hops, n_chains)
             # held out: also the test rule sets with their chains in the other order; when the test
-            # questions are taught anyway, only the exact strings (the stream of DEFAULTS' recipes, which trained the shipped query model)
+            # questions are taught anyway, only the exact strings (the stream of DEFAULTS' recipes,
+            # which trained the shipped query model)
             if m.statements in self.mapping_test_statements:
                 continue
             if not taught_reasoning:
