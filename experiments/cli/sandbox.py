@@ -21,6 +21,16 @@ from uniprobe.experiments.cli._choices import SANDBOX_CHAINS
 from uniprobe.hooks.errors import UsageError
 
 
+def _add_chain_argument(p: argparse.ArgumentParser, stages_dir: str) -> None:
+    p.add_argument(
+        "--chain",
+        choices=SANDBOX_CHAINS,
+        default=None,
+        help="ar/query: train the staged chain instead (staged.CHAINS; mix-first: issue 18's recipe, "
+        f"~30 min on one core), its stages in {stages_dir}",
+    )
+
+
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train-sandbox``."""
     p = subparsers.add_parser("train-sandbox", help="train a sandbox model on CPU (a few minutes)")
@@ -46,13 +56,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds (schedule follows time)"
     )
-    p.add_argument(
-        "--chain",
-        choices=SANDBOX_CHAINS,
-        default=None,
-        help="ar/query: train the staged chain instead (staged.CHAINS; mix-first: issue 18's recipe, "
-        "~30 min on one core), its stages in OUT-stages/",
-    )
+    _add_chain_argument(p, "OUT-stages/")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=run_train)
     return p
@@ -86,13 +90,7 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--time-budget", type=float, default=None, help="per seed, seconds (schedule follows time)"
     )
-    s.add_argument(
-        "--chain",
-        choices=SANDBOX_CHAINS,
-        default=None,
-        help="ar/query: train the staged chain instead (staged.CHAINS; mix-first: issue 18's recipe, "
-        "~30 min on one core), its stages in OUT/seed-*/checkpoint-stages/",
-    )
+    _add_chain_argument(s, "OUT/seed-*/checkpoint-stages/")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     s.set_defaults(func=run_sandbox_seeds)
     return p

@@ -262,7 +262,15 @@ def train_any(
     ``seed`` is the first stage's (default: the chain's as measured); only ``backbone`` may be added.
     """
     if chain is not None:
-        return _train_chain(arch, out, chain, seed, threads, progress, steps, time_budget_s, source, kw)
+        given = sorted(set(kw) - {"backbone"}) + [
+            name for name, v in (("steps", steps), ("time_budget_s", time_budget_s), ("source", source)) if v
+        ]
+        if out is None or given:
+            raise UsageError(
+                f"a chain sets each stage's steps and data itself and writes its stages beside out: "
+                f"{'give out' if out is None else f'drop {given}'} (or change the stages in staged.CHAINS)"
+            )
+        return _train_chain(arch, Path(out), chain, seed, threads, progress, kw.get("backbone"))
     if arch == "mot":
         from uniprobe.experiments.sandbox.mot_train import train_mot
 
@@ -283,15 +291,12 @@ def train_any(
 
 def _train_chain(
     arch: str,
-    out: str | Path | None,
+    out: Path,
     chain: str,
     seed: int | None,
     threads: int | None,
     progress: bool,
-    steps: int | None,
-    time_budget_s: float | None,
-    source: str | Path | None,
-    kw: dict,
+    backbone: dict | None,
 ) -> SandboxModel:
     """:func:`train_any` with ``chain``: run the chain's stages, copy the last checkpoint to ``out``."""
     import shutil
@@ -302,20 +307,11 @@ def _train_chain(
         raise UsageError(f"unknown chain {chain!r}: use one of {', '.join(sorted(CHAINS))}")
     if arch not in ("ar", "query"):
         raise UsageError(f"staged chains train sandbox-ar or sandbox-query from scratch, not sandbox-{arch}")
-    extra = sorted(set(kw) - {"backbone"}) + [
-        name for name, v in (("steps", steps), ("time_budget_s", time_budget_s), ("source", source)) if v
-    ]
-    if out is None or extra:
-        raise UsageError(
-            f"a chain sets each stage's steps and data itself and writes its stages beside out: "
-            f"{'give out' if out is None else f'drop {extra}'} (or change the stages in staged.CHAINS)"
-        )
     stages, measured = CHAINS[chain]
-    out = Path(out)
     stages_dir = out.with_name(out.name + "-stages")
     run_staged(
         stages_dir, seed=measured if seed is None else seed, stages=stages, arch=arch,
-        backbone=kw.get("backbone"), threads=threads, progress=progress,
+        backbone=backbone, threads=threads, progress=progress,
     )  # fmt: skip
     last = stages_dir / stages[-1]["name"] / "checkpoint"
     out.mkdir(parents=True, exist_ok=True)
