@@ -184,6 +184,14 @@ def test_held_out_categories_follow_the_recipe() -> None:
     assert held_out_categories({**untaught, "init": {"path": "x", "training": None}}) == set()
     stages = {**untaught, "init": {"path": "y", "training": {**untaught, "init": {"training": taught}}}}
     assert held_out_categories(stages) == set()
+    # sandbox-mot: understanding from its warm start (init), drawing from its generation stream
+    mot = {
+        **untaught,
+        "init": {"path": "q", "training": untaught},
+        "generation_data": {"direct_heldout": False},
+    }
+    assert held_out_categories(mot) == {"arithmetic", "mapping"}
+    assert held_out_categories({**mot, "init": {"path": "q", "training": taught}}) == set()
 
 
 def test_gap_rows_say_held_out_and_training_json_round_trips(suite: Suite, tmp_path) -> None:

@@ -52,6 +52,7 @@ def test_train_sandbox_command_trains_mot_from_sandbox_query(tmp_path, capsys) -
     assert rec["arch"] == "mot" and rec["seed"] == 3 and rec["source"] == "sandbox-query"
     assert [s["steps"] for s in rec["stages"]] == [2, 2]
     assert rec["data"] == load_sandbox("sandbox-query").training_recipe["data"]  # what understanding learnt
+    assert rec["init"] == {"path": "sandbox-query", "training": load_sandbox("sandbox-query").training_recipe}
     trained, source = load_sandbox(out), load_sandbox("sandbox-query")
     layer, src = trained.language_model.model.layers[0], source.lm.model.layers[0]
     # the understanding expert stays sandbox-query's (frozen); its generation twin trained away from it

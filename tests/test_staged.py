@@ -67,6 +67,30 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     ]
     assert all("reasoning_draw" not in st.get("data", {}) for st in STAGED_AR)
     assert json.loads((tmp_path / "run" / "staged.json").read_text())["seed"] == 3
+    # the consolidating chain: STAGED_AR and the mix again with batch 64
+    consolidate, seed = CHAINS["mix-first-consolidate"]
+    assert seed == 0 and consolidate[:3] == STAGED_AR and consolidate[3]["task"] == "mix"
+
+
+def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:
+    run_staged(tmp_path / "run", seed=3, stages=STAGES[:1], backbone=TINY, progress=False)
+    first = (tmp_path / "run" / "a" / "checkpoint" / "model.safetensors").read_bytes()
+    curve = (tmp_path / "run" / "a" / "curve.jsonl").read_text()
+    rows = run_staged(tmp_path / "run", seed=3, stages=STAGES, backbone=TINY, progress=False)
+    assert [r["stage"] for r in rows] == ["a", "b"]
+    assert (tmp_path / "run" / "a" / "checkpoint" / "model.safetensors").read_bytes() == first
+    assert (tmp_path / "run" / "a" / "curve.jsonl").read_text() == curve
+    recipe = load_sandbox(tmp_path / "run" / "b" / "checkpoint").training_recipe
+    assert recipe["init"]["path"] == str(tmp_path / "run" / "a" / "checkpoint")
+    assert [s["name"] for s in json.loads((tmp_path / "run" / "staged.json").read_text())["stages"]] == [
+        "a",
+        "b",
+    ]
+    # fewer stages, other stages before the new ones, or another seed: refused, nothing touched
+    for stages, seed in ((STAGES[:1], 3), ([{**STAGES[0], "steps": 3}, STAGES[1]], 3), (STAGES, 4)):
+        with pytest.raises(UsageError, match="another plan"):
+            run_staged(tmp_path / "run", seed=seed, stages=stages, backbone=TINY, progress=False)
+    assert len(json.loads((tmp_path / "run" / "staged.json").read_text())["stages"]) == 2
 
 
 # sandbox-ar's held-out scores as measured when it shipped (the trials' heldout_scores, one thread)

@@ -17,6 +17,7 @@ PATCH_ALIGNS: tuple[str, ...] = ("strict", "end")  # uniprobe.experiments.patchi
 SANDBOX_CHAINS: tuple[str, ...] = (
     "mapping-first",
     "mix-first",
+    "mix-first-consolidate",
     "mix-first-latent-cot",
 )  # sorted(sandbox.staged.CHAINS)
 

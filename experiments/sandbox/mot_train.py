@@ -144,8 +144,16 @@ def train_mot(
     if out is not None:
         # "data": what the understanding expert learnt (the source's mix; it decides which test items
         # are held out of training), "generation_data": the drawing stream of the stages
-        source_data = (load_sandbox(r["source"]).training_recipe or {}).get("data", {})
-        recipe = {**r, "arch": "mot", "data": source_data, "generation_data": r["data"]}
+        # "init": the warm start's own record, so that a test item counts as held out only if the
+        # source held it out too (held_out_categories)
+        source_recipe = load_sandbox(r["source"]).training_recipe
+        recipe = {
+            **r,
+            "arch": "mot",
+            "data": (source_recipe or {}).get("data", {}),
+            "generation_data": r["data"],
+            "init": {"path": str(r["source"]), "training": source_recipe},
+        }
         if time_budget_s is not None:
             recipe["time_budget_s"] = time_budget_s
         save_sandbox(model, out, training={**recipe, "seconds": round(time.time() - t0, 1)})

@@ -95,7 +95,9 @@ def held_out_categories(recipe: dict | None, suite_seed: int = 0) -> frozenset[s
     items when ``direct_heldout`` is true (their drawing prompts, (count, object) pairs and counting
     images). Knowledge never is: forward questions are the taught facts, and an inverse test pair
     (A, B) may be trained as (B, A). A recipe with ``init`` (training continued from a checkpoint)
-    holds out only what its starting checkpoint's recipe held out too.
+    holds out only what its starting checkpoint's recipe held out too, and one with ``generation_data``
+    (sandbox-mot: understanding from its warm start, drawing trained on that stream) only what that
+    stream holds out too.
     """
     if recipe is None or recipe.get("suite_seed", 0) != suite_seed:
         return frozenset()
@@ -107,6 +109,8 @@ def held_out_categories(recipe: dict | None, suite_seed: int = 0) -> frozenset[s
         held.add("direct")
     if recipe.get("init") is not None:  # a continued checkpoint: held out only if every stage held it out
         held &= held_out_categories(recipe["init"].get("training"), suite_seed)
+    if recipe.get("generation_data") is not None:  # sandbox-mot: its generation path's own drawing stream
+        held &= held_out_categories({"suite_seed": suite_seed, "data": recipe["generation_data"]}, suite_seed)
     return frozenset(held)
 
 
