@@ -18,6 +18,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mapping-first",
     "mix-first",
     "mix-first-consolidate",
+    "mix-first-consolidate-latent-cot",
     "mix-first-latent-cot",
 )  # sorted(sandbox.staged.CHAINS)
 

@@ -64,10 +64,15 @@ STAGED_CONSOLIDATE: tuple[dict, ...] = STAGED_AR + (
     {"name": "4-mix", "task": "mix", "steps": 2100, "every": 700, "batch_size": 64,
      "data": {"mix": "arith_heavy_144"}},
 )  # fmt: skip
+# the latent-CoT variant of the consolidating chain (its control: STAGED_CONSOLIDATE)
+STAGED_CONSOLIDATE_LATENT_COT: tuple[dict, ...] = tuple(
+    {**stage, "data": {**stage.get("data", {}), "reasoning_draw": 0.15}} for stage in STAGED_CONSOLIDATE
+)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
     "mix-first-consolidate": (STAGED_CONSOLIDATE, 0),
+    "mix-first-consolidate-latent-cot": (STAGED_CONSOLIDATE_LATENT_COT, 0),
     "mix-first-latent-cot": (STAGED_AR_LATENT_COT, 0),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
