@@ -70,6 +70,11 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     # the consolidating chain: STAGED_AR and the mix again with batch 64
     consolidate, seed = CHAINS["mix-first-consolidate"]
     assert seed == 0 and consolidate[:3] == STAGED_AR and consolidate[3]["task"] == "mix"
+    latent, seed = CHAINS["mix-first-consolidate-latent-cot"]
+    assert seed == 0 and [st["data"]["reasoning_draw"] for st in latent] == [0.15] * 4
+    assert [
+        {**st, "data": {k: v for k, v in st["data"].items() if k != "reasoning_draw"}} for st in latent
+    ] == [{**st, "data": st.get("data", {})} for st in consolidate]
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:
