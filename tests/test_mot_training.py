@@ -110,3 +110,24 @@ def test_inject_and_stars_on_the_shipped_mot(tmp_path) -> None:
     assert sum(f["kept"] for f in stars["filter"].values()) > 0  # its own judge accepts some drawings
     assert any(r["relative_change"] > 0 for r in stars["weight_change"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # copies are tuned
+
+
+def test_train_sandbox_data_updates_the_drawing_stream_and_bad_data_is_refused(tmp_path, capsys) -> None:
+    from uniprobe.experiments.cli import main
+
+    out = tmp_path / "mot"
+    base = ["train-sandbox", "--arch", "mot", "--steps", "2", "--threads", "1"]
+    assert main([*base, "--out", str(out), "--data", '{"reasoning_draw": 0.15}']) == 0
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["generation_data"] == {**RECIPE["data"], "reasoning_draw": 0.15}
+    for data, message in (
+        ("{reasoning_draw: 1}", "is not JSON"),
+        ("[1]", "must be a JSON object"),
+        ('{"reasoning_drw": 0.1}', "reasoning_drw"),
+    ):
+        assert main([*base, "--out", str(tmp_path / "bad"), "--data", data]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    chain = ["train-sandbox", "--arch", "ar", "--chain", "mix-first", "--out", str(tmp_path / "c")]
+    assert main([*chain, "--data", '{"reasoning_draw": 0.15}']) == 2
+    assert "drop ['data']" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -1,6 +1,7 @@
 """``uniprobe train-sandbox`` and ``uniprobe gap``: train a sandbox model, its gap table.
 
 uniprobe train-sandbox --arch ar|query|mot --out DIR [--steps N] [--seed S] [--time-budget SECONDS]
+    [--data JSON]   (keys of Suite.training_examples over the recipe's: e.g. '{"reasoning_draw": 0.15}')
 uniprobe train-sandbox --arch ar|query --chain mix-first --out DIR [--seed S]   (staged.CHAINS)
     (mot: warm start from ``--source`` (default sandbox-query), then the generation path;
     ``mot_train.RECIPE``)
@@ -55,6 +56,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds (schedule follows time)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSON object of Suite.training_examples keywords over the recipe's stream (mot: its drawing "
+        "stream), e.g. '{\"reasoning_draw\": 0.15}' (the latent-CoT variant); not with --chain",
     )
     _add_chain_argument(p, "OUT-stages/")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -114,11 +121,35 @@ def run_sandbox_seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_stream_data(text: str) -> dict:
+    """``--data``: a JSON object whose keys are keywords of :meth:`Suite.training_examples`."""
+    import inspect
+
+    from uniprobe.experiments.tasks.suite import Suite
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"--data is not JSON ({err}): give an object, e.g. '{{\"reasoning_draw\": 0.15}}'"
+        ) from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--data must be a JSON object of stream keywords, not {type(data).__name__}")
+    allowed = set(inspect.signature(Suite.training_examples).parameters) - {"self", "seed"}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UsageError(
+            f"--data keys {unknown} are not Suite.training_examples keywords: use {sorted(allowed)}"
+        )
+    return data
+
+
 def run_train(args: argparse.Namespace) -> int:
     from uniprobe.experiments.sandbox.train import train_any
 
     if args.source is not None and args.arch != "mot":
         raise UsageError("--source is for --arch mot (the understanding checkpoint it starts from): drop it")
+    extra = {} if args.data is None else {"data": parse_stream_data(args.data)}
     t0 = time.time()
     train_any(
         args.arch,
@@ -129,6 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         source=args.source,
         chain=args.chain,
+        **extra,
     )
     print(f"trained {args.arch} in {time.time() - t0:.0f}s → {args.out}")
     return 0
