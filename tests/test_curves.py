@@ -78,10 +78,12 @@ def test_a_curve_saves_its_model_and_another_continues_from_it(tmp_path) -> None
     a, b = first.state_dict(), second.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on ...
     assert all((a[k] - b[k]).abs().max() < 1e-3 for k in a)  # ... from the saved weights (one warm-up step)
-    with pytest.raises(UsageError, match="holds the test questions out"):  # the shipped query is taught them
-        learning_curve(
-            "mapping", 1, 1, tmp_path / "three", arch="query", init="sandbox-query", progress=False
-        )
+    from uniprobe.experiments.sandbox.train import train_sandbox
+
+    # a checkpoint of DEFAULTS' one-stage recipe is taught the test reasoning questions: not a start
+    train_sandbox("ar", tmp_path / "taught", steps=1, backbone=TINY, threads=1, progress=False)
+    with pytest.raises(UsageError, match="holds the test questions out"):
+        learning_curve("mapping", 1, 1, tmp_path / "three", init=tmp_path / "taught", progress=False)
     with pytest.raises(UsageError, match="drop backbone"):
         learning_curve("mapping", 1, 1, tmp_path / "four", init=ck, backbone=TINY, progress=False)
 

@@ -182,32 +182,38 @@ def test_report_html_renders_tables_and_figures(tmp_path) -> None:
 
 def test_replay_draws_the_models_own_mix_and_never_teaches_what_it_held_out(suite: Suite) -> None:
     """STARS and injection replay ``replay_data``: DEFAULTS' recipes' mixes unchanged; a staged
-    model's last-stage mix without its warm-ups, so its held-out test questions stay out of the replay."""
+    model's last-stage mix without its warm-ups, so its held-out test questions stay out of the replay
+    (the query and MoT models train on the direct test drawings: their direct items are not held out)."""
     import json
 
     from uniprobe.experiments.sandbox.checkpoint import SHIPPED
     from uniprobe.experiments.sandbox.train import DEFAULTS, WARMUP_KEYS, replay_data
     from uniprobe.experiments.tasks.suite import held_out_categories
 
-    for name in ("sandbox-query", "sandbox-mot"):  # trained with DEFAULTS' recipes
-        arch = name.removeprefix("sandbox-")
-        recipe = json.loads((SHIPPED[name] / "training.json").read_text())
-        assert replay_data(arch, recipe) == DEFAULTS[arch]["data"] == replay_data(arch, None)
-    recipe = json.loads((SHIPPED["sandbox-ar"] / "training.json").read_text())  # the staged chain's
-    data = replay_data("ar", recipe)
-    assert (
-        data["taught_reasoning"] == 0
-        and data["mix"] == "arith_heavy_144"
-        and not set(data) & set(WARMUP_KEYS)
-    )
-    assert held_out_categories({"suite_seed": 0, "data": data}) >= held_out_categories(recipe)
     settings = InjectSettings(n_characters=6, n_inverse_test=8)
     inj = make_injection(suite, settings)
     reasoning = {it.question for it in suite.items if it.category in ("arithmetic", "mapping")}
-    for make in (understanding_stream, generation_stream):
-        for ex in itertools.islice(make(suite, inj, "ar", settings, recipe), 1500):
-            assert (ex.prompt.text, tuple(ex.prompt.images)) not in suite.test_prompts
-            assert ex.prompt.text not in reasoning
+    direct_prompts = {(it.gen_prompt, ()) for it in suite.items if it.category == "direct"}
+    for name, path in SHIPPED.items():  # every shipped model holds reasoning out (staged chains)
+        arch = name.removeprefix("sandbox-")
+        assert replay_data(arch, None) == DEFAULTS[arch]["data"]
+        recipe = json.loads(
+            (path / "training.json").read_text()
+        )  # the chain's last stage's (mot: its source's)
+        data = replay_data(arch, recipe)
+        assert (
+            data["taught_reasoning"] == 0
+            and data["mix"] == "arith_heavy_144"
+            and not set(data) & set(WARMUP_KEYS)
+        )
+        assert held_out_categories({"suite_seed": 0, "data": data}) >= held_out_categories(recipe)
+        trained_direct = set() if data.get("direct_heldout", True) else direct_prompts
+        for make in (understanding_stream, generation_stream):
+            for ex in itertools.islice(make(suite, inj, arch, settings, recipe), 1000):
+                assert (ex.prompt.text, tuple(ex.prompt.images)) not in set(
+                    suite.test_prompts
+                ) - trained_direct
+                assert ex.prompt.text not in reasoning
     # the control: DEFAULTS' AR recipe (sandbox-ar's before issue 18) teaches the test reasoning
     # questions, and its replay shows them
     taught = itertools.islice(understanding_stream(suite, inj, "ar", settings, None), 1500)

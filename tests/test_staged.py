@@ -6,7 +6,7 @@ import json
 
 import pytest
 from uniprobe.experiments.sandbox import load_sandbox
-from uniprobe.experiments.sandbox.staged import CHAINS, STAGED_AR, main, run_staged
+from uniprobe.experiments.sandbox.staged import CHAINS, STAGED_AR, STAGED_CONSOLIDATE, main, run_staged
 from uniprobe.experiments.tasks.suite import held_out_categories
 from uniprobe.hooks.errors import UsageError
 
@@ -119,24 +119,52 @@ SHIPPED_AR_SCORES = {
 }  # fmt: skip
 
 
-def test_the_shipped_ar_is_the_mix_first_chain_and_answers_held_out_reasoning_at_the_bar() -> None:
-    """sandbox-ar is the chain's seed-0 model: issue 18's bar, scored as the trials score it; its recipe
-    holds arithmetic and mapping out in every stage."""
+# sandbox-query's, as measured by the last row of its last stage's learning curve (one thread)
+SHIPPED_QUERY_SCORES = {
+    "draw count": 1.0,
+    "und count": 0.975,
+    "draw portrait": 1.0,
+    "und portrait": 1.0,
+    "arith L1": 0.8125,
+    "draw arith L1": 0.0625,
+    "arith L2": 1.0,
+    "draw arith L2": 0.025,
+    "arith L3": 1.0,
+    "draw arith L3": 0.025,
+    "mapping L1": 1.0,
+    "draw mapping L1": 0.0,
+    "mapping L2": 1.0,
+    "draw mapping L2": 0.0,
+    "mapping L3": 1.0,
+    "draw mapping L3": 0.0,
+}  # fmt: skip
+# name -> (chain, its stages, scores when shipped, rows of issue 18's bar it misses)
+SHIPPED_CHAINS = {
+    "sandbox-ar": ("mix-first", STAGED_AR, SHIPPED_AR_SCORES, set()),
+    # held-out level 1 is 13 of 16 (misses 2 * 2, 3 - 2, 2 / 2: level 1 is recalled, HELDOUT.md)
+    "sandbox-query": ("mix-first-consolidate", STAGED_CONSOLIDATE, SHIPPED_QUERY_SCORES, {"arith L1"}),
+}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED_CHAINS))
+def test_the_shipped_ar_and_query_are_chains_and_answer_held_out_reasoning(name: str) -> None:
+    """sandbox-ar and sandbox-query are their chains' seed-0 models: issue 18's bar (but the rows named
+    in SHIPPED_CHAINS), scored as the trials score them; every stage holds arithmetic and mapping out."""
     import torch
     from uniprobe.experiments.sandbox.trials import heldout_scores
     from uniprobe.experiments.tasks import Suite
 
-    model = load_sandbox("sandbox-ar").eval()
+    chain, stages, shipped_scores, misses = SHIPPED_CHAINS[name]
+    model = load_sandbox(name).eval()
     assert held_out_categories(model.training_recipe) >= {"arithmetic", "mapping"}
-    assert model.training_recipe["curve"]["task"] == "mapping"  # stage 3 of STAGED_AR, continuing 2 and 1
-    assert (
-        model.training_recipe["init"]["training"]["init"]["training"]["curve"]["data"]["mix"]
-        == "arith_heavy_144"
+    assert model.training_recipe["command"].startswith(
+        f"uniprobe train-sandbox --arch {model.arch} --chain {chain} "
     )
-    assert model.training_recipe["command"].startswith("uniprobe train-sandbox --arch ar --chain mix-first")
-    stages = [model.training_recipe, model.training_recipe["init"]["training"]]
-    stages.append(stages[-1]["init"]["training"])
-    for recipe, stage in zip(reversed(stages), STAGED_AR, strict=True):  # the stages of STAGED_AR
+    recipes = [model.training_recipe]
+    while recipes[-1].get("init") is not None:
+        recipes.append(recipes[-1]["init"]["training"])
+    assert len(recipes) == len(stages)
+    for recipe, stage in zip(reversed(recipes), stages, strict=True):  # the chain's stages, in order
         curve = recipe["curve"]
         assert (curve["task"], curve["steps"], curve["batch_size"]) == (
             stage["task"], stage["steps"], stage["batch_size"]
@@ -144,18 +172,10 @@ def test_the_shipped_ar_is_the_mix_first_chain_and_answers_held_out_reasoning_at
     torch.set_num_threads(1)
     with torch.no_grad():
         scores = heldout_scores(model, Suite(0))
-    assert scores == SHIPPED_AR_SCORES
-    bar = [
-        "arith L1",
-        "arith L2",
-        "arith L3",
-        "mapping L1",
-        "mapping L2",
-        "mapping L3",
-        "draw count",
-        "draw portrait",
-    ]
-    assert min(scores[k] for k in bar) >= 0.9
+    assert scores == shipped_scores
+    bar = ["arith L1", "arith L2", "arith L3", "mapping L1", "mapping L2", "mapping L3", "draw count",
+           "draw portrait"]  # fmt: skip
+    assert {k for k in bar if scores[k] < 0.9} == misses
 
 
 def test_train_any_runs_a_chain_beside_its_checkpoint_and_the_cli_passes_it(tmp_path, monkeypatch) -> None:

@@ -38,7 +38,10 @@ DEFAULTS: dict[str, dict] = {
             "taught_reasoning": 0.2,
         },
     },
-    # the query model's parallel decoder does not compose held-out (count, object) pairs: train on all.
+    # the one-stage query recipe that trained sandbox-query before issue 18 (taught the test reasoning
+    # questions); sandbox-query now ships from the staged chain staged.STAGED_CONSOLIDATE
+    # (``train-sandbox --arch query --chain mix-first-consolidate``), whose stages update this data.
+    # The query model's parallel decoder does not compose held-out (count, object) pairs: train on all.
     # Seed 2: with this recipe seeds 0 / 1 / 2 counted objects in test images right 85 / 90 / 92.5% of
     # the time, and seed 1's portrait drawing collapsed (20%); see artifacts/sandbox/RESULTS.md
     "query": {
@@ -55,8 +58,8 @@ DEFAULTS: dict[str, dict] = {
         },
     },
     # sandbox-mot ships from mot_train.train_mot (warm start from sandbox-query, then the generation
-    # path only); this entry is its data mix for the protocols' replay (STARS) — the query model's
-    # suite and splits — and the recipe of a from-scratch train_sandbox("mot")
+    # path only); this entry is the base of its replay (STARS, injection: updated by its source's data)
+    # and the recipe of a from-scratch train_sandbox("mot")
     "mot": {
         "seed": 0,
         "steps": 1400,
@@ -85,7 +88,7 @@ def replay_data(arch: str, recipe: dict | None) -> dict:
     recipe (``training.json``'s ``data``, the last stage's for a chain) without its warm-ups. So a
     replay never teaches what the model's training held out: a staged model trained with
     ``taught_reasoning=0`` is not shown the test reasoning questions by its replay. For the recipes
-    of ``DEFAULTS`` (the shipped query and MoT models) it is ``DEFAULTS[arch]["data"]`` itself."""
+    of ``DEFAULTS`` (one-stage models) it is ``DEFAULTS[arch]["data"]`` itself."""
     data = dict(DEFAULTS[arch]["data"])
     if recipe is not None:
         data.update({k: v for k, v in recipe.get("data", {}).items() if k not in WARMUP_KEYS})
