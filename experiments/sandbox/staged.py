@@ -51,12 +51,18 @@ STAGED_AR_MAPPING_FIRST: tuple[dict, ...] = (
     {"name": "4-final", "task": "mix", "steps": 3000, "every": 500, "batch_size": 64,
      "data": {"mix": "arith_heavy_144"}},
 )  # fmt: skip
+
+
+def with_level1_drawings(stages: tuple[dict, ...], share: float = 0.15) -> tuple[dict, ...]:
+    """``stages`` with ``share`` of every stage's drawing examples drawing a level-1 training-split
+    expression (``Suite.training_examples(reasoning_draw=share)``): a chain's latent-CoT variant."""
+    return tuple({**stage, "data": {**stage.get("data", {}), "reasoning_draw": share}} for stage in stages)
+
+
 # UniSandbox's latent-CoT variant of the mix-first chain: in every stage 15% of the drawing examples draw
 # a *level-1* training-split expression ("draw as many red cup as 7 - 3"; never levels 2-3, never a
 # test expression); its control is STAGED_AR itself (python -m uniprobe.experiments.sandbox.latent_cot)
-STAGED_AR_LATENT_COT: tuple[dict, ...] = tuple(
-    {**stage, "data": {**stage.get("data", {}), "reasoning_draw": 0.15}} for stage in STAGED_AR
-)
+STAGED_AR_LATENT_COT: tuple[dict, ...] = with_level1_drawings(STAGED_AR)
 # the mix-first chain and a fourth stage: the mix again with batch 64 (no warm-up), so that drawing and
 # arithmetic, rehearsed only in 30% of the batch-16 mapping stages, are consolidated (the query model in
 # STAGED_AR, eighth session: mapping 100%, but held-out level 1 at 75% and count drawing 72.5%)
@@ -65,9 +71,7 @@ STAGED_CONSOLIDATE: tuple[dict, ...] = STAGED_AR + (
      "data": {"mix": "arith_heavy_144"}},
 )  # fmt: skip
 # the latent-CoT variant of the consolidating chain (its control: STAGED_CONSOLIDATE)
-STAGED_CONSOLIDATE_LATENT_COT: tuple[dict, ...] = tuple(
-    {**stage, "data": {**stage.get("data", {}), "reasoning_draw": 0.15}} for stage in STAGED_CONSOLIDATE
-)
+STAGED_CONSOLIDATE_LATENT_COT: tuple[dict, ...] = with_level1_drawings(STAGED_CONSOLIDATE)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
@@ -102,10 +106,8 @@ def run_staged(
     if plan_path.exists():
         old = json.loads(plan_path.read_text())
         new = json.loads(json.dumps(plan))
-        n_old = len(old.get("stages", []))
-        extends = {**old, "stages": None} == {**new, "stages": None} and new["stages"][:n_old] == old[
-            "stages"
-        ]
+        same_settings = {**old, "stages": None} == {**new, "stages": None}
+        extends = same_settings and new["stages"][: len(old["stages"])] == old["stages"]
         if not extends:  # the same plan, or more stages after the recorded ones, continue the run
             raise UsageError(
                 f"{out} holds a staged run with another plan ({plan_path}); finish it with the same "
