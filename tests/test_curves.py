@@ -72,8 +72,9 @@ def test_a_curve_saves_its_model_and_another_continues_from_it(tmp_path) -> None
     rows = learning_curve("mapping", 1, 1, tmp_path / "two", init=ck, batch_size=4, progress=False, save=True)
     assert rows[-1]["step"] == 1
     second = load_sandbox(tmp_path / "two" / "checkpoint")
-    assert second.training_recipe["curve"]["init"]["training"]["curve"]["task"] == "mapping1"
     assert second.training_recipe["init"]["training"]["curve"]["task"] == "mapping1"  # where held_out looks
+    assert "init" not in second.training_recipe["curve"]  # recorded once, not again under "curve"
+    assert json.loads((tmp_path / "two" / "recipe.json").read_text())["init"]["path"] == str(ck)
     assert held_out_categories(second.training_recipe) >= {"arithmetic", "mapping"}
     a, b = first.state_dict(), second.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # it trained on ...

@@ -151,9 +151,9 @@ def learning_curve(
     if save:  # the stream's keywords as training.json records them (held_out_categories reads data)
         training = {"arch": arch, "seed": seed, "suite_seed": 0, "steps": steps, "lr": lr,
                     "batch_size": batch_size, "data": {"taught_reasoning": 0, "wide_level1": wide_level1,
-                    **warm, **extra}, "curve": recipe}  # fmt: skip
+                    **warm, **extra}, "curve": {k: v for k, v in recipe.items() if k != "init"}}  # fmt: skip
         if init is not None:  # held_out_categories reads it: held out only if the start held it out
-            training["init"] = recipe["init"]
+            training["init"] = recipe["init"]  # once: a copy under "curve" too doubled the record per stage
         save_sandbox(model, out / "checkpoint", training=training)
     return rows
 
