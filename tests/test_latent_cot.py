@@ -76,6 +76,30 @@ def test_level_maps_on_a_tiny_model(tmp_path) -> None:
     assert json.loads((tmp_path / "maps.json").read_text())["L2"]["n"] == 40
 
 
+def test_a_finished_run_of_the_same_weights_is_reused_and_other_weights_are_analysed(
+    tmp_path, monkeypatch
+) -> None:
+    from uniprobe.experiments.sandbox import checkpoint
+    from uniprobe.experiments.sandbox.latent_cot import analyse_checkpoint
+
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    ck.mkdir()
+    out.mkdir()
+    (ck / "model.safetensors").write_bytes(b"weights one")
+    prev = {"checkpoint": str(ck), "weights_sha256": checkpoint.sha256_file(ck / "model.safetensors"),
+            "seed": 3, "rates": {}, "maps": {}}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(prev))
+
+    def loaded(*a, **k):
+        raise RuntimeError("analysed anew")
+
+    monkeypatch.setattr(checkpoint, "load_sandbox", loaded)
+    assert analyse_checkpoint(ck, out) == prev  # nothing loaded: the finished run is returned
+    (ck / "model.safetensors").write_bytes(b"weights two")  # retrained in place
+    with pytest.raises(RuntimeError, match="analysed anew"):
+        analyse_checkpoint(ck, out)
+
+
 @pytest.mark.slow  # two 2-step trainings, each analysed (gap rows, captures, probes, lens)
 def test_latent_cot_command_pools_recipes(tmp_path, capsys) -> None:
     from uniprobe.experiments.sandbox.latent_cot import main

@@ -18,6 +18,7 @@ computed inside the drawing run:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,14 +172,24 @@ def _lens_cell(top1: dict) -> str:
 def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = None) -> dict:
     """One trained checkpoint: arithmetic understanding and drawing without CoT per level (the gap
     table's rows), :func:`level_maps`, and the demo's attention knockout of drawing → expression in the
-    run without CoT (:func:`uniprobe.experiments.demo_attention.run_attention`, level-2 items)."""
+    run without CoT (:func:`uniprobe.experiments.demo_attention.run_attention`, level-2 items).
+
+    ``out/run.json`` is kept: a later call on weights with the same SHA-256 returns it unchanged, so a
+    rerun that adds groups or seeds analyses only the new checkpoints (other weights are analysed anew).
+    """
     from uniprobe.experiments.demo_attention import run_attention
-    from uniprobe.experiments.sandbox.checkpoint import load_sandbox
+    from uniprobe.experiments.sandbox.checkpoint import load_sandbox, sha256_file
     from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table
     from uniprobe.experiments.tasks.suite import Suite
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    weights = sha256_file(Path(path) / "model.safetensors")
+    done = out / "run.json"
+    if done.is_file():  # a rerun with more groups or seeds: a finished run of the same weights is kept
+        prev = json.loads(done.read_text())
+        if prev.get("weights_sha256") == weights:
+            return prev
     model = load_sandbox(path, verify=False)  # a trial's checkpoint: its SHA256SUMS is its own
     suite = Suite(0)
     arith = [it for it in suite.items if it.category == "arithmetic"]
@@ -187,6 +198,7 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
     recipe = model.training_recipe or {}
     run = {
         "checkpoint": str(path),
+        "weights_sha256": weights,  # what a rerun compares before reusing this run
         "seed": recipe.get("seed", seed),
         "arch": model.arch,
         "data": recipe.get("data"),
