@@ -18,7 +18,6 @@ computed inside the drawing run:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from uniprobe.experiments.tasks.prompts import Item
-from uniprobe.hooks.jsonio import write_json
+from uniprobe.hooks.jsonio import read_json, write_json
 
 LEVELS = (1, 2, 3)
 PROBES = ("probe_boi", "probe_drawing")
@@ -187,7 +186,7 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
     weights = sha256_file(Path(path) / "model.safetensors")
     done = out / "run.json"
     if done.is_file():  # a rerun with more groups or seeds: a finished run of the same weights is kept
-        prev = json.loads(done.read_text())
+        prev = read_json(done)  # a truncated or edited run.json is named, not silently redone
         if prev.get("weights_sha256") == weights:
             return prev
     model = load_sandbox(path, verify=False)  # a trial's checkpoint: its SHA256SUMS is its own
