@@ -16,8 +16,9 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
         "num_key_value_heads": 2}  # fmt: skip
 STAGES = [
     {"name": "a", "task": "mapping1", "steps": 2, "every": 2, "batch_size": 4},
-    {"name": "b", "task": "mix", "steps": 1, "every": 1, "batch_size": 4, "data": {"mix": "arith_heavy_144"}},
-]
+    {"name": "b", "task": "mix", "steps": 1, "every": 1, "batch_size": 4, "weight_decay": 0.1,
+     "data": {"mix": "arith_heavy_144"}},
+]  # fmt: skip
 
 
 def test_a_chain_continues_each_stage_from_the_last_and_resumes(tmp_path) -> None:
@@ -26,6 +27,9 @@ def test_a_chain_continues_each_stage_from_the_last_and_resumes(tmp_path) -> Non
     final = load_sandbox(tmp_path / "run" / "b" / "checkpoint")
     recipe = final.training_recipe
     assert recipe["seed"] == 4 and recipe["data"]["mix"] == "arith_heavy_144"  # stage k: seed + k
+    assert recipe["curve"]["weight_decay"] == 0.1  # a stage's own AdamW weight decay
+    first_recipe = load_sandbox(tmp_path / "run" / "a" / "checkpoint").training_recipe
+    assert first_recipe["curve"]["weight_decay"] == 0.01
     assert recipe["init"]["path"] == str(tmp_path / "run" / "a" / "checkpoint")
     assert (
         recipe["init"]["training"]["seed"] == 3 and recipe["init"]["training"]["curve"]["task"] == "mapping1"

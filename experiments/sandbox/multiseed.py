@@ -11,13 +11,15 @@ generation patching map) and ``summarize_seeds`` reports every number as mean an
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from uniprobe.experiments.tasks.prompts import Item
-from uniprobe.hooks.jsonio import write_json
+from uniprobe.hooks.errors import UsageError
+from uniprobe.hooks.jsonio import read_json, write_json
 
 GAP_METRICS: tuple[str, ...] = ("understanding", "generation", "generation_cot")
 
@@ -36,16 +38,49 @@ def seed_run(
     ``time_budget_s``, ``threads``, ``data``, ``backbone``...). ``items`` default to ``Suite(0)``'s.
     Returns ``{"seed", "dir", "gap": gap rows, "probe_best": {role: best probe row}, "patch_peak":
     {"effect", "layer", "column"}}`` (the largest normalised effect of the patching map).
+
+    ``out/seed-{seed}/request.json`` records the settings (arch, seed, training keywords but
+    ``progress`` and ``threads``, items, ``patch_pairs``). A rerun with the same settings resumes: a
+    seed with ``seed.json`` is returned as recorded, one with a complete checkpoint is analysed without
+    training again. Other settings, or a ``seed-{seed}`` folder this function did not start, are refused
+    (:class:`~uniprobe.hooks.errors.UsageError`): nothing finished is overwritten.
     """
+    from uniprobe.experiments.sandbox import load_sandbox
+    from uniprobe.experiments.sandbox import train as training
+    from uniprobe.experiments.sandbox.checkpoint import ChecksumError
+
+    d = Path(out) / f"seed-{seed}"
+    request = json.loads(json.dumps({
+        "arch": arch, "seed": seed, "patch_pairs": patch_pairs,
+        "items": None if items is None else [it.id for it in items],
+        "train": {k: v for k, v in sorted(train_kw.items()) if k not in ("progress", "threads")},
+    }, default=str))  # fmt: skip
+    done = _resume(d, request)
+    if done is not None:
+        return done
+    model = None
+    if (d / "checkpoint" / "SHA256SUMS").exists():  # trained before an interruption: analyse it
+        try:
+            model = load_sandbox(d / "checkpoint")
+        except ChecksumError:  # cut off while its files were written: train it again
+            model = None
+        if model is not None and model.arch != arch:
+            raise UsageError(f"{d / 'checkpoint'} holds a sandbox-{model.arch}, not sandbox-{arch}")
+    if model is None:
+        model = training.train_any(arch, d / "checkpoint", seed=seed, **{"progress": False, **train_kw})
+    rows, best, peak = _analyse(model, items, arch, d, patch_pairs)
+    rec = {"seed": seed, "dir": str(d), "gap": rows, "probe_best": best, "patch_peak": peak}
+    write_json(d / "seed.json", rec)
+    return rec
+
+
+def _analyse(model: Any, items: Sequence[Item] | None, arch: str, d: Path, patch_pairs: int) -> tuple:
+    """The demo's analyses of one seed's model in ``d``: (gap rows, best probe per role, patching peak)."""
     from uniprobe.experiments import demo_sections as sections
     from uniprobe.experiments.demo_text import best_probe
     from uniprobe.experiments.sandbox.evaluate import evaluate_items, gap_table
-    from uniprobe.experiments.sandbox.train import train_any
     from uniprobe.experiments.tasks.suite import Suite
 
-    d = Path(out) / f"seed-{seed}"
-    d.mkdir(parents=True, exist_ok=True)
-    model = train_any(arch, d / "checkpoint", seed=seed, **{"progress": False, **train_kw})
     suite = Suite(0)
     items = list(items) if items is not None else suite.items
     rows = gap_table(model, suite=suite, results=evaluate_items(model, items, progress=False))
@@ -59,9 +94,31 @@ def seed_run(
     grid = np.array(patch["grid"], dtype=float)
     layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
     peak = {"effect": float(grid[layer, col]), "layer": int(layer), "column": patch["columns"][col]}
-    rec = {"seed": seed, "dir": str(d), "gap": rows, "probe_best": best, "patch_peak": peak}
-    write_json(d / "seed.json", rec)
-    return rec
+    return rows, best, peak
+
+
+def _resume(d: Path, request: dict) -> dict | None:
+    """Check ``d`` against ``request`` (see :func:`seed_run`); the finished record, or None to go on."""
+    req_path = d / "request.json"
+    if req_path.exists():
+        recorded = read_json(req_path)
+        if recorded != request:
+            changed = sorted(k for k in set(recorded) | set(request) if recorded.get(k) != request.get(k))
+            was = {k: recorded.get(k) for k in changed}
+            now = {k: request.get(k) for k in changed}
+            raise UsageError(
+                f"{d} holds seed {request['seed']} run with other settings (recorded {was}, asked "
+                f"{now}); rerun with the recorded settings to resume it, or choose another --out"
+            )
+        return read_json(d / "seed.json") if (d / "seed.json").exists() else None
+    if d.exists() and any(d.iterdir()):
+        raise UsageError(
+            f"{d} is not empty and holds no seed run's request.json (a run from before resuming, or "
+            "someone else's files): choose another --out"
+        )
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(req_path, request)
+    return None
 
 
 def train_seeds(arch: str, seeds: Sequence[int], out: str | Path, **kw: Any) -> list[dict]:

@@ -94,8 +94,9 @@ def run_staged(
     """Run ``stages`` in turn under ``out``; returns the last curve row of each stage.
 
     ``stages``: dicts with ``name``, ``task``, ``steps``, ``every`` and optionally ``batch_size``,
-    ``lr``, ``data`` (see :func:`learning_curve`). ``backbone`` shapes the first stage's fresh model
-    (later stages inherit it). The final model is ``out/<last name>/checkpoint``.
+    ``lr``, ``weight_decay`` (AdamW's; 0.01 by default), ``data`` (see :func:`learning_curve`).
+    ``backbone`` shapes the first stage's fresh model (later stages inherit it). The final model is
+    ``out/<last name>/checkpoint``.
     """
     out = Path(out)
     names = [s["name"] for s in stages]
@@ -128,6 +129,7 @@ def run_staged(
             rows = learning_curve(
                 stage["task"], stage["steps"], stage["every"], folder, arch=arch, seed=seed + k,
                 lr=stage.get("lr"), batch_size=stage.get("batch_size"), threads=threads,
+                weight_decay=stage.get("weight_decay", 0.01),
                 backbone=backbone if init is None else None, data=stage.get("data"), init=init,
                 save=True, progress=progress,
             )  # fmt: skip

@@ -1,0 +1,76 @@
+"""``sandbox seeds`` resumes an interrupted sweep and refuses other settings (multiseed.seed_run)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from uniprobe.experiments.sandbox import multiseed, train
+from uniprobe.experiments.sandbox.checkpoint import build_model, save_sandbox
+from uniprobe.hooks.errors import UsageError
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 2}  # fmt: skip
+
+
+@pytest.fixture
+def fake_work(monkeypatch):
+    """Training saves a fresh tiny AR; the analyses return fixed rows. Returns the trained seeds."""
+    trained: list[int] = []
+
+    def fake_train(arch, out, seed, **kw):
+        trained.append(seed)
+        torch.manual_seed(seed)
+        model = build_model(arch, backbone=TINY).eval()
+        save_sandbox(model, out, training={"seed": seed, "suite_seed": 0, "data": {"taught_reasoning": 0}})
+        return model
+
+    monkeypatch.setattr(train, "train_any", fake_train)
+    peak = {"effect": 0.5, "layer": 1, "column": "text"}
+    monkeypatch.setattr(multiseed, "_analyse", lambda model, items, arch, d, patch_pairs: ([], {}, peak))
+    return trained
+
+
+def test_a_sweep_resumes_finished_and_trained_seeds_without_training_again(tmp_path, fake_work) -> None:
+    runs = multiseed.train_seeds("ar", [0, 1], tmp_path, steps=3, data={"mix": "arith_heavy_144"})
+    assert fake_work == [0, 1] and [r["seed"] for r in runs] == [0, 1]
+    recorded = json.loads((tmp_path / "seed-1" / "request.json").read_text())
+    assert recorded["train"] == {"data": {"mix": "arith_heavy_144"}, "steps": 3}
+    # seed 1 was cut off after training (no seed.json), seed 2 is new: only seed 2 trains
+    (tmp_path / "seed-1" / "seed.json").unlink()
+    weights = (tmp_path / "seed-1" / "checkpoint" / "model.safetensors").read_bytes()
+    again = multiseed.train_seeds(
+        "ar", [0, 1, 2], tmp_path, steps=3, data={"mix": "arith_heavy_144"}, threads=1, progress=True
+    )  # threads and progress do not change the run: not settings
+    assert fake_work == [0, 1, 2] and again[:2] == runs
+    assert (tmp_path / "seed-1" / "checkpoint" / "model.safetensors").read_bytes() == weights
+    # a checkpoint cut off while it was written (a file not matching SHA256SUMS) is trained again
+    (tmp_path / "seed-2" / "seed.json").unlink()
+    (tmp_path / "seed-2" / "checkpoint" / "config.json").write_text("{}")
+    multiseed.seed_run("ar", 2, tmp_path, steps=3, data={"mix": "arith_heavy_144"})
+    assert fake_work == [0, 1, 2, 2]
+
+
+def test_a_sweep_refuses_other_settings_and_foreign_folders(tmp_path, fake_work) -> None:
+    multiseed.seed_run("ar", 0, tmp_path, steps=3)
+    finished = (tmp_path / "seed-0" / "seed.json").read_text()
+    with pytest.raises(UsageError, match=r"other settings \(recorded \{'train': \{'steps': 3\}\}"):
+        multiseed.seed_run("ar", 0, tmp_path, steps=4)
+    with pytest.raises(UsageError, match="arch"):
+        multiseed.seed_run("query", 0, tmp_path, steps=3)
+    assert (tmp_path / "seed-0" / "seed.json").read_text() == finished and fake_work == [0]
+    (tmp_path / "seed-5").mkdir()
+    (tmp_path / "seed-5" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="holds no seed run's request.json"):
+        multiseed.seed_run("ar", 5, tmp_path, steps=3)
+    assert [p.name for p in (tmp_path / "seed-5").iterdir()] == ["notes.txt"] and fake_work == [0]
+
+
+def test_the_seeds_command_exits_2_on_other_settings(tmp_path, fake_work, capsys) -> None:
+    from uniprobe.experiments.cli import main
+
+    argv = ["sandbox", "seeds", "--arch", "ar", "--seeds", "0", "--out", str(tmp_path)]
+    assert main([*argv, "--steps", "3"]) == 0
+    assert main([*argv, "--steps", "5"]) == 2
+    assert "other settings" in capsys.readouterr().err
