@@ -88,6 +88,9 @@ def test_seeds_report_on_mot(tmp_path) -> None:
         json.loads((tmp_path / f"seed-{k}" / "checkpoint" / "training.json").read_text()) for k in (0, 1)
     ]
     assert [r["seed"] for r in seeds] == [0, 1]
+    # the trained model in hand holds out what its saved checkpoint holds out (sandbox-query's
+    # held-out reasoning): every arithmetic row, as the gap table of the loaded checkpoint says
+    assert {r["category"] for r in summary["gap"] if r["held_out"]} == {"arithmetic"}
 
 
 @pytest.mark.slow

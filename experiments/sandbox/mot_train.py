@@ -143,20 +143,23 @@ def train_mot(
         )  # fmt: skip
     for p in model.parameters():
         p.requires_grad = True
+    # "data": what the understanding expert learnt (the source's mix; it decides which test items
+    # are held out of training), "generation_data": the drawing stream of the stages
+    # "init": the warm start's own record, so that a test item counts as held out only if the
+    # source held it out too (held_out_categories)
+    source_recipe = load_sandbox(r["source"]).training_recipe
+    recipe = {
+        **r,
+        "arch": "mot",
+        "data": (source_recipe or {}).get("data", {}),
+        "generation_data": r["data"],
+        "init": {"path": str(r["source"]), "training": source_recipe},
+    }
+    if time_budget_s is not None:
+        recipe["time_budget_s"] = time_budget_s
+    # the returned model carries its record as a loaded checkpoint does: the gap table of the model in
+    # hand (``sandbox seeds``) must hold out what the saved one holds out
+    model.training_recipe = {**recipe, "seconds": round(time.time() - t0, 1)}
     if out is not None:
-        # "data": what the understanding expert learnt (the source's mix; it decides which test items
-        # are held out of training), "generation_data": the drawing stream of the stages
-        # "init": the warm start's own record, so that a test item counts as held out only if the
-        # source held it out too (held_out_categories)
-        source_recipe = load_sandbox(r["source"]).training_recipe
-        recipe = {
-            **r,
-            "arch": "mot",
-            "data": (source_recipe or {}).get("data", {}),
-            "generation_data": r["data"],
-            "init": {"path": str(r["source"]), "training": source_recipe},
-        }
-        if time_budget_s is not None:
-            recipe["time_budget_s"] = time_budget_s
-        save_sandbox(model, out, training={**recipe, "seconds": round(time.time() - t0, 1)})
+        save_sandbox(model, out, training=model.training_recipe)
     return model
