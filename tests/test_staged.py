@@ -78,6 +78,9 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     assert seed == 0 and consolidate[:3] == STAGED_AR and consolidate[3]["task"] == "mix"
     latent, seed = CHAINS["mix-first-consolidate-latent-cot"]
     assert seed == 0 and [st["data"]["reasoning_draw"] for st in latent] == [0.15] * 4
+    # a fifth stage with weight decay 1.0 extends the consolidating chain (its folders continue)
+    wd, seed = CHAINS["mix-first-consolidate-wd"]
+    assert seed == 0 and wd[:4] == consolidate and (wd[4]["task"], wd[4]["weight_decay"]) == ("mix", 1.0)
     assert [
         {**st, "data": {k: v for k, v in st["data"].items() if k != "reasoning_draw"}} for st in latent
     ] == [{**st, "data": st.get("data", {})} for st in consolidate]

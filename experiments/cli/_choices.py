@@ -19,6 +19,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first",
     "mix-first-consolidate",
     "mix-first-consolidate-latent-cot",
+    "mix-first-consolidate-wd",
     "mix-first-latent-cot",
 )  # sorted(sandbox.staged.CHAINS)
 
