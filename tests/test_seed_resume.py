@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from uniprobe.experiments.sandbox import multiseed, train
-from uniprobe.experiments.sandbox.checkpoint import build_model, save_sandbox
+from uniprobe.experiments.sandbox.checkpoint import build_model, resolve_model_dir, save_sandbox, sha256_file
 from uniprobe.hooks.errors import UsageError
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -74,3 +74,26 @@ def test_the_seeds_command_exits_2_on_other_settings(tmp_path, fake_work, capsys
     assert main([*argv, "--steps", "3"]) == 0
     assert main([*argv, "--steps", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_a_mot_sweep_records_its_warm_start_and_refuses_another(tmp_path, fake_work) -> None:
+    """sandbox-mot trains from a source by name (default sandbox-query): the name stays when its
+    weights are replaced, so request.json records the weights, and other weights are other settings."""
+    source = tmp_path / "query"
+    torch.manual_seed(0)
+    save_sandbox(build_model("query", backbone=TINY), source, training={"seed": 0})
+    multiseed.seed_run("mot", 0, tmp_path / "sweep", source=str(source))
+    recorded = json.loads((tmp_path / "sweep" / "seed-0" / "request.json").read_text())
+    digest = recorded["source_weights"]
+    assert digest == sha256_file(source / "model.safetensors")
+    assert multiseed.seed_run("mot", 0, tmp_path / "sweep", source=str(source))["seed"] == 0  # resumed
+    torch.manual_seed(1)  # the same name, retrained: refused, the finished seed kept
+    save_sandbox(build_model("query", backbone=TINY), source, training={"seed": 1})
+    with pytest.raises(UsageError, match=f"source_weights.*{digest}"):
+        multiseed.seed_run("mot", 0, tmp_path / "sweep", source=str(source))
+    assert fake_work == [0] and (tmp_path / "sweep" / "seed-0" / "seed.json").exists()
+    # the shipped default is recorded by its weights too
+    shipped = sha256_file(resolve_model_dir("sandbox-query") / "model.safetensors")
+    multiseed.seed_run("mot", 1, tmp_path / "sweep")
+    request = json.loads((tmp_path / "sweep" / "seed-1" / "request.json").read_text())
+    assert request["source_weights"] == shipped

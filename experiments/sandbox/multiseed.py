@@ -40,10 +40,12 @@ def seed_run(
     {"effect", "layer", "column"}}`` (the largest normalised effect of the patching map).
 
     ``out/seed-{seed}/request.json`` records the settings (arch, seed, training keywords but
-    ``progress`` and ``threads``, items, ``patch_pairs``). A rerun with the same settings resumes: a
-    seed with ``seed.json`` is returned as recorded, one with a complete checkpoint is analysed without
-    training again. Other settings, or a ``seed-{seed}`` folder this function did not start, are refused
-    (:class:`~uniprobe.hooks.errors.UsageError`): nothing finished is overwritten.
+    ``progress`` and ``threads``, items, ``patch_pairs``; for ``mot`` the SHA-256 of its warm start's
+    weights, ``source_weights``: a replaced ``sandbox-query`` is another setting). A rerun with the same
+    settings resumes: a seed with ``seed.json`` is returned as recorded, one with a complete checkpoint
+    is analysed without training again. Other settings, or a ``seed-{seed}`` folder this function did
+    not start, are refused (:class:`~uniprobe.hooks.errors.UsageError`): nothing finished is
+    overwritten.
     """
     from uniprobe.experiments.sandbox import load_sandbox
     from uniprobe.experiments.sandbox import train as training
@@ -55,6 +57,9 @@ def seed_run(
         "items": None if items is None else [it.id for it in items],
         "train": {k: v for k, v in sorted(train_kw.items()) if k not in ("progress", "threads")},
     }, default=str))  # fmt: skip
+    if arch == "mot" and train_kw.get("chain") is None:
+        # a name such as sandbox-query stays the same when its weights are replaced: record the weights
+        request["source_weights"] = _source_weights(train_kw.get("source") or "sandbox-query")
     done = _resume(d, request)
     if done is not None:
         return done
@@ -95,6 +100,13 @@ def _analyse(model: Any, items: Sequence[Item] | None, arch: str, d: Path, patch
     layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
     peak = {"effect": float(grid[layer, col]), "layer": int(layer), "column": patch["columns"][col]}
     return rows, best, peak
+
+
+def _source_weights(source: str | Path) -> str:
+    """SHA-256 of the warm start's ``model.safetensors`` (sandbox-mot trains from it)."""
+    from uniprobe.experiments.sandbox.checkpoint import resolve_model_dir, sha256_file
+
+    return sha256_file(resolve_model_dir(source) / "model.safetensors")
 
 
 def _resume(d: Path, request: dict) -> dict | None:
