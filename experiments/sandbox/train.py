@@ -39,8 +39,8 @@ DEFAULTS: dict[str, dict] = {
         },
     },
     # the one-stage query recipe that trained sandbox-query before issue 18 (taught the test reasoning
-    # questions); sandbox-query now ships from the staged chain staged.STAGED_CONSOLIDATE
-    # (``train-sandbox --arch query --chain mix-first-consolidate``), whose stages update this data.
+    # questions); sandbox-query now ships from the staged chain staged.STAGED_CONSOLIDATE_WD
+    # (``train-sandbox --arch query --chain mix-first-consolidate-wd``), whose stages update this data.
     # The query model's parallel decoder does not compose held-out (count, object) pairs: train on all.
     # Seed 2: with this recipe seeds 0 / 1 / 2 counted objects in test images right 85 / 90 / 92.5% of
     # the time, and seed 1's portrait drawing collapsed (20%); see artifacts/sandbox/RESULTS.md
