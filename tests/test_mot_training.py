@@ -134,3 +134,13 @@ def test_train_sandbox_data_updates_the_drawing_stream_and_bad_data_is_refused(t
     chain = ["train-sandbox", "--arch", "ar", "--chain", "mix-first", "--out", str(tmp_path / "c")]
     assert main([*chain, "--data", '{"reasoning_draw": 0.15}']) == 2
     assert "drop ['data']" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_the_recipe_defaults_retrain_the_shipped_sandbox_mot() -> None:
+    """``train-sandbox --arch mot`` without options is the shipped model's run: its seed (1: seeds 0
+    and 2 drew portraits 30%), stages, batches, drawing stream and warm start."""
+    rec = load_sandbox("sandbox-mot").training_recipe
+    keys = ("source", "seed", "suite_seed", "batch_size", "micro_batch", "stages")
+    assert {k: rec[k] for k in keys} == {k: RECIPE[k] for k in keys} and RECIPE["seed"] == 1
+    assert rec["generation_data"] == RECIPE["data"]
+    assert rec["init"] == {"path": "sandbox-query", "training": load_sandbox("sandbox-query").training_recipe}

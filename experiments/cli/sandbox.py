@@ -41,13 +41,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=None,
-        help="default: ar/query 1400 (train.py DEFAULTS), mot 3000; a --chain sets its own",
+        help="default: ar/query 1400 (train.py DEFAULTS), mot 6000 (mot_train.RECIPE); a --chain its own",
     )
     p.add_argument(
         "--seed",
         type=int,
         default=None,
-        help="default: the shipped checkpoint's (query 2, mot 0, ar --chain mix-first 0; ar alone 0)",
+        help="default: the recipe's (mot 1 and a --chain 0, as shipped; one-stage query 2, ar 0)",
     )
     p.add_argument(
         "--source",
