@@ -71,9 +71,9 @@ STAGED_CONSOLIDATE: tuple[dict, ...] = STAGED_AR + (
      "data": {"mix": "arith_heavy_144"}},
 )  # fmt: skip
 # the consolidating chain and a fifth stage: the mix again for 4200 steps with AdamW weight decay 1.0
-# (0.01 elsewhere). The query model's held-out level 1 went from 13 and 12 of 16 to 15 of 16 on seeds 0
-# and 10 (the last two evaluations); with the default decay seed 0 got there too, seed 10 did not (11,
-# 11, 13 of 16): a lead on two seeds, not yet shipped (HELDOUT.md, eleventh session)
+# (0.01 elsewhere). The query model's held-out level 1 went from 13, 12 and 14 of 16 to 15 of 16 on
+# seeds 0, 10 and 20, every other row of issue 18's bar at 90-100%; with the default decay seed 0 got
+# there too, seed 10 did not (13 of 16). sandbox-query ships from it (seed 0; HELDOUT.md, twelfth session)
 STAGED_CONSOLIDATE_WD: tuple[dict, ...] = STAGED_CONSOLIDATE + (
     {"name": "5-mix-wd", "task": "mix", "steps": 4200, "every": 700, "batch_size": 64, "weight_decay": 1.0,
      "data": {"mix": "arith_heavy_144"}},
