@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from uniprobe.experiments.sandbox.base import SandboxModel
 from uniprobe.experiments.sandbox.checkpoint import load_sandbox, save_sandbox
 from uniprobe.experiments.sandbox.mot import SandboxMoT
 from uniprobe.experiments.sandbox.train import fit
@@ -42,19 +43,21 @@ RECIPE: dict = {
 _TWINS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def warm_start(model: SandboxMoT, source: str | Path = "sandbox-query") -> SandboxMoT:
+def warm_start(model: SandboxMoT, source: str | Path | SandboxModel = "sandbox-query") -> SandboxMoT:
     """Copy ``source``'s Qwen2 language model into ``model``'s understanding weights and each
     ``*_moe_gen`` twin; freeze the understanding expert (embeddings, ``vit_model``, ``lm_head``, the
-    understanding layers, ``norm``)."""
-    src = load_sandbox(source).lm
+    understanding layers, ``norm``). ``source``: a sandbox-query name or folder, or the loaded model."""
+    loaded = load_sandbox(source) if isinstance(source, str | Path) else source
+    src = loaded.lm
     if src.config.hidden_size != model.lm.config.hidden_size or src.config.vocab_size != len(model.tokenizer):
         raise ValueError(
-            f"{source}: backbone size or vocabulary differs from sandbox-mot's; cannot warm-start"
+            f"{source if isinstance(source, str | Path) else 'the source model'}: backbone size or "
+            "vocabulary differs from sandbox-mot's; cannot warm-start"
         )
     lm = model.language_model
     lm.model.embed_tokens.load_state_dict(src.model.embed_tokens.state_dict())
     lm.lm_head.load_state_dict(src.lm_head.state_dict())
-    model.vit_model.load_state_dict(load_sandbox(source).img_embed.state_dict())
+    model.vit_model.load_state_dict(loaded.img_embed.state_dict())
     for norm in ("norm", "norm_moe_gen"):
         getattr(lm.model, norm).load_state_dict(src.model.norm.state_dict())
     for mine, theirs in zip(lm.model.layers, src.model.layers, strict=True):
@@ -123,8 +126,9 @@ def train_mot(
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(r["seed"])
+    source_model = load_sandbox(r["source"])  # read once: the warm start and its record below
     if model is None:
-        model = warm_start(SandboxMoT(), r["source"])
+        model = warm_start(SandboxMoT(), source_model)
     else:
         for name, p in model.named_parameters():
             p.requires_grad = _is_generation_param(name)
@@ -149,7 +153,7 @@ def train_mot(
     # are held out of training), "generation_data": the drawing stream of the stages
     # "init": the warm start's own record, so that a test item counts as held out only if the
     # source held it out too (held_out_categories)
-    source_recipe = load_sandbox(r["source"]).training_recipe
+    source_recipe = source_model.training_recipe
     recipe = {
         **r,
         "arch": "mot",

@@ -59,7 +59,7 @@ def seed_run(
     }, default=str))  # fmt: skip
     if arch == "mot" and train_kw.get("chain") is None:
         # a name such as sandbox-query stays the same when its weights are replaced: record the weights
-        request["source_weights"] = _source_weights(train_kw.get("source") or "sandbox-query")
+        request["source_weights"] = _source_weights(train_kw.get("source"))
     done = _resume(d, request)
     if done is not None:
         return done
@@ -102,11 +102,13 @@ def _analyse(model: Any, items: Sequence[Item] | None, arch: str, d: Path, patch
     return rows, best, peak
 
 
-def _source_weights(source: str | Path) -> str:
-    """SHA-256 of the warm start's ``model.safetensors`` (sandbox-mot trains from it)."""
+def _source_weights(source: str | Path | None) -> str:
+    """SHA-256 of the warm start's ``model.safetensors`` (sandbox-mot trains from it; None: the
+    recipe's own source, ``mot_train.RECIPE``)."""
     from uniprobe.experiments.sandbox.checkpoint import resolve_model_dir, sha256_file
+    from uniprobe.experiments.sandbox.mot_train import RECIPE
 
-    return sha256_file(resolve_model_dir(source) / "model.safetensors")
+    return sha256_file(resolve_model_dir(source or RECIPE["source"]) / "model.safetensors")
 
 
 def _resume(d: Path, request: dict) -> dict | None:
