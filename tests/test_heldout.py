@@ -320,6 +320,45 @@ def test_level1_misses_ask_each_held_out_expression_as_is_and_with_plus_zero(sui
     assert [e for e, _ in misses["with + 0"]] == [e for e, _ in suite.arith_test[1] if "*" in e]
 
 
+def test_portrait_misses_name_the_attribute_drawn_wrong_and_a_recalled_character(suite: Suite) -> None:
+    from uniprobe.experiments.sandbox.trials import portrait_misses
+    from uniprobe.experiments.tasks import world
+    from uniprobe.experiments.tasks.suite import portrait_words
+
+    character = suite.characters[0]
+    asked = {f"draw a portrait of {portrait_words(a)}": a for a in suite.portrait_test}
+    other = next(h for h in world.HAIRS if h != suite.portrait_test[1]["hair"])
+
+    class Draws:  # item 0: a taught character; item 1: other hair and a stray tile; the rest right
+        def generate_image(self, prompts, cot=False):
+            assert not cot
+            grids = [world.portrait_grid(asked[p]) for p in prompts]
+            grids[0] = world.portrait_grid(character.attrs)
+            grids[1] = world.portrait_grid({**suite.portrait_test[1], "hair": other})
+            grids[1].reshape(-1)[-1] = world.object_tile("cup", "red")
+            return grids
+
+    out = portrait_misses(Draws(), suite)
+    n = len(suite.portrait_test)
+    assert (out["right"], out["n"]) == (n - 2, n)
+    first, second = out["misses"]
+    assert first["character"] == character.name and first["extra tiles"] == 0
+    assert first["wrong"] == [k for k in world.ATTRIBUTES if character.attrs[k] != suite.portrait_test[0][k]]
+    assert (second["wrong"], second["extra tiles"], second["character"]) == (["hair"], 1, None)
+    assert second["drawn"]["hair"] == other
+    for attr, share in out["attributes right"].items():
+        wrong = (attr in first["wrong"]) + (attr == "hair")
+        assert share == (n - wrong) / n, attr
+
+
+def test_training_portraits_come_from_the_training_split(suite: Suite) -> None:
+    from uniprobe.experiments.sandbox.trials import training_portraits
+
+    drawn = training_portraits(suite, 40, seed=3)
+    assert len(drawn) == 40 and drawn == training_portraits(suite, 40, seed=3)
+    assert not {tuple(a.values()) for a in drawn} & suite.portrait_held
+
+
 def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite) -> None:
     from uniprobe.experiments.tasks import world
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -110,6 +111,56 @@ def level1_misses(model, suite: Suite) -> dict[str, list[list[str]]]:
     return out
 
 
+def portrait_misses(model, suite: Suite, portraits: list[dict] | None = None) -> dict:
+    """How ``model`` draws the held-out direct portraits ("draw a portrait of female adult blond pale
+    grapes rose", attribute combinations drawn nowhere in training), without CoT: ``{"right": k, "n": n,
+    "attributes right": {attr: fraction}, "misses": [{"asked", "drawn", "wrong", "extra tiles",
+    "character"}, ...]}``. ``drawn`` reads the portrait cells (``None``: not an attribute tile there),
+    ``wrong`` names the attributes drawn otherwise, ``extra tiles`` counts tiles that are not an
+    attribute in its own cell, and ``character`` names a taught character whose portrait was drawn
+    instead (recall in place of composition), else ``None``. ``portraits``: other attribute sets to
+    draw instead (e.g. :func:`training_portraits`, to tell a drawer that cannot compose from one that
+    cannot draw)."""
+    from uniprobe.experiments.tasks import world
+    from uniprobe.experiments.tasks.suite import portrait_words
+
+    asked = suite.portrait_test if portraits is None else portraits
+    grids = model.generate_image([f"draw a portrait of {portrait_words(a)}" for a in asked], cot=False)
+    known = {tuple(c.attrs[k] for k in world.ATTRIBUTES): c.name for c in suite.characters}
+    right = dict.fromkeys(world.ATTRIBUTES, 0)
+    misses = []
+    for attrs, grid in zip(asked, grids, strict=True):
+        d = world.describe(grid)
+        extra = d["n_objects"] - sum(v is not None for v in d["portrait"].values())
+        for k in world.ATTRIBUTES:
+            right[k] += d["portrait"][k] == attrs[k]
+        if not world.satisfies(grid, {"type": "portrait", "attrs": attrs}):
+            drawn = tuple(d["portrait"][k] for k in world.ATTRIBUTES)
+            misses.append({
+                "asked": portrait_words(attrs),
+                "drawn": dict(zip(world.ATTRIBUTES, drawn, strict=True)),
+                "wrong": [k for k in world.ATTRIBUTES if d["portrait"][k] != attrs[k]],
+                "extra tiles": extra,
+                "character": known.get(drawn),
+            })  # fmt: skip
+    n = len(asked)
+    return {"right": n - len(misses), "n": n, "attributes right": {k: v / n for k, v in right.items()},
+            "misses": misses}  # fmt: skip
+
+
+def training_portraits(suite: Suite, n: int = 60, seed: int = 0) -> list[dict]:
+    """``n`` attribute sets drawn at random from the training split's portraits (every combination
+    but the held-out ones and the taught characters', as ``Suite.training_examples`` draws them)."""
+    from uniprobe.experiments.tasks.generators import random_attrs
+
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        attrs = random_attrs(rng)
+        if tuple(attrs.values()) not in suite.portrait_held:
+            out.append(attrs)
+    return out
+
+
 def format_trials(log: str | Path) -> str:
     """Markdown table of every trial in ``log``: recipe, steps done, wall time, held-out understanding
     per level, drawing without CoT per arithmetic level (latent-CoT) and direct drawing; "—": not measured."""
@@ -180,6 +231,11 @@ def main(argv: list[str] | None = None) -> None:
         "--level1", nargs="+", metavar="CHECKPOINT",
         help="print each checkpoint's misses on held-out level 1, as asked and with ' + 0', and stop",
     )  # fmt: skip
+    p.add_argument(
+        "--portraits", nargs="+", metavar="CHECKPOINT",
+        help="print how each checkpoint draws the held-out direct portraits and 60 of the training split's "
+        "(no CoT), and stop",
+    )  # fmt: skip
     p.add_argument("--data", default="{}", help="JSON: overrides of the arch's data mix")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -200,6 +256,17 @@ def main(argv: list[str] | None = None) -> None:
 
         for ck in a.level1:
             print(json.dumps({"checkpoint": ck, **level1_misses(load_sandbox(ck), Suite(0))}))
+        return
+    if a.portraits:
+        from uniprobe.experiments.sandbox import load_sandbox
+
+        suite = Suite(0)
+        for ck in a.portraits:
+            model = load_sandbox(ck)
+            held_out = portrait_misses(model, suite)
+            training = portrait_misses(model, suite, training_portraits(suite))
+            training = {k: training[k] for k in ("right", "n", "attributes right")}
+            print(json.dumps({"checkpoint": ck, **held_out, "training split": training}))
         return
     if a.name is None or a.steps is None:
         p.error("--name and --steps are required to run a trial")
