@@ -95,6 +95,11 @@ def test_a_finished_run_of_the_same_weights_is_reused_and_other_weights_are_anal
 
     monkeypatch.setattr(checkpoint, "load_sandbox", loaded)
     assert analyse_checkpoint(ck, out) == prev  # nothing loaded: the finished run is returned
+    copy = tmp_path / "copy"  # the same weights in another folder: kept, and named where they are now
+    copy.mkdir()
+    (copy / "model.safetensors").write_bytes(b"weights one")
+    assert analyse_checkpoint(copy, out) == {**prev, "checkpoint": str(copy)}
+    assert json.loads((out / "run.json").read_text())["checkpoint"] == str(copy)
     (ck / "model.safetensors").write_bytes(b"weights two")  # retrained in place
     with pytest.raises(RuntimeError, match="analysed anew"):
         analyse_checkpoint(ck, out)

@@ -175,6 +175,8 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
 
     ``out/run.json`` is kept: a later call on weights with the same SHA-256 returns it unchanged, so a
     rerun that adds groups or seeds analyses only the new checkpoints (other weights are analysed anew).
+    A reused run records ``path`` as its checkpoint: a copy of the weights elsewhere (the shipped folder
+    retrained, its old weights kept in a seed's folder) keeps the run and names where they are now.
     """
     from uniprobe.experiments.demo_attention import run_attention
     from uniprobe.experiments.sandbox.checkpoint import load_sandbox, sha256_file
@@ -188,6 +190,9 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
     if done.is_file():  # a rerun with more groups or seeds: a finished run of the same weights is kept
         prev = read_json(done)  # a truncated or edited run.json is named, not silently redone
         if prev.get("weights_sha256") == weights:
+            if prev.get("checkpoint") != str(path):  # the same weights, now read from another folder
+                prev = {**prev, "checkpoint": str(path)}
+                write_json(done, prev)
             return prev
     model = load_sandbox(path, verify=False)  # a trial's checkpoint: its SHA256SUMS is its own
     suite = Suite(0)
