@@ -93,7 +93,11 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--arch", choices=("ar", "query", "mot"), required=True)
     s.add_argument("--seeds", type=int, nargs="+", required=True, help="e.g. --seeds 0 1 2")
     s.add_argument("--out", required=True, help="folder for seed-*/ (checkpoint, maps), seeds.json, seeds.md")
-    s.add_argument("--steps", type=int, default=None, help="default: 1400 (train.py DEFAULTS)")
+    s.add_argument(
+        "--steps", type=int, default=None,
+        help="per seed; default: ar/query 1400 (train.py DEFAULTS), mot 6000 (mot_train.RECIPE), "
+        "a --chain its own",
+    )  # fmt: skip
     s.add_argument(
         "--time-budget", type=float, default=None, help="per seed, seconds (schedule follows time)"
     )
