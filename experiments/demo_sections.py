@@ -249,6 +249,14 @@ def run_patching(model: Any, items: list[Item], arch: str, out: Path, n_items: i
     return result
 
 
+def patch_peak(result: dict) -> dict:
+    """The largest normalised effect of a :func:`run_patching` result: ``{"effect", "layer", "column"}``
+    (NaN cells, where a pair's clean and corrupted runs agree, are skipped)."""
+    grid = np.array(result["grid"], dtype=float)
+    layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
+    return {"effect": float(grid[layer, col]), "layer": int(layer), "column": result["columns"][col]}
+
+
 def patch_map(model: Any, arch: str, pairs: list[tuple[Item, Item]], align_fn: Any) -> dict:
     """Understanding → generation patching over item pairs ``(src, dst)``, averaged.
 

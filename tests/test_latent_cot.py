@@ -87,7 +87,8 @@ def test_a_finished_run_of_the_same_weights_is_reused_and_other_weights_are_anal
     out.mkdir()
     (ck / "model.safetensors").write_bytes(b"weights one")
     prev = {"checkpoint": str(ck), "weights_sha256": checkpoint.sha256_file(ck / "model.safetensors"),
-            "seed": 3, "rates": {}, "maps": {}}  # fmt: skip
+            "seed": 3, "rates": {}, "maps": {},
+            "patching": {"effect": 0.2, "layer": 1, "column": "E"}}  # fmt: skip
     (out / "run.json").write_text(json.dumps(prev))
 
     def loaded(*a, **k):
@@ -103,6 +104,26 @@ def test_a_finished_run_of_the_same_weights_is_reused_and_other_weights_are_anal
     (ck / "model.safetensors").write_bytes(b"weights two")  # retrained in place
     with pytest.raises(RuntimeError, match="analysed anew"):
         analyse_checkpoint(ck, out)
+
+
+def test_a_reused_run_without_patching_gets_only_its_patching(tmp_path, monkeypatch) -> None:
+    from uniprobe.experiments.sandbox import checkpoint, latent_cot
+
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    ck.mkdir()
+    out.mkdir()
+    (ck / "model.safetensors").write_bytes(b"weights one")
+    older = {"checkpoint": str(ck), "weights_sha256": checkpoint.sha256_file(ck / "model.safetensors"),
+             "seed": 3, "rates": {"L2": {"drawing": 0.5}}, "maps": {}}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(older))
+    monkeypatch.setattr(checkpoint, "load_sandbox", lambda path, verify=True: ("loaded", str(path)))
+    peak = {"effect": 0.3, "layer": 2, "column": "answer slot"}
+    seen = []
+    monkeypatch.setattr(latent_cot, "_patching", lambda model, where: seen.append((model, where)) or peak)
+    run = latent_cot.analyse_checkpoint(ck, out)
+    assert run == {**older, "patching": peak} and seen == [(("loaded", str(ck)), out)]
+    assert json.loads((out / "run.json").read_text()) == run
+    assert latent_cot.analyse_checkpoint(ck, out) == run and len(seen) == 1  # now complete: kept as is
 
 
 @pytest.mark.slow  # two 2-step trainings, each analysed (gap rows, captures, probes, lens)
@@ -131,10 +152,13 @@ def test_latent_cot_command_pools_recipes(tmp_path, capsys) -> None:
     md = (tmp_path / "o" / "latent-cot.md").read_text()
     assert "| latent-CoT | 2 | 0 |" in md and "| control | 3 | 0 |" in md
     assert "attention not traced" in md  # an untrained model understands no level-2 item
+    assert md.count("understanding → generation patching at most") == 2  # patched all the same
     runs = json.loads((tmp_path / "o" / "latent-cot.json").read_text())
     assert runs["latent-CoT"][0]["data"]["reasoning_draw"] == 0.5 and set(runs["control"][0]["rates"]) == {
         "L1",
         "L2",
         "L3",
     }
+    assert set(runs["control"][0]["patching"]) == {"effect", "layer", "column"}
+    assert (tmp_path / "o" / "control" / "run-0" / "patch-ar.json").is_file()
     assert md in capsys.readouterr().out

@@ -10,8 +10,8 @@ computed inside the drawing run:
 - probe: is the answer linearly readable at ``<boi>`` (the last prompt position) and at the drawing
   positions (mean over them), best layer, grouped cross-validation over the drawn object;
 - logit lens: at which layer, if any, does the answer word become the top token at ``<boi>``;
-- patching (pooled levels, from :func:`uniprobe.experiments.demo_sections.run_patching`, in each seed's
-  ``seed.json``): how much of the drawing the understanding run's states restore.
+- patching (level-2 pairs, :func:`uniprobe.experiments.demo_sections.run_patching`, per checkpoint):
+  how much of the drawing the understanding run's states restore, at its largest (layer, position).
 
 ``level_maps`` computes the per-level maps of one checkpoint; ``latent_cot_table`` pools seeds.
 """
@@ -170,8 +170,9 @@ def _lens_cell(top1: dict) -> str:
 
 def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = None) -> dict:
     """One trained checkpoint: arithmetic understanding and drawing without CoT per level (the gap
-    table's rows), :func:`level_maps`, and the demo's attention knockout of drawing → expression in the
-    run without CoT (:func:`uniprobe.experiments.demo_attention.run_attention`, level-2 items).
+    table's rows), :func:`level_maps`, the demo's attention knockout of drawing → expression in the
+    run without CoT (:func:`uniprobe.experiments.demo_attention.run_attention`, level-2 items) and its
+    understanding → generation patching peak (``patching``, level-2 pairs).
 
     ``out/run.json`` is kept: a later call on weights with the same SHA-256 returns it unchanged, so a
     rerun that adds groups or seeds analyses only the new checkpoints (other weights are analysed anew).
@@ -192,6 +193,9 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
         if prev.get("weights_sha256") == weights:
             if prev.get("checkpoint") != str(path):  # the same weights, now read from another folder
                 prev = {**prev, "checkpoint": str(path)}
+                write_json(done, prev)
+            if "patching" not in prev:  # a run from before patching was part of it: add only that
+                prev = {**prev, "patching": _patching(load_sandbox(path, verify=False), out)}
                 write_json(done, prev)
             return prev
     model = load_sandbox(path, verify=False)  # a trial's checkpoint: its SHA256SUMS is its own
@@ -218,25 +222,43 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
         }
     except ValueError as err:  # no level-2 item understood: nothing to trace
         run["attention"] = {"skipped": str(err)}
+    run["patching"] = _patching(model, out)
     write_json(out / "run.json", run)
     return run
 
 
+def _patching(model: Any, out: Path) -> dict:
+    """Understanding → generation patching on level-2 pairs (the demo's, ``out/patch-<arch>.json``):
+    its largest normalised effect ``{"effect", "layer", "column"}``."""
+    from uniprobe.experiments.demo_sections import patch_peak, run_patching
+    from uniprobe.experiments.tasks.suite import Suite
+
+    return patch_peak(run_patching(model, Suite(0).items, model.arch, out))
+
+
 def attention_lines(groups: dict[str, Sequence[dict]]) -> str:
     """One line per run: the drawing's mean log p of the right tiles, clean and with the drawing →
-    expression edges knocked out at every layer at once (the last entry of the per-layer list)."""
+    expression edges knocked out at every layer at once (the last entry of the per-layer list), and
+    the largest understanding → generation patching effect (1: as with the answer stated)."""
     lines = []
     for name, runs in groups.items():
         for r in runs:
             a = r["attention"]
             if "skipped" in a:
-                lines.append(f"- {name}, seed {r['seed']}: attention not traced ({a['skipped']})")
-                continue
-            lines.append(
-                f"- {name}, seed {r['seed']}: log p of the right drawing {a['clean']:.2f}; drawing → "
-                f"expression knocked out at every layer {a['expression'][-1]:.2f}, the whole prompt "
-                f"{a['prompt'][-1]:.2f}"
-            )
+                line = f"- {name}, seed {r['seed']}: attention not traced ({a['skipped']})"
+            else:
+                line = (
+                    f"- {name}, seed {r['seed']}: log p of the right drawing {a['clean']:.2f}; drawing → "
+                    f"expression knocked out at every layer {a['expression'][-1]:.2f}, the whole prompt "
+                    f"{a['prompt'][-1]:.2f}"
+                )
+            if "patching" in r:
+                pk = r["patching"]
+                line += (
+                    f"; understanding → generation patching at most {pk['effect']:.2f} (layer {pk['layer']}, "
+                    f"{pk['column']})"
+                )
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 

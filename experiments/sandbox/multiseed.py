@@ -95,10 +95,7 @@ def _analyse(model: Any, items: Sequence[Item] | None, arch: str, d: Path, patch
     for role in dict.fromkeys(r["role"] for r in probe_rows):
         top, ok = best_probe([r for r in probe_rows if r["role"] == role])
         best[role] = {"layer": top["layer"], "accuracy": top["accuracy"], "readable": ok}
-    patch = sections.run_patching(model, items, arch, d, n_items=patch_pairs)
-    grid = np.array(patch["grid"], dtype=float)
-    layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
-    peak = {"effect": float(grid[layer, col]), "layer": int(layer), "column": patch["columns"][col]}
+    peak = sections.patch_peak(sections.run_patching(model, items, arch, d, n_items=patch_pairs))
     return rows, best, peak
 
 
