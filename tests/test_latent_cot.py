@@ -88,7 +88,7 @@ def test_a_finished_run_of_the_same_weights_is_reused_and_other_weights_are_anal
     (ck / "model.safetensors").write_bytes(b"weights one")
     prev = {"checkpoint": str(ck), "weights_sha256": checkpoint.sha256_file(ck / "model.safetensors"),
             "seed": 3, "rates": {}, "maps": {},
-            "patching": {"effect": 0.2, "layer": 1, "column": "E"}}  # fmt: skip
+            "patching": {"effect": 0.2, "layer": 1, "column": "E", "answer_slot": 0.1}}  # fmt: skip
     (out / "run.json").write_text(json.dumps(prev))
 
     def loaded(*a, **k):
@@ -117,7 +117,7 @@ def test_a_reused_run_without_patching_gets_only_its_patching(tmp_path, monkeypa
              "seed": 3, "rates": {"L2": {"drawing": 0.5}}, "maps": {}}  # fmt: skip
     (out / "run.json").write_text(json.dumps(older))
     monkeypatch.setattr(checkpoint, "load_sandbox", lambda path, verify=True: ("loaded", str(path)))
-    peak = {"effect": 0.3, "layer": 2, "column": "answer slot"}
+    peak = {"effect": 0.3, "layer": 2, "column": "answer slot", "answer_slot": 0.3}
     seen = []
     monkeypatch.setattr(latent_cot, "_patching", lambda model, where: seen.append((model, where)) or peak)
     run = latent_cot.analyse_checkpoint(ck, out)
@@ -159,6 +159,6 @@ def test_latent_cot_command_pools_recipes(tmp_path, capsys) -> None:
         "L2",
         "L3",
     }
-    assert set(runs["control"][0]["patching"]) == {"effect", "layer", "column"}
+    assert set(runs["control"][0]["patching"]) == {"effect", "layer", "column", "answer_slot"}
     assert (tmp_path / "o" / "control" / "run-0" / "patch-ar.json").is_file()
     assert md in capsys.readouterr().out

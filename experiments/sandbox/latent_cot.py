@@ -194,7 +194,7 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
             if prev.get("checkpoint") != str(path):  # the same weights, now read from another folder
                 prev = {**prev, "checkpoint": str(path)}
                 write_json(done, prev)
-            if "patching" not in prev:  # a run from before patching was part of it: add only that
+            if "answer_slot" not in prev.get("patching", {}):  # a run from before patching: add only that
                 prev = {**prev, "patching": _patching(load_sandbox(path, verify=False), out)}
                 write_json(done, prev)
             return prev
@@ -229,11 +229,16 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
 
 def _patching(model: Any, out: Path) -> dict:
     """Understanding → generation patching on level-2 pairs (the demo's, ``out/patch-<arch>.json``):
-    its largest normalised effect ``{"effect", "layer", "column"}``."""
+    its largest normalised effect ``{"effect", "layer", "column"}`` and ``answer_slot``, the largest
+    over layers of the understanding run's ``<answer>`` state written over ``<boi>`` (where a computed
+    answer would be handed to the drawing; the largest cell is often an expression word at layer 0,
+    which swaps an input)."""
     from uniprobe.experiments.demo_sections import patch_peak, run_patching
     from uniprobe.experiments.tasks.suite import Suite
 
-    return patch_peak(run_patching(model, Suite(0).items, model.arch, out))
+    result = run_patching(model, Suite(0).items, model.arch, out)
+    slot = np.array(result["grid"], dtype=float)[:, result["columns"].index("answer slot")]
+    return {**patch_peak(result), "answer_slot": float(np.nanmax(slot))}
 
 
 def attention_lines(groups: dict[str, Sequence[dict]]) -> str:
@@ -256,7 +261,7 @@ def attention_lines(groups: dict[str, Sequence[dict]]) -> str:
                 pk = r["patching"]
                 line += (
                     f"; understanding → generation patching at most {pk['effect']:.2f} (layer {pk['layer']}, "
-                    f"{pk['column']})"
+                    f"{pk['column']}), from the answer slot at most {pk['answer_slot']:.2f}"
                 )
             lines.append(line)
     return "\n".join(lines) + "\n"
