@@ -191,10 +191,13 @@ def lens_paragraph(arch: str, summary: list[dict]) -> str:
 # -- 3. where it is used -------------------------------------------------------------------------
 def patch_paragraph(arch: str, result: dict) -> str:
     """Which layers and positions carry the understood answer into the drawing (the heatmap's cells)."""
+    from uniprobe.experiments.demo_sections import patch_peak
+
     grid = np.asarray(result["grid"], dtype=float)
     cols = result["columns"]
     tokens = result.get("tokens") or cols
-    layer, col = np.unravel_index(np.nanargmax(grid), grid.shape)
+    peak = patch_peak(result)
+    layer, col = peak["layer"], cols.index(peak["column"])
     slot = grid[:, cols.index("answer slot")]
     carries = float(np.nanmax(slot)) > 0.5
     where = cols[col] if tokens[col] == cols[col] else f"{cols[col]} (`{tokens[col]}` in the first pair)"

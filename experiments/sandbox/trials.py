@@ -122,10 +122,10 @@ def portrait_misses(model, suite: Suite, portraits: list[dict] | None = None) ->
     draw instead (e.g. :func:`training_portraits`, to tell a drawer that cannot compose from one that
     cannot draw)."""
     from uniprobe.experiments.tasks import world
-    from uniprobe.experiments.tasks.suite import portrait_words
+    from uniprobe.experiments.tasks.suite import portrait_prompt, portrait_words
 
     asked = suite.portrait_test if portraits is None else portraits
-    grids = model.generate_image([f"draw a portrait of {portrait_words(a)}" for a in asked], cot=False)
+    grids = model.generate_image([portrait_prompt(a) for a in asked], cot=False)
     known = {tuple(c.attrs[k] for k in world.ATTRIBUTES): c.name for c in suite.characters}
     right = dict.fromkeys(world.ATTRIBUTES, 0)
     misses = []

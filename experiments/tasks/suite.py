@@ -126,6 +126,11 @@ def portrait_words(attrs: dict) -> str:
     return " ".join(attrs[a] for a in world.ATTRIBUTES)
 
 
+def portrait_prompt(attrs: dict) -> str:
+    """The direct drawing prompt of a portrait by its attributes, as trained and as tested."""
+    return f"draw a portrait of {portrait_words(attrs)}"
+
+
 @dataclass
 class TrainExample:
     """One training sequence in abstract form.
@@ -248,11 +253,11 @@ class Suite:
                     question="describe <image> ?",
                     question_images=(tuple(world.encode(grid)),),
                     answer=words,
-                    gen_prompt=f"draw a portrait of {words}",
+                    gen_prompt=portrait_prompt(attrs),
                     target=tuple(world.encode(grid)),
                     criterion={"type": "portrait", "attrs": attrs},
                     cot_questions=(),
-                    cot_draw=f"draw a portrait of {words}",
+                    cot_draw=portrait_prompt(attrs),
                     labels={"answer": words, "entity": words, "template": "draw_portrait_attrs"},
                 )
             )
@@ -405,9 +410,7 @@ class Suite:
             attrs = gen.random_attrs(rng)
             if tuple(attrs.values()) not in self.portrait_held:
                 break
-        return Prompt(f"draw a portrait of {portrait_words(attrs)}"), tuple(
-            world.encode(world.portrait_grid(attrs))
-        )
+        return Prompt(portrait_prompt(attrs)), tuple(world.encode(world.portrait_grid(attrs)))
 
     def _level1_draw(self, rng: random.Random) -> tuple[Prompt, tuple[int, ...]]:
         expr, v = rng.choice(self.arith_train[1])
