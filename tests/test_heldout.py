@@ -283,6 +283,9 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert mix_cell(data) == want
     data["mapping_rehearse_mix"] = 0.3
     assert mix_cell(data).endswith("(25% more as arithmetic) (30% more as the mix)")
+    assert mix_cell({"mix": "count_heavier", "portrait_share": 0.5}) == (
+        "count_heavier + 50% of direct drawings portraits"
+    )
 
 
 def test_arith_levels_weight_the_levels_of_the_arithmetic_warmup(suite: Suite) -> None:
@@ -376,6 +379,23 @@ def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite
     plain = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0), 300)]
     zero = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0, reasoning_draw=0.0), 300)]
     assert plain == zero and not any("draw as many" in t for t in plain)
+
+
+def test_portrait_share_sets_the_share_of_portraits_among_direct_drawings(suite: Suite) -> None:
+    def portraits(**kw) -> tuple[list[str], float]:
+        stream = suite.training_examples(0, gen_fraction=1.0, prefix_p=0.0, **kw)
+        drawn = [ex.prompt.text for ex in itertools.islice(stream, 4000)]
+        return drawn, sum(t.startswith("draw a portrait of ") for t in drawn) / len(drawn)
+
+    default, share = portraits()
+    assert 0.22 < share < 0.28
+    assert portraits(portrait_share=0.25)[0] == default  # the shipped models' stream, unchanged
+    drawn, share = portraits(portrait_share=0.5)
+    assert 0.47 < share < 0.53
+    assert not set(drawn) & {p for p, _ in suite.test_prompts}  # the held-out portraits stay out
+    assert portraits(portrait_share=1.0)[1] == 1.0 and portraits(portrait_share=0.0)[1] == 0.0
+    with pytest.raises(ValueError, match="portrait_share"):
+        next(suite.training_examples(0, portrait_share=1.5))
 
 
 def test_mapping_warmup_can_rehearse_arithmetic(suite: Suite) -> None:

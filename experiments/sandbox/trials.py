@@ -199,7 +199,7 @@ def format_trials(log: str | Path) -> str:
 def mix_cell(data: dict) -> str:
     """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup`` and its
     ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share and rehearsal
-    shares, ``mapping_chains``, ``reasoning_draw``), as the trials table shows them."""
+    shares, ``mapping_chains``, ``reasoning_draw``, ``portrait_share``), as the trials table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")
@@ -218,6 +218,8 @@ def mix_cell(data: dict) -> str:
         parts.append(f"{data['mapping_chains']} chains per mapping question")
     if data.get("reasoning_draw"):
         parts.append(f"{100 * data['reasoning_draw']:.0f}% level-1 drawings")
+    if data.get("portrait_share", 0.25) != 0.25:
+        parts.append(f"{100 * data['portrait_share']:.0f}% of direct drawings portraits")
     return " + ".join(parts)
 
 

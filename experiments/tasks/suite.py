@@ -401,8 +401,10 @@ class Suite:
         k = int(rng.random() * len(m.ends))
         return Prompt(f"{m.statements} ; what is {m.ends[k]} ?"), str(m.values[k])
 
-    def _direct(self, rng: random.Random, direct_heldout: bool = True) -> tuple[Prompt, tuple[int, ...]]:
-        if rng.random() < 0.75:
+    def _direct(
+        self, rng: random.Random, direct_heldout: bool = True, portrait_share: float = 0.25
+    ) -> tuple[Prompt, tuple[int, ...]]:
+        if rng.random() < 1.0 - portrait_share:
             n, tile = rng.choice(self.count_train if direct_heldout else self.count_train + self.count_test)
             grid = world.count_grid(n, world.TILE_ID[tile])
             return Prompt(f"draw {n} {gen.tile_phrase(tile)}"), tuple(world.encode(grid))
@@ -435,6 +437,7 @@ class Suite:
         arith_levels: Sequence[float] | None = None,
         mapping_rehearse_arith: float = 0.0,
         mapping_rehearse_mix: float = 0.0,
+        portrait_share: float = 0.25,
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -470,7 +473,11 @@ class Suite:
             mapping_rehearse_mix: share of the mapping warm-up's examples drawn from the mix instead
                 (drawings and every kind of question, as after the warm-ups): rehearsal of a continued
                 checkpoint's whole recipe. With ``mapping_rehearse_arith`` the shares add up (below 1).
+            portrait_share: share of direct drawing examples that draw a portrait (the rest draw counts).
+                The default 0.25 is every shipped model's stream (the draw is the same for any share).
         """
+        if not 0.0 <= portrait_share <= 1.0:
+            raise ValueError(f"portrait_share is a share of direct drawings in [0, 1], not {portrait_share}")
         rng = random.Random(seed * 7919 + self.seed + 1)
         allowed = (
             set() if direct_heldout else {(it.gen_prompt, ()) for it in self.items if it.category == "direct"}
@@ -493,6 +500,7 @@ class Suite:
             self._mix_example, rng, mix=mix, taught_reasoning=taught_reasoning, wide_level1=wide_level1,
             mapping_chains=mapping_chains, gen_fraction=gen_fraction, prefix_p=prefix_p,
             reasoning_draw=reasoning_draw, direct_heldout=direct_heldout, held=held, allowed=allowed,
+            portrait_share=portrait_share,
         )  # fmt: skip
         for i in range(mapping_warmup):
             # the extra draw only when asked, so streams without rehearsal stay as they were
@@ -519,7 +527,7 @@ class Suite:
     def _mix_example(
         self, rng: random.Random, mix: str, taught_reasoning: float, wide_level1: bool, mapping_chains: int,
         gen_fraction: float, prefix_p: float, reasoning_draw: float, direct_heldout: bool,
-        held: set, allowed: set,
+        held: set, allowed: set, portrait_share: float = 0.25,
     ) -> TrainExample | None:  # fmt: skip
         """One example of the mix (a drawing or a question, maybe after context pairs), or None when it
         touches a held-out prompt (the caller draws again)."""
@@ -536,7 +544,7 @@ class Suite:
             if reasoning_draw and rng.random() < reasoning_draw:
                 prompt, target = self._level1_draw(rng)
             else:
-                prompt, target = self._direct(rng, direct_heldout)
+                prompt, target = self._direct(rng, direct_heldout, portrait_share)
             ex = TrainExample(prompt, target=target, prefix=prefix)
         else:
             prompt, answer = self._qa(rng, mix, taught_reasoning, wide_level1, mapping_chains)
