@@ -76,6 +76,20 @@ def test_the_seeds_command_exits_2_on_other_settings(tmp_path, fake_work, capsys
     assert "other settings" in capsys.readouterr().err
 
 
+def test_the_seeds_command_trains_a_data_variant_and_records_it(tmp_path, fake_work, capsys) -> None:
+    from uniprobe.experiments.cli import main
+
+    argv = ["sandbox", "seeds", "--arch", "ar", "--seeds", "0", "--steps", "3", "--out", str(tmp_path)]
+    assert main([*argv, "--data", '{"portrait_share": 0.5}']) == 0
+    request = json.loads((tmp_path / "seed-0" / "request.json").read_text())
+    assert request["train"] == {"data": {"portrait_share": 0.5}, "steps": 3, "time_budget_s": None}
+    capsys.readouterr()
+    assert main(argv) == 2  # the recipe's own stream is another setting: the variant's seed is kept
+    assert "other settings" in capsys.readouterr().err and fake_work == [0]
+    assert main([*argv, "--data", '{"hair_share": 0.5}']) == 2
+    assert "not Suite.training_examples keywords" in capsys.readouterr().err
+
+
 def test_a_mot_sweep_records_its_warm_start_and_refuses_another(tmp_path, fake_work) -> None:
     """sandbox-mot trains from a source by name (default sandbox-query): the name stays when its
     weights are replaced, so request.json records the weights, and other weights are other settings."""

@@ -7,7 +7,7 @@ uniprobe train-sandbox --arch ar|query --chain mix-first --out DIR [--seed S]   
     ``mot_train.RECIPE``)
 uniprobe gap --model sandbox-ar|sandbox-query|DIR [--out DIR] [--no-verify]
 uniprobe sandbox seeds --arch ar|query|mot --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
-    [--chain mix-first]
+    [--chain mix-first | --data JSON]
 """
 
 from __future__ import annotations
@@ -101,6 +101,12 @@ def add_sandbox_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument(
         "--time-budget", type=float, default=None, help="per seed, seconds (schedule follows time)"
     )
+    s.add_argument(
+        "--data",
+        default=None,
+        help="JSON object of Suite.training_examples keywords over the recipe's stream (mot: its drawing "
+        "stream), e.g. '{\"portrait_share\": 0.5}'; recorded in each seed's request.json; not with --chain",
+    )
     _add_chain_argument(s, "OUT/seed-*/checkpoint-stages/")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     s.set_defaults(func=run_sandbox_seeds)
@@ -119,6 +125,7 @@ def run_sandbox_seeds(args: argparse.Namespace) -> int:
         time_budget_s=args.time_budget,
         threads=args.threads,
         **({"chain": args.chain} if args.chain else {}),
+        **({} if args.data is None else {"data": parse_stream_data(args.data)}),
     )
     print(format_seed_table(summary, title=f"sandbox-{args.arch} over seeds"))
     print(f"({time.time() - t0:.0f}s) → {args.out}/seeds.json, seeds.md")
