@@ -21,6 +21,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-consolidate-latent-cot",
     "mix-first-consolidate-wd",
     "mix-first-latent-cot",
+    "mix-first-longer",
 )  # sorted(sandbox.staged.CHAINS)
 
 __all__ = [

@@ -80,6 +80,10 @@ STAGED_CONSOLIDATE_WD: tuple[dict, ...] = STAGED_CONSOLIDATE + (
 )  # fmt: skip
 # the latent-CoT variant of the consolidating chain (its control: STAGED_CONSOLIDATE)
 STAGED_CONSOLIDATE_LATENT_COT: tuple[dict, ...] = with_level1_drawings(STAGED_CONSOLIDATE)
+# the mix-first chain and a fourth stage: the hop curriculum again for as many steps (issue 18, fourteenth
+# session): whether the AR chain's seed 20, whose mapping stalled at 40 / 30 / 55% after three stages while
+# its loss still fell, learns mapping given more steps
+STAGED_AR_LONGER: tuple[dict, ...] = STAGED_AR + ({**STAGED_AR[2], "name": "4-mapping"},)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
@@ -87,6 +91,7 @@ CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first-consolidate-latent-cot": (STAGED_CONSOLIDATE_LATENT_COT, 0),
     "mix-first-consolidate-wd": (STAGED_CONSOLIDATE_WD, 0),
     "mix-first-latent-cot": (STAGED_AR_LATENT_COT, 0),
+    "mix-first-longer": (STAGED_AR_LONGER, 20),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
 
