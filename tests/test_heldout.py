@@ -283,6 +283,9 @@ def test_a_recipe_trial_logs_held_out_scores_per_level(tmp_path) -> None:
     assert mix_cell(data) == want
     data["mapping_rehearse_mix"] = 0.3
     assert mix_cell(data).endswith("(25% more as arithmetic) (30% more as the mix)")
+    assert mix_cell({"mix": "m", "reasoning_draw": 0.15, "reasoning_draw_levels": [1, 2]}) == (
+        "m + 15% level-1/2 drawings"
+    )
     assert mix_cell({"mix": "count_heavier", "portrait_share": 0.5}) == (
         "count_heavier + 50% of direct drawings portraits"
     )
@@ -376,6 +379,28 @@ def test_latent_cot_variant_draws_level_1_training_expressions_only(suite: Suite
             assert int((grid != world.EMPTY).sum()) == train_l1[expr]  # draws the expression's value
             drawn += 1
     assert drawn > 300
+
+    def texts(**kw) -> list[str]:
+        return [
+            ex.prompt.text
+            for ex in itertools.islice(suite.training_examples(0, reasoning_draw=0.5, **kw), 500)
+        ]
+
+    assert texts(reasoning_draw_levels=(1,)) == texts()  # naming level 1 keeps the stream
+    # levels 1 and 2: both levels' training expressions drawn, never a test expression nor level 3
+    train = {lv: dict(suite.arith_train[lv]) for lv in (1, 2, 3)}
+    seen = {1: 0, 2: 0}
+    stream = suite.training_examples(0, reasoning_draw=0.5, gen_fraction=0.5, reasoning_draw_levels=(1, 2))
+    for ex in itertools.islice(stream, 3000):
+        if ex.target is not None and " as " in ex.prompt.text:
+            expr = ex.prompt.text.rsplit(" as ", 1)[1]
+            level = len(expr.split()) // 2
+            assert level in (1, 2) and expr in train[level] and expr not in exprs, expr
+            assert int((world.decode(ex.target) != world.EMPTY).sum()) == train[level][expr]
+            seen[level] += 1
+    assert min(seen.values()) > 150 and 0.8 < seen[1] / seen[2] < 1.25
+    with pytest.raises(ValueError, match="reasoning_draw_levels"):
+        next(suite.training_examples(0, reasoning_draw=0.5, reasoning_draw_levels=(1, 4)))
     plain = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0), 300)]
     zero = [ex.prompt.text for ex in itertools.islice(suite.training_examples(0, reasoning_draw=0.0), 300)]
     assert plain == zero and not any("draw as many" in t for t in plain)

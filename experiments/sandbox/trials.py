@@ -199,7 +199,8 @@ def format_trials(log: str | Path) -> str:
 def mix_cell(data: dict) -> str:
     """The QA mix and the options a trial added to it (``wide_level1``, ``arith_warmup`` and its
     ``arith_levels`` weights, ``mapping_warmup`` and its ``mapping_one_hop`` share and rehearsal
-    shares, ``mapping_chains``, ``reasoning_draw``, ``portrait_share``), as the trials table shows them."""
+    shares, ``mapping_chains``, ``reasoning_draw`` and its levels, ``portrait_share``), as the trials
+    table shows them."""
     parts = [data["mix"]]
     if data.get("wide_level1"):
         parts.append("level 1 over 0-9")
@@ -217,7 +218,9 @@ def mix_cell(data: dict) -> str:
     if data.get("mapping_chains", 2) != 2:
         parts.append(f"{data['mapping_chains']} chains per mapping question")
     if data.get("reasoning_draw"):
-        parts.append(f"{100 * data['reasoning_draw']:.0f}% level-1 drawings")
+        levels = data.get("reasoning_draw_levels", [1])
+        which = "level-1" if list(levels) == [1] else f"level-{'/'.join(str(x) for x in levels)}"
+        parts.append(f"{100 * data['reasoning_draw']:.0f}% {which} drawings")
     if data.get("portrait_share", 0.25) != 0.25:
         parts.append(f"{100 * data['portrait_share']:.0f}% of direct drawings portraits")
     return " + ".join(parts)

@@ -414,8 +414,12 @@ class Suite:
                 break
         return Prompt(portrait_prompt(attrs)), tuple(world.encode(world.portrait_grid(attrs)))
 
-    def _level1_draw(self, rng: random.Random) -> tuple[Prompt, tuple[int, ...]]:
-        expr, v = rng.choice(self.arith_train[1])
+    def _reasoning_draw(
+        self, rng: random.Random, levels: tuple[int, ...] = (1,)
+    ) -> tuple[Prompt, tuple[int, ...]]:
+        # one level draws nothing extra, so the level-1 variant's stream stays as it was
+        level = levels[0] if len(levels) == 1 else rng.choice(levels)
+        expr, v = rng.choice(self.arith_train[level])
         tile = rng.choice(gen.countable_tiles())
         grid = world.count_grid(v, world.TILE_ID[tile])
         return Prompt(f"draw as many {gen.tile_phrase(tile)} as {expr}"), tuple(world.encode(grid))
@@ -438,6 +442,7 @@ class Suite:
         mapping_rehearse_arith: float = 0.0,
         mapping_rehearse_mix: float = 0.0,
         portrait_share: float = 0.25,
+        reasoning_draw_levels: Sequence[int] = (1,),
     ) -> Iterator[TrainExample]:
         """Infinite deterministic stream of training examples (never a test prompt).
 
@@ -452,8 +457,9 @@ class Suite:
                 direct drawing prompts of the test split are trained on (the query model's parallel
                 decoder does not compose unseen pairs); reasoning and knowledge prompts stay unseen.
             reasoning_draw: share of drawing examples that draw a *level-1* arithmetic expression of the
-                training split ("draw as many red cup as 7 - 3"), never levels 2-3 nor a test
-                expression: UniSandbox's latent-CoT variant (does drawing at levels 2-3 follow?).
+                training split ("draw as many red cup as 7 - 3"), never levels 2-3 (unless
+                ``reasoning_draw_levels`` adds them) nor a test expression: UniSandbox's latent-CoT
+                variant (does drawing at levels 2-3 follow?).
             wide_level1: level-1 questions draw from every expression with a digit value (0-9), not only
                 the drawable ones (1-5): more facts per operator; the test expressions stay out.
             mapping_warmup: a curriculum: the stream opens with this many mapping questions alone (one
@@ -473,9 +479,17 @@ class Suite:
             mapping_rehearse_mix: share of the mapping warm-up's examples drawn from the mix instead
                 (drawings and every kind of question, as after the warm-ups): rehearsal of a continued
                 checkpoint's whole recipe. With ``mapping_rehearse_arith`` the shares add up (below 1).
+            reasoning_draw_levels: the arithmetic levels ``reasoning_draw``'s drawings take their
+                training-split expressions from, in equal shares; UniSandbox's variant is ``(1,)`` (the
+                default). ``(1, 2)`` asks whether level 3 follows when levels 1 and 2 are drawn.
             portrait_share: share of direct drawing examples that draw a portrait (the rest draw counts).
                 The default 0.25 is every shipped model's stream (the draw is the same for any share).
         """
+        draw_levels = tuple(int(x) for x in reasoning_draw_levels)
+        if not draw_levels or len(set(draw_levels)) != len(draw_levels) or not set(draw_levels) <= {1, 2, 3}:
+            raise ValueError(
+                f"reasoning_draw_levels takes distinct levels of 1-3, not {reasoning_draw_levels!r}"
+            )
         if not 0.0 <= portrait_share <= 1.0:
             raise ValueError(f"portrait_share is a share of direct drawings in [0, 1], not {portrait_share}")
         rng = random.Random(seed * 7919 + self.seed + 1)
@@ -500,7 +514,7 @@ class Suite:
             self._mix_example, rng, mix=mix, taught_reasoning=taught_reasoning, wide_level1=wide_level1,
             mapping_chains=mapping_chains, gen_fraction=gen_fraction, prefix_p=prefix_p,
             reasoning_draw=reasoning_draw, direct_heldout=direct_heldout, held=held, allowed=allowed,
-            portrait_share=portrait_share,
+            portrait_share=portrait_share, draw_levels=draw_levels,
         )  # fmt: skip
         for i in range(mapping_warmup):
             # the extra draw only when asked, so streams without rehearsal stay as they were
@@ -527,7 +541,7 @@ class Suite:
     def _mix_example(
         self, rng: random.Random, mix: str, taught_reasoning: float, wide_level1: bool, mapping_chains: int,
         gen_fraction: float, prefix_p: float, reasoning_draw: float, direct_heldout: bool,
-        held: set, allowed: set, portrait_share: float = 0.25,
+        held: set, allowed: set, portrait_share: float = 0.25, draw_levels: tuple[int, ...] = (1,),
     ) -> TrainExample | None:  # fmt: skip
         """One example of the mix (a drawing or a question, maybe after context pairs), or None when it
         touches a held-out prompt (the caller draws again)."""
@@ -542,7 +556,7 @@ class Suite:
         if rng.random() < gen_fraction:
             # the extra draw only when asked, so streams without reasoning drawing stay as they were
             if reasoning_draw and rng.random() < reasoning_draw:
-                prompt, target = self._level1_draw(rng)
+                prompt, target = self._reasoning_draw(rng, draw_levels)
             else:
                 prompt, target = self._direct(rng, direct_heldout, portrait_share)
             ex = TrainExample(prompt, target=target, prefix=prefix)
