@@ -84,6 +84,9 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     assert [
         {**st, "data": {k: v for k, v in st["data"].items() if k != "reasoning_draw"}} for st in latent
     ] == [{**st, "data": st.get("data", {})} for st in consolidate]
+    # the longer chain: STAGED_AR and its hop curriculum again, as measured on seed 20
+    longer, seed = CHAINS["mix-first-longer"]
+    assert seed == 20 and longer[:3] == STAGED_AR and longer[3] == {**STAGED_AR[2], "name": "4-mapping"}
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:
