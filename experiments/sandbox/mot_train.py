@@ -25,13 +25,22 @@ from uniprobe.experiments.tasks.suite import Suite
 
 RECIPE: dict = {
     "source": "sandbox-query",
-    # the shipped sandbox-mot's seed: from the five-stage sandbox-query seeds 0 and 2 drew the direct
-    # portraits 30% of the time, seed 1 every direct item (artifacts/sandbox/seeds-mot-wd)
+    # the shipped sandbox-mot's seed (each of seeds 0-2 draws every direct item with this recipe)
     "seed": 1,
     "suite_seed": 0,
     "batch_size": 32,
     "micro_batch": 32,
-    "data": {"gen_fraction": 1.0, "prefix_p": 0.12, "direct_heldout": False, "mix": "count_heavier"},
+    # half of the direct drawings are portraits (the suite's default: a quarter). From the five-stage
+    # sandbox-query, with a quarter seeds 0 and 2 drew the direct portraits 30% of the time (the hair cell
+    # unlearnt, also on training-split portraits; artifacts/sandbox/seeds-mot-wd); with half, seeds 0-2
+    # draw portraits and counts 100% (artifacts/sandbox/seeds-mot-portraits50, issue 18)
+    "data": {
+        "gen_fraction": 1.0,
+        "prefix_p": 0.12,
+        "direct_heldout": False,
+        "mix": "count_heavier",
+        "portrait_share": 0.5,
+    },
     # two cosine schedules; stage k re-seeds torch with seed + k and draws its own example stream.
     # From the one-stage sandbox-query (before issue 18) 2 x 300 steps drew portraits 70% and 2 x 1500
     # every direct test item; from the staged sandbox-query (issue 18) 2 x 1500 drew counts 85% and
