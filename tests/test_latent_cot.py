@@ -126,6 +126,25 @@ def test_a_reused_run_without_patching_gets_only_its_patching(tmp_path, monkeypa
     assert latent_cot.analyse_checkpoint(ck, out) == run and len(seen) == 1  # now complete: kept as is
 
 
+def test_a_reused_mot_run_records_its_drawing_stream(tmp_path, monkeypatch) -> None:
+    from uniprobe.experiments.sandbox import checkpoint
+    from uniprobe.experiments.sandbox.latent_cot import analyse_checkpoint
+
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    ck.mkdir()
+    out.mkdir()
+    (ck / "model.safetensors").write_bytes(b"weights one")
+    stream = {"gen_fraction": 1.0, "reasoning_draw": 0.15, "reasoning_draw_levels": [1, 2]}
+    (ck / "training.json").write_text(json.dumps({"data": {"mix": "m"}, "generation_data": stream}))
+    prev = {"checkpoint": str(ck), "weights_sha256": checkpoint.sha256_file(ck / "model.safetensors"),
+            "seed": 0, "data": {"mix": "m"}, "rates": {}, "maps": {},
+            "patching": {"effect": 0.2, "layer": 1, "column": "E", "answer_slot": 0.1}}  # fmt: skip
+    (out / "run.json").write_text(json.dumps(prev))
+    monkeypatch.setattr(checkpoint, "load_sandbox", lambda *a, **k: pytest.fail("analysed anew"))
+    assert analyse_checkpoint(ck, out) == {**prev, "generation_data": stream}
+    assert json.loads((out / "run.json").read_text())["generation_data"] == stream
+
+
 @pytest.mark.slow  # two 2-step trainings, each analysed (gap rows, captures, probes, lens)
 def test_latent_cot_command_pools_recipes(tmp_path, capsys) -> None:
     from uniprobe.experiments.sandbox.latent_cot import main

@@ -168,6 +168,12 @@ def _lens_cell(top1: dict) -> str:
     return f"{100 * share:.0f}% (L{layer})"
 
 
+def _drawing_stream(path: str | Path) -> dict | None:
+    """A sandbox-mot checkpoint's drawing stream (``training.json``'s ``generation_data``), else None."""
+    rec = Path(path) / "training.json"
+    return read_json(rec).get("generation_data") if rec.is_file() else None
+
+
 def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = None) -> dict:
     """One trained checkpoint: arithmetic understanding and drawing without CoT per level (the gap
     table's rows), :func:`level_maps`, the demo's attention knockout of drawing → expression in the
@@ -194,6 +200,10 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
             if prev.get("checkpoint") != str(path):  # the same weights, now read from another folder
                 prev = {**prev, "checkpoint": str(path)}
                 write_json(done, prev)
+            stream = _drawing_stream(path)
+            if stream is not None and prev.get("generation_data") != stream:  # a MoT run from before it
+                prev = {**prev, "generation_data": stream}
+                write_json(done, prev)
             if "answer_slot" not in prev.get("patching", {}):  # a run from before patching: add only that
                 prev = {**prev, "patching": _patching(load_sandbox(path, verify=False), out)}
                 write_json(done, prev)
@@ -210,6 +220,9 @@ def analyse_checkpoint(path: str | Path, out: str | Path, seed: int | None = Non
         "seed": recipe.get("seed", seed),
         "arch": model.arch,
         "data": recipe.get("data"),
+        # sandbox-mot: "data" is its understanding expert's stream; its drawing stream (where the
+        # latent-CoT variant's reasoning_draw is) is recorded beside it
+        **({"generation_data": recipe["generation_data"]} if recipe.get("generation_data") else {}),
         "rates": drawing_rates(rows, results, arith),
         "maps": level_maps(model, suite.items, out),
     }
