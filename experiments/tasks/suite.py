@@ -483,7 +483,8 @@ class Suite:
                 training-split expressions from, in equal shares; UniSandbox's variant is ``(1,)`` (the
                 default). ``(1, 2)`` asks whether level 3 follows when levels 1 and 2 are drawn.
             portrait_share: share of direct drawing examples that draw a portrait (the rest draw counts).
-                The default 0.25 is every shipped model's stream (the draw is the same for any share).
+                The default 0.25 is the stream sandbox-ar and sandbox-query trained on; sandbox-mot's
+                recipe sets 0.5 (``mot_train.RECIPE``). The draw is the same for any share.
         """
         draw_levels = tuple(int(x) for x in reasoning_draw_levels)
         if not draw_levels or len(set(draw_levels)) != len(draw_levels) or not set(draw_levels) <= {1, 2, 3}:
