@@ -87,6 +87,9 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     # the longer chain: STAGED_AR and its hop curriculum again, as measured on seed 20
     longer, seed = CHAINS["mix-first-longer"]
     assert seed == 20 and longer[:3] == STAGED_AR and longer[3] == {**STAGED_AR[2], "name": "4-mapping"}
+    # and sandbox-query's last stage (the mix with weight decay 1.0) after it, as a fifth
+    longer_wd, seed = CHAINS["mix-first-longer-wd"]
+    assert seed == 0 and longer_wd[:4] == longer and longer_wd[4] == wd[4]
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:

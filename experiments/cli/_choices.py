@@ -22,6 +22,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-consolidate-wd",
     "mix-first-latent-cot",
     "mix-first-longer",
+    "mix-first-longer-wd",
 )  # sorted(sandbox.staged.CHAINS)
 
 __all__ = [

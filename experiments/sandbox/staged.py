@@ -84,6 +84,10 @@ STAGED_CONSOLIDATE_LATENT_COT: tuple[dict, ...] = with_level1_drawings(STAGED_CO
 # session): whether the AR chain's seed 20, whose mapping stalled at 40 / 30 / 55% after three stages while
 # its loss still fell, learns mapping given more steps
 STAGED_AR_LONGER: tuple[dict, ...] = STAGED_AR + ({**STAGED_AR[2], "name": "4-mapping"},)
+# that chain and a fifth stage: sandbox-query's last stage (the mix, batch 64, AdamW weight decay 1.0),
+# which brought the query model's held-out level 1 to 15 of 16 on every seed (issue 18, fifteenth
+# session): whether it mends the level-1 items the fourth stage cost the AR chain's seed 0 and keeps mapping
+STAGED_AR_LONGER_WD: tuple[dict, ...] = STAGED_AR_LONGER + ({**STAGED_CONSOLIDATE_WD[-1]},)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
@@ -92,6 +96,7 @@ CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first-consolidate-wd": (STAGED_CONSOLIDATE_WD, 0),
     "mix-first-latent-cot": (STAGED_AR_LATENT_COT, 0),
     "mix-first-longer": (STAGED_AR_LONGER, 20),
+    "mix-first-longer-wd": (STAGED_AR_LONGER_WD, 0),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
 
