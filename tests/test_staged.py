@@ -90,6 +90,8 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     # and sandbox-query's last stage (the mix with weight decay 1.0) after it, as a fifth
     longer_wd, seed = CHAINS["mix-first-longer-wd"]
     assert seed == 0 and longer_wd[:4] == longer and longer_wd[4] == wd[4]
+    gentle, seed = CHAINS["mix-first-longer-wd-low-lr"]
+    assert seed == 0 and gentle[:4] == longer and gentle[4] == {**wd[4], "name": "5-mix-wd-low-lr", "lr": 3e-4}
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:

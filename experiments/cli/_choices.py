@@ -23,6 +23,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-latent-cot",
     "mix-first-longer",
     "mix-first-longer-wd",
+    "mix-first-longer-wd-low-lr",
 )  # sorted(sandbox.staged.CHAINS)
 
 __all__ = [
