@@ -94,6 +94,10 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     assert seed == 0 and gentle[:4] == longer and gentle[4] == {**wd[4], "name": "5-mix-wd-low-lr", "lr": 3e-4}
     wd3, seed = CHAINS["mix-first-longer-wd3-low-lr"]
     assert seed == 0 and wd3[:4] == longer and (wd3[4]["lr"], wd3[4]["weight_decay"]) == (3e-4, 3.0)
+    remap, seed = CHAINS["mix-first-longer-wd-remap"]
+    assert seed == 0 and remap[:5] == longer_wd and remap[5] == {
+        **STAGED_AR[2], "name": "6-mapping-low-lr", "steps": 4800, "lr": 3e-4,
+    }
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:

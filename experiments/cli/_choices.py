@@ -24,6 +24,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-longer",
     "mix-first-longer-wd",
     "mix-first-longer-wd-low-lr",
+    "mix-first-longer-wd-remap",
     "mix-first-longer-wd3-low-lr",
 )  # sorted(sandbox.staged.CHAINS)
 

@@ -100,6 +100,12 @@ STAGED_AR_LONGER_WD_LOW_LR: tuple[dict, ...] = STAGED_AR_LONGER + (
 STAGED_AR_LONGER_WD3_LOW_LR: tuple[dict, ...] = STAGED_AR_LONGER + (
     {**STAGED_CONSOLIDATE_WD[-1], "name": "5-mix-wd3-low-lr", "lr": 3e-4, "weight_decay": 3.0},
 )
+# the five-stage chain (fifth stage at 1e-3, which mended level 1 on every seed and eroded mapping on seeds 0
+# and 20) and a sixth: the hop curriculum again for half as many steps at a third of the learning rate, the
+# rate at which the fifth stage kept every task (fifteenth session)
+STAGED_AR_LONGER_WD_REMAP: tuple[dict, ...] = STAGED_AR_LONGER_WD + (
+    {**STAGED_AR[2], "name": "6-mapping-low-lr", "steps": 4800, "lr": 3e-4},
+)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
@@ -110,6 +116,7 @@ CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first-longer": (STAGED_AR_LONGER, 20),
     "mix-first-longer-wd": (STAGED_AR_LONGER_WD, 0),
     "mix-first-longer-wd-low-lr": (STAGED_AR_LONGER_WD_LOW_LR, 0),
+    "mix-first-longer-wd-remap": (STAGED_AR_LONGER_WD_REMAP, 0),
     "mix-first-longer-wd3-low-lr": (STAGED_AR_LONGER_WD3_LOW_LR, 0),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
