@@ -91,12 +91,17 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     longer_wd, seed = CHAINS["mix-first-longer-wd"]
     assert seed == 0 and longer_wd[:4] == longer and longer_wd[4] == wd[4]
     gentle, seed = CHAINS["mix-first-longer-wd-low-lr"]
-    assert seed == 0 and gentle[:4] == longer and gentle[4] == {**wd[4], "name": "5-mix-wd-low-lr", "lr": 3e-4}
+    assert seed == 0 and gentle[:4] == longer
+    assert gentle[4] == {**wd[4], "name": "5-mix-wd-low-lr", "lr": 3e-4}
     wd3, seed = CHAINS["mix-first-longer-wd3-low-lr"]
     assert seed == 0 and wd3[:4] == longer and (wd3[4]["lr"], wd3[4]["weight_decay"]) == (3e-4, 3.0)
     remap, seed = CHAINS["mix-first-longer-wd-remap"]
     assert seed == 0 and remap[:5] == longer_wd and remap[5] == {
         **STAGED_AR[2], "name": "6-mapping-low-lr", "steps": 4800, "lr": 3e-4,
+    }
+    remap_arith, seed = CHAINS["mix-first-longer-wd-remap-arith"]
+    assert seed == 0 and remap_arith[:5] == longer_wd and remap_arith[5]["data"] == {
+        **remap[5]["data"], "mapping_rehearse_arith": 0.2,
     }
 
 

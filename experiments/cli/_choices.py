@@ -25,6 +25,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-longer-wd",
     "mix-first-longer-wd-low-lr",
     "mix-first-longer-wd-remap",
+    "mix-first-longer-wd-remap-arith",
     "mix-first-longer-wd3-low-lr",
 )  # sorted(sandbox.staged.CHAINS)
 
