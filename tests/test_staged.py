@@ -96,13 +96,11 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     wd3, seed = CHAINS["mix-first-longer-wd3-low-lr"]
     assert seed == 0 and wd3[:4] == longer and (wd3[4]["lr"], wd3[4]["weight_decay"]) == (3e-4, 3.0)
     remap, seed = CHAINS["mix-first-longer-wd-remap"]
-    assert seed == 0 and remap[:5] == longer_wd and remap[5] == {
-        **STAGED_AR[2], "name": "6-mapping-low-lr", "steps": 4800, "lr": 3e-4,
-    }
+    assert seed == 0 and remap[:5] == longer_wd
+    assert remap[5] == {**STAGED_AR[2], "name": "6-mapping-low-lr", "steps": 4800, "lr": 3e-4}
     remap_arith, seed = CHAINS["mix-first-longer-wd-remap-arith"]
-    assert seed == 0 and remap_arith[:5] == longer_wd and remap_arith[5]["data"] == {
-        **remap[5]["data"], "mapping_rehearse_arith": 0.2,
-    }
+    assert seed == 0 and remap_arith[:5] == longer_wd
+    assert remap_arith[5]["data"] == {**remap[5]["data"], "mapping_rehearse_arith": 0.2}
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:
