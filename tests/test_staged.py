@@ -101,6 +101,8 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     remap_arith, seed = CHAINS["mix-first-longer-wd-remap-arith"]
     assert seed == 0 and remap_arith[:5] == longer_wd
     assert remap_arith[5]["data"] == {**remap[5]["data"], "mapping_rehearse_arith": 0.2}
+    twice, seed = CHAINS["mix-first-longer-wd-remap-arith2"]
+    assert seed == 0 and twice[:6] == remap_arith and twice[6] == {**remap_arith[5], "name": twice[6]["name"]}
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:

@@ -26,6 +26,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-longer-wd-low-lr",
     "mix-first-longer-wd-remap",
     "mix-first-longer-wd-remap-arith",
+    "mix-first-longer-wd-remap-arith2",
     "mix-first-longer-wd3-low-lr",
 )  # sorted(sandbox.staged.CHAINS)
 

@@ -112,6 +112,11 @@ STAGED_AR_LONGER_WD_REMAP_ARITH: tuple[dict, ...] = STAGED_AR_LONGER_WD + (
     {**STAGED_AR_LONGER_WD_REMAP[5], "name": "6-mapping-low-lr-arith20",
      "data": {**_REHEARSE, "mapping_rehearse_arith": 0.2}},
 )  # fmt: skip
+# and that stage again (seed 20's three-hop pairs were still rising, 30 -> 50 -> 85%, at half of the
+# examples mapping; fifteenth session)
+STAGED_AR_LONGER_WD_REMAP_ARITH2: tuple[dict, ...] = STAGED_AR_LONGER_WD_REMAP_ARITH + (
+    {**STAGED_AR_LONGER_WD_REMAP_ARITH[5], "name": "7-mapping-low-lr-arith20"},
+)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
@@ -124,6 +129,7 @@ CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first-longer-wd-low-lr": (STAGED_AR_LONGER_WD_LOW_LR, 0),
     "mix-first-longer-wd-remap": (STAGED_AR_LONGER_WD_REMAP, 0),
     "mix-first-longer-wd-remap-arith": (STAGED_AR_LONGER_WD_REMAP_ARITH, 0),
+    "mix-first-longer-wd-remap-arith2": (STAGED_AR_LONGER_WD_REMAP_ARITH2, 0),
     "mix-first-longer-wd3-low-lr": (STAGED_AR_LONGER_WD3_LOW_LR, 0),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
