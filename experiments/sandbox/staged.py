@@ -89,7 +89,7 @@ STAGED_AR_LONGER: tuple[dict, ...] = STAGED_AR + ({**STAGED_AR[2], "name": "4-ma
 # session): whether it mends the level-1 items the fourth stage cost the AR chain's seed 0 and keeps mapping
 STAGED_AR_LONGER_WD: tuple[dict, ...] = STAGED_AR_LONGER + ({**STAGED_CONSOLIDATE_WD[-1]},)
 # the same fifth stage at a third of the learning rate: at 1e-3 the fifth stage's warm-up first unsettles
-# every task (level 1 69%, mapping 55-85% after 700 steps) and mapping does not come all the way back on
+# every task (level 1 69%, mapping 65-95% after 700 steps) and mapping does not come all the way back on
 # seeds 0 and 20 (fifteenth session); a gentler consolidation keeps what the fourth stage learnt
 STAGED_AR_LONGER_WD_LOW_LR: tuple[dict, ...] = STAGED_AR_LONGER + (
     {**STAGED_CONSOLIDATE_WD[-1], "name": "5-mix-wd-low-lr", "lr": 3e-4},
