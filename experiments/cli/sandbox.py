@@ -2,12 +2,12 @@
 
 uniprobe train-sandbox --arch ar|query|mot --out DIR [--steps N] [--seed S] [--time-budget SECONDS]
     [--data JSON]   (keys of Suite.training_examples over the recipe's: e.g. '{"reasoning_draw": 0.15}')
-uniprobe train-sandbox --arch ar|query --chain mix-first --out DIR [--seed S]   (staged.CHAINS)
+uniprobe train-sandbox --arch ar|query --chain CHAIN --out DIR [--seed S]   (staged.CHAINS)
     (mot: warm start from ``--source`` (default sandbox-query), then the generation path;
     ``mot_train.RECIPE``)
 uniprobe gap --model sandbox-ar|sandbox-query|DIR [--out DIR] [--no-verify]
 uniprobe sandbox seeds --arch ar|query|mot --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
-    [--chain mix-first | --data JSON]
+    [--chain CHAIN | --data JSON]
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _add_chain_argument(p: argparse.ArgumentParser, stages_dir: str) -> None:
         "--chain",
         choices=SANDBOX_CHAINS,
         default=None,
-        help="ar/query: train the staged chain instead (staged.CHAINS; mix-first: issue 18's recipe, "
-        f"~30 min on one core), its stages in {stages_dir}",
+        help="ar/query: train the staged chain instead (staged.CHAINS; sandbox-ar ships from "
+        "mix-first-longer-wd-remap-arith2-draw, ~113 min on one core, sandbox-query from "
+        f"mix-first-consolidate-wd, ~95 min), its stages in {stages_dir}",
     )
 
 

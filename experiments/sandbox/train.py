@@ -24,7 +24,8 @@ from uniprobe.hooks.errors import UsageError
 DEFAULTS: dict[str, dict] = {
     # the one-stage AR recipe that trained sandbox-ar before issue 18 (20% of its questions are the test
     # reasoning questions): the base of the trials and curves. sandbox-ar now ships from the staged chain
-    # staged.STAGED_AR (train_any(chain="mix-first"), ``train-sandbox --arch ar --chain mix-first``)
+    # staged.STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW (``train-sandbox --arch ar --chain
+    # mix-first-longer-wd-remap-arith2-draw``), whose first three stages are staged.STAGED_AR (``mix-first``)
     "ar": {
         "seed": 0,
         "steps": 1400,
@@ -259,10 +260,11 @@ def train_any(
     takes only ``data``, its drawing stream's keys).
 
     ``chain`` (``ar`` / ``query``): instead, a staged chain of
-    :data:`~uniprobe.experiments.sandbox.staged.CHAINS` (e.g. ``"mix-first"``, issue 18's recipe whose
-    understanding generalises), run by :func:`~uniprobe.experiments.sandbox.staged.run_staged` in
-    ``<out>-stages/`` (an interrupted chain resumes there) and its last checkpoint copied to ``out``;
-    ``seed`` is the first stage's (default: the chain's as measured); only ``backbone`` may be added.
+    :data:`~uniprobe.experiments.sandbox.staged.CHAINS` (e.g. ``"mix-first-longer-wd-remap-arith2-draw"``,
+    sandbox-ar's recipe, whose understanding generalises), run by
+    :func:`~uniprobe.experiments.sandbox.staged.run_staged` in ``<out>-stages/`` (an interrupted chain
+    resumes there) and its last checkpoint copied to ``out``; ``seed`` is the first stage's (default: the
+    chain's as measured); only ``backbone`` may be added.
     """
     if chain is not None:
         given = sorted(set(kw) - {"backbone"}) + [
