@@ -114,6 +114,10 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     draw, seed = CHAINS["mix-first-longer-wd-remap-arith2-draw"]
     assert seed == 0 and draw[:7] == twice
     assert draw[7] == {**twice[6], "name": draw[7]["name"], "data": {**twice[6]["data"], "gen_fraction": 0.5}}
+    # its latent-CoT variant: 15% level-1 drawings in every stage, its first three the mix-first variant's
+    draw_latent, seed = CHAINS["mix-first-longer-wd-remap-arith2-draw-latent-cot"]
+    assert seed == 0 and draw_latent[:3] == CHAINS["mix-first-latent-cot"][0]
+    assert draw_latent == tuple({**st, "data": {**st["data"], "reasoning_draw": 0.15}} for st in draw)
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:

@@ -28,6 +28,7 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-longer-wd-remap-arith",
     "mix-first-longer-wd-remap-arith2",
     "mix-first-longer-wd-remap-arith2-draw",
+    "mix-first-longer-wd-remap-arith2-draw-latent-cot",
     "mix-first-longer-wd3-low-lr",
 )  # sorted(sandbox.staged.CHAINS)
 

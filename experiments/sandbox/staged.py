@@ -125,6 +125,11 @@ STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW: tuple[dict, ...] = STAGED_AR_LONGER_WD_RE
     {**STAGED_AR_LONGER_WD_REMAP_ARITH2[6], "name": "8-mapping-low-lr-arith20-draw50",
      "data": {**_REHEARSE, "gen_fraction": 0.5, "mapping_rehearse_arith": 0.2}},
 )  # fmt: skip
+# the latent-CoT variant of that chain (its control: the chain itself, sandbox-ar's); its first three stages
+# are STAGED_AR_LATENT_COT's, so a copy of that chain's folder is extended (sixteenth session)
+STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW_LATENT_COT: tuple[dict, ...] = with_level1_drawings(
+    STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW
+)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
@@ -139,6 +144,7 @@ CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first-longer-wd-remap-arith": (STAGED_AR_LONGER_WD_REMAP_ARITH, 0),
     "mix-first-longer-wd-remap-arith2": (STAGED_AR_LONGER_WD_REMAP_ARITH2, 0),
     "mix-first-longer-wd-remap-arith2-draw": (STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW, 0),
+    "mix-first-longer-wd-remap-arith2-draw-latent-cot": (STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW_LATENT_COT, 0),
     "mix-first-longer-wd3-low-lr": (STAGED_AR_LONGER_WD3_LOW_LR, 0),
     "mapping-first": (STAGED_AR_MAPPING_FIRST, 1),
 }
