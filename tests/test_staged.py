@@ -118,6 +118,14 @@ def test_a_chain_refuses_another_plan_or_a_foreign_folder(tmp_path, capsys) -> N
     draw_latent, seed = CHAINS["mix-first-longer-wd-remap-arith2-draw-latent-cot"]
     assert seed == 0 and draw_latent[:3] == CHAINS["mix-first-latent-cot"][0]
     assert draw_latent == tuple({**st, "data": {**st["data"], "reasoning_draw": 0.15}} for st in draw)
+    # the latent-CoT variant of sandbox-query's chain: its first four stages the four-stage variant's
+    wd_latent, seed = CHAINS["mix-first-consolidate-wd-latent-cot"]
+    assert seed == 0 and wd_latent[:4] == latent
+    assert wd_latent == tuple({**st, "data": {**st["data"], "reasoning_draw": 0.15}} for st in wd)
+    # and its ablation: the fifth stage at the default decay, nothing else changed
+    wd001_latent, seed = CHAINS["mix-first-consolidate-wd0.01-latent-cot"]
+    assert seed == 0 and wd001_latent[:4] == latent
+    assert wd001_latent[4] == {**wd_latent[4], "name": "5-mix-wd0.01", "weight_decay": 0.01}
 
 
 def test_a_plan_with_more_stages_extends_a_chain_and_keeps_its_finished_stages(tmp_path) -> None:

@@ -20,6 +20,8 @@ SANDBOX_CHAINS: tuple[str, ...] = (
     "mix-first-consolidate",
     "mix-first-consolidate-latent-cot",
     "mix-first-consolidate-wd",
+    "mix-first-consolidate-wd-latent-cot",
+    "mix-first-consolidate-wd0.01-latent-cot",
     "mix-first-latent-cot",
     "mix-first-longer",
     "mix-first-longer-wd",

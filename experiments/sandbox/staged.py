@@ -130,12 +130,23 @@ STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW: tuple[dict, ...] = STAGED_AR_LONGER_WD_RE
 STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW_LATENT_COT: tuple[dict, ...] = with_level1_drawings(
     STAGED_AR_LONGER_WD_REMAP_ARITH2_DRAW
 )
+# the latent-CoT variant of sandbox-query's five-stage chain (its control: that chain, seeds-query-wd); its
+# first four stages are STAGED_CONSOLIDATE_LATENT_COT's, so copies of that chain's folders are extended
+# (seventeenth session)
+STAGED_CONSOLIDATE_WD_LATENT_COT: tuple[dict, ...] = with_level1_drawings(STAGED_CONSOLIDATE_WD)
+# the same with the fifth stage at the default decay (0.01): whether the weight decay or the fifth stage's
+# steps carry the level-1 drawings over to levels 2-3 (seventeenth session)
+STAGED_CONSOLIDATE_WD001_LATENT_COT: tuple[dict, ...] = STAGED_CONSOLIDATE_LATENT_COT + (
+    {**STAGED_CONSOLIDATE_WD_LATENT_COT[4], "name": "5-mix-wd0.01", "weight_decay": 0.01},
+)
 # chain name -> (stages, the first stage's seed as measured)
 CHAINS: dict[str, tuple[tuple[dict, ...], int]] = {
     "mix-first": (STAGED_AR, 0),
     "mix-first-consolidate": (STAGED_CONSOLIDATE, 0),
     "mix-first-consolidate-latent-cot": (STAGED_CONSOLIDATE_LATENT_COT, 0),
     "mix-first-consolidate-wd": (STAGED_CONSOLIDATE_WD, 0),
+    "mix-first-consolidate-wd-latent-cot": (STAGED_CONSOLIDATE_WD_LATENT_COT, 0),
+    "mix-first-consolidate-wd0.01-latent-cot": (STAGED_CONSOLIDATE_WD001_LATENT_COT, 0),
     "mix-first-latent-cot": (STAGED_AR_LATENT_COT, 0),
     "mix-first-longer": (STAGED_AR_LONGER, 20),
     "mix-first-longer-wd": (STAGED_AR_LONGER_WD, 0),
