@@ -61,6 +61,34 @@ def test_train_sandbox_command_trains_mot_from_sandbox_query(tmp_path, capsys) -
     assert (out / "train_log_stage0.jsonl").exists() and (out / "train_log_stage1.jsonl").exists()
 
 
+def test_train_sandbox_weight_decay_reaches_each_mot_stage(tmp_path, capsys, monkeypatch) -> None:
+    import uniprobe.experiments.sandbox.mot_train as mot_train
+    from uniprobe.experiments.cli import main
+
+    seen: list[float] = []
+    real_fit = mot_train.fit
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["weight_decay"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(mot_train, "fit", spy)
+    out = tmp_path / "mot"
+    argv = ["train-sandbox", "--arch", "mot", "--out", str(out), "--steps", "2", "--threads", "1"]
+    assert main([*argv, "--weight-decay", "0.5"]) == 0
+    assert seen == [0.5, 0.5]  # AdamW's decay in both stages, as recorded
+    rec = json.loads((out / "training.json").read_text())
+    assert [s["weight_decay"] for s in rec["stages"]] == [0.5, 0.5]
+    assert all("weight_decay" not in s for s in RECIPE["stages"])  # the shipped recipe: fit's 0.01
+    seen.clear()
+    assert main([*argv[:4], str(tmp_path / "default"), *argv[5:]]) == 0 and seen == [0.01, 0.01]
+    capsys.readouterr()
+    bad = ["train-sandbox", "--arch", "ar", "--out", str(tmp_path / "x"), "--weight-decay", "0.5"]
+    assert main(bad) == 2
+    assert "--weight-decay is for --arch mot" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_train_sandbox_command_refuses_source_for_other_archs(tmp_path, capsys) -> None:
     from uniprobe.experiments.cli import main
 

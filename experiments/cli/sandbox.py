@@ -4,7 +4,7 @@ uniprobe train-sandbox --arch ar|query|mot --out DIR [--steps N] [--seed S] [--t
     [--data JSON]   (keys of Suite.training_examples over the recipe's: e.g. '{"reasoning_draw": 0.15}')
 uniprobe train-sandbox --arch ar|query --chain CHAIN --out DIR [--seed S]   (staged.CHAINS)
     (mot: warm start from ``--source`` (default sandbox-query), then the generation path;
-    ``mot_train.RECIPE``)
+    ``mot_train.RECIPE``; ``--weight-decay X`` its AdamW decay, 0.01 by default)
 uniprobe gap --model sandbox-ar|sandbox-query|DIR [--out DIR] [--no-verify]
 uniprobe sandbox seeds --arch ar|query|mot --seeds 0 1 2 --out DIR [--steps N] [--time-budget SECONDS]
     [--chain CHAIN | --data JSON]
@@ -63,6 +63,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="JSON object of Suite.training_examples keywords over the recipe's stream (mot: its drawing "
         "stream), e.g. '{\"reasoning_draw\": 0.15}' (the latent-CoT variant); not with --chain",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="mot only: AdamW's weight decay in every stage of the drawing path's training (default 0.01)",
     )
     _add_chain_argument(p, "OUT-stages/")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -161,7 +167,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.source is not None and args.arch != "mot":
         raise UsageError("--source is for --arch mot (the understanding checkpoint it starts from): drop it")
+    if args.weight_decay is not None and args.arch != "mot":
+        raise UsageError(
+            "--weight-decay is for --arch mot (its drawing path's training); the ar / query chains set "
+            "each stage's decay in staged.CHAINS: drop it"
+        )
     extra = {} if args.data is None else {"data": parse_stream_data(args.data)}
+    if args.weight_decay is not None:
+        extra["weight_decay"] = args.weight_decay
     t0 = time.time()
     train_any(
         args.arch,

@@ -113,6 +113,7 @@ def train_mot(
     source: str | Path | None = None,
     data: dict | None = None,
     time_budget_s: float | None = None,
+    weight_decay: float | None = None,
 ) -> SandboxMoT:
     """Warm-start and train ``sandbox-mot`` with :data:`RECIPE` (``stages`` overrides its stages);
     save it to ``out`` (``train_log.jsonl`` per stage, the recipe in ``training.json``) if given.
@@ -121,7 +122,8 @@ def train_mot(
     the stages in the recipe's proportions), ``source`` (the understanding checkpoint to start
     from) and ``data`` (keys of the drawing stream, ``Suite.training_examples``) override the
     recipe's; ``time_budget_s`` is shared by the stages in proportion to their steps (as
-    :func:`~uniprobe.experiments.sandbox.train.fit` spends a budget)."""
+    :func:`~uniprobe.experiments.sandbox.train.fit` spends a budget). ``weight_decay`` sets AdamW's decay
+    in every stage (recorded in each stage of ``training.json``; fit's 0.01 where a stage names none)."""
     r = {**RECIPE, "stages": stages or RECIPE["stages"]}
     if seed is not None:
         r["seed"] = seed
@@ -131,6 +133,8 @@ def train_mot(
         r["stages"] = scaled_stages(r["stages"], steps)
     if data:
         r["data"] = {**r["data"], **data}
+    if weight_decay is not None:
+        r["stages"] = [{**st, "weight_decay": float(weight_decay)} for st in r["stages"]]
     total_steps = sum(st["steps"] for st in r["stages"])
     if threads:
         torch.set_num_threads(threads)
@@ -153,7 +157,7 @@ def train_mot(
         fit(
             model, stream, stage["steps"], stage["lr"], r["batch_size"], warmup=stage["warmup"],
             log_path=log_path, log_every=10, progress=progress, micro_batch=r["micro_batch"],
-            desc=f"train mot (stage {k})",
+            desc=f"train mot (stage {k})", weight_decay=stage.get("weight_decay", 0.01),
             time_budget_s=None if time_budget_s is None else time_budget_s * stage["steps"] / total_steps,
         )  # fmt: skip
     for p in model.parameters():

@@ -257,7 +257,7 @@ def train_any(
     """Each architecture's recipe: :func:`train_sandbox` for ``ar`` / ``query``; for ``mot``
     :func:`~uniprobe.experiments.sandbox.mot_train.train_mot` (warm start from ``source``, default
     ``sandbox-query``, then the generation path). ``kw``: ``train_sandbox``'s other keywords (``mot``
-    takes only ``data``, its drawing stream's keys).
+    takes only ``data``, its drawing stream's keys, and ``weight_decay``, AdamW's in every stage).
 
     ``chain`` (``ar`` / ``query``): instead, a staged chain of
     :data:`~uniprobe.experiments.sandbox.staged.CHAINS` (e.g. ``"mix-first-longer-wd-remap-arith2-draw"``,
@@ -279,12 +279,12 @@ def train_any(
     if arch == "mot":
         from uniprobe.experiments.sandbox.mot_train import train_mot
 
-        extra = sorted(set(kw) - {"data"})
+        extra = sorted(set(kw) - {"data", "weight_decay"})
         if extra:
             raise UsageError(f"sandbox-mot's recipe (mot_train.RECIPE) does not take {extra}; drop them")
         return train_mot(
             out, threads=threads, progress=progress, seed=seed, steps=steps, source=source,
-            data=kw.get("data"), time_budget_s=time_budget_s,
+            data=kw.get("data"), time_budget_s=time_budget_s, weight_decay=kw.get("weight_decay"),
         )  # fmt: skip
     if source is not None:
         raise UsageError(f"source= is sandbox-mot's warm start; sandbox-{arch} trains from scratch: drop it")
