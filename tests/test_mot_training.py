@@ -86,6 +86,8 @@ def test_train_sandbox_weight_decay_reaches_each_mot_stage(tmp_path, capsys, mon
     bad = ["train-sandbox", "--arch", "ar", "--out", str(tmp_path / "x"), "--weight-decay", "0.5"]
     assert main(bad) == 2
     assert "--weight-decay is for --arch mot" in capsys.readouterr().err
+    assert main([*argv[:4], str(tmp_path / "x"), "--weight-decay", "-1"]) == 2
+    assert "a number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
