@@ -29,7 +29,7 @@ def _add_chain_argument(p: argparse.ArgumentParser, stages_dir: str) -> None:
         default=None,
         help="ar/query: train the staged chain instead (staged.CHAINS; sandbox-ar ships from "
         "mix-first-longer-wd-remap-arith2-draw, ~113 min on one core, sandbox-query from "
-        f"mix-first-consolidate-wd, ~95 min), its stages in {stages_dir}",
+        f"mix-first-consolidate-wd, ~113 min), its stages in {stages_dir}",
     )
 
 
