@@ -172,8 +172,6 @@ def run_train(args: argparse.Namespace) -> int:
             "--weight-decay is for --arch mot (its drawing path's training); the ar / query chains set "
             "each stage's decay in staged.CHAINS: drop it"
         )
-    if args.weight_decay is not None and not args.weight_decay >= 0:  # NaN too
-        raise UsageError(f"--weight-decay {args.weight_decay}: AdamW's decay is a number >= 0 (default 0.01)")
     extra = {} if args.data is None else {"data": parse_stream_data(args.data)}
     if args.weight_decay is not None:
         extra["weight_decay"] = args.weight_decay

@@ -22,6 +22,7 @@ from uniprobe.experiments.sandbox.checkpoint import load_sandbox, save_sandbox
 from uniprobe.experiments.sandbox.mot import SandboxMoT
 from uniprobe.experiments.sandbox.train import fit
 from uniprobe.experiments.tasks.suite import Suite
+from uniprobe.hooks.errors import UsageError
 
 RECIPE: dict = {
     "source": "sandbox-query",
@@ -124,6 +125,8 @@ def train_mot(
     recipe's; ``time_budget_s`` is shared by the stages in proportion to their steps (as
     :func:`~uniprobe.experiments.sandbox.train.fit` spends a budget). ``weight_decay`` sets AdamW's decay
     in every stage (recorded in each stage of ``training.json``; fit's 0.01 where a stage names none)."""
+    if weight_decay is not None and not weight_decay >= 0:  # NaN too; checked before anything is written
+        raise UsageError(f"weight decay {weight_decay}: AdamW's decay is a number >= 0 (default 0.01)")
     r = {**RECIPE, "stages": stages or RECIPE["stages"]}
     if seed is not None:
         r["seed"] = seed
